@@ -49,11 +49,13 @@ def iter_jsonl(stream: IO[bytes], source: str) -> Iterator[Row]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON: {err.msg} (column {err.colno})",
-                            path=source, line=line_no) from None
+            raise DataError(
+                f"not valid JSON: {err.msg} (column {err.colno})", path=source, line=line_no
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object, got {type(row).__name__}",
-                            path=source, line=line_no)
+            raise DataError(
+                f"expected a JSON object, got {type(row).__name__}", path=source, line=line_no
+            )
         yield line_no, row
 
 
@@ -76,8 +78,11 @@ def iter_csv(stream: IO[bytes], source: str) -> Iterator[Row]:
                 _check_header(header, source, reader.line_num)
                 continue
             if len(cells) > len(header):
-                raise DataError(f"{len(cells)} cells but the header has {len(header)} columns",
-                                path=source, line=reader.line_num)
+                raise DataError(
+                    f"{len(cells)} cells but the header has {len(header)} columns",
+                    path=source,
+                    line=reader.line_num,
+                )
             yield reader.line_num, {k: v for k, v in zip(header, cells, strict=False) if v != ""}
     except csv.Error as err:
         raise DataError(f"not valid CSV: {err}", path=source, line=reader.line_num) from None
@@ -88,8 +93,9 @@ def _check_header(header: list[str], source: str, line_no: int) -> None:
         if not column:
             raise DataError("the header has an empty column name", path=source, line=line_no)
         if header.count(column) > 1:
-            raise DataError(f"the header names column {column!r} twice",
-                            path=source, line=line_no, field=column)
+            raise DataError(
+                f"the header names column {column!r} twice", path=source, line=line_no, field=column
+            )
 
 
 def iter_rows(path: str | Path) -> Iterator[Row]:
@@ -97,8 +103,9 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in JSONL_SUFFIXES | CSV_SUFFIXES:
-        raise DataError(f"unsupported file type {suffix or '(none)'!r}; use .jsonl or .csv",
-                        path=str(path))
+        raise DataError(
+            f"unsupported file type {suffix or '(none)'!r}; use .jsonl or .csv", path=str(path)
+        )
     try:
         stream = path.open("rb")
     except OSError as err:
@@ -124,14 +131,16 @@ def parse_examples(
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for line_no, row in rows:
+
         def fail(message: str, field: str, line: int = line_no) -> DataError:
             return DataError(message, path=source, line=line, field=field)
 
         inputs: dict[str, Any] = {}
         for name in system.inputs:
             if row.get(name) is None:
-                raise fail(f"missing input field {name!r} (the system's inputs: "
-                           f"{system.inputs})", name)
+                raise fail(
+                    f"missing input field {name!r} (the system's inputs: {system.inputs})", name
+                )
             inputs[name] = row[name]
 
         expected = row.get("expected")
@@ -139,13 +148,21 @@ def parse_examples(
             expected = [expected]
         if expected is None:
             if needs_gold:
-                raise fail(f"missing field 'expected': metric {system.metric!r} compares the "
-                           "output against it", "expected")
-        elif not isinstance(expected, list) or not expected or not all(
-            isinstance(item, str) for item in expected
+                raise fail(
+                    f"missing field 'expected': metric {system.metric!r} compares the "
+                    "output against it",
+                    "expected",
+                )
+        elif (
+            not isinstance(expected, list)
+            or not expected
+            or not all(isinstance(item, str) for item in expected)
         ):
-            raise fail("field 'expected' must be a string or a non-empty list of strings, got "
-                       f"{row['expected']!r} (quote numbers: \"417\")", "expected")
+            raise fail(
+                "field 'expected' must be a string or a non-empty list of strings, got "
+                f'{row["expected"]!r} (quote numbers: "417")',
+                "expected",
+            )
 
         raw_id = row.get("id")
         if raw_id is None:
@@ -170,8 +187,7 @@ def load_corpus(path: str | Path) -> list[dict[str, str]]:
     """A JSONL corpus of ``{id, text, title?}`` rows."""
     path = Path(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
-        raise DataError("a corpus must be a .jsonl file of {id, text, title?} rows",
-                        path=str(path))
+        raise DataError("a corpus must be a .jsonl file of {id, text, title?} rows", path=str(path))
     return parse_corpus(iter_rows(path), source=str(path))
 
 
@@ -182,15 +198,22 @@ def parse_corpus(rows: Iterable[Row], source: str = "<corpus>") -> list[dict[str
         for name in ("id", "text"):
             if not isinstance(row.get(name), str):
                 what = "missing" if row.get(name) is None else f"not a string: {row[name]!r}"
-                raise DataError(f"field {name!r} is {what}", path=source, line=line_no,
-                                field=name)
+                raise DataError(f"field {name!r} is {what}", path=source, line=line_no, field=name)
         title = row.get("title")
         if title is not None and not isinstance(title, str):
-            raise DataError(f"field 'title' is not a string: {title!r}", path=source,
-                            line=line_no, field="title")
+            raise DataError(
+                f"field 'title' is not a string: {title!r}",
+                path=source,
+                line=line_no,
+                field="title",
+            )
         if row["id"] in seen:
-            raise DataError(f"id {row['id']!r} is also used on line {seen[row['id']]}",
-                            path=source, line=line_no, field="id")
+            raise DataError(
+                f"id {row['id']!r} is also used on line {seen[row['id']]}",
+                path=source,
+                line=line_no,
+                field="id",
+            )
         seen[row["id"]] = line_no
         passage = {"id": row["id"], "text": row["text"]}
         if title:

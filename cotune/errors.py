@@ -24,7 +24,11 @@ class DataError(CotuneError, ValueError):
     """A data or corpus file is invalid; names the file, the line and the field."""
 
     def __init__(
-        self, message: str, *, path: str | None = None, line: int | None = None,
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
         field: str | None = None,
     ) -> None:
         where = ""

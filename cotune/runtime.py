@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -312,3 +313,34 @@ def score_traces(system: SystemSpec, traces: Sequence[Trace]) -> None:
 def mean_score(traces: Sequence[Trace]) -> float:
     scored = [t.score for t in traces if t.score is not None]
     return sum(scored) / len(scored) if scored else 0.0
+
+
+def open_runtime(
+    system: SystemSpec,
+    *,
+    engine: str = "vllm",
+    adapters: Mapping[str, str] | None = None,
+    tools: ToolContext | None = None,
+    engine_options: Mapping[str, Any] | None = None,
+) -> Runtime:
+    """A runtime with the process's cached engine for each model the system's LLMs use."""
+    from cotune.engines import get_engine
+    from cotune.models import resolve_model
+
+    used = {c.model for c in system.llm_components}
+    engines: dict[str, InferenceEngine] = {}
+    for alias, ref in system.models.items():
+        if alias in used:
+            path = resolve_model(ref, system.base_dir, param=f"models.{alias}")
+            engines[alias] = get_engine(engine, path, **dict(engine_options or {}))  # type: ignore[arg-type]
+    return Runtime(system, engines, tools or ToolContext.for_system(system), dict(adapters or {}))
+
+
+def find_adapters(folder: str | Path, system: SystemSpec) -> dict[str, str]:
+    """``folder/<component>/`` PEFT folders for the system's trainable components."""
+    found = {}
+    for component in system.trainable_components:
+        candidate = Path(folder) / component.name
+        if (candidate / "adapter_config.json").is_file():
+            found[component.name] = str(candidate.resolve())
+    return found

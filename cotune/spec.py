@@ -211,20 +211,33 @@ def check_system(system: SystemSpec) -> None:
 
     ordered = topological_order(system)
     if len(ordered) < len(system.components):
-        stuck = [c.name for c in system.components if c not in ordered]
-        raise SpecError(
-            f"components {stuck} form a cycle: each waits for a field another one writes",
-            param=f"components.{stuck[0]}.reads",
-        )
+        raise _cycle_error(system, [c for c in system.components if c not in ordered])
     if system.output not in writers or writers[system.output] == "<input>":
-        raise SpecError(
-            f"'output': no component writes {system.output!r}", param="output"
-        )
+        raise SpecError(f"'output': no component writes {system.output!r}", param="output")
     if system.metric not in known_metrics():
         raise SpecError(
             f"'metric': unknown metric {system.metric!r}; known: {sorted(known_metrics())}",
             param="metric",
         )
+
+
+def _cycle_error(system: SystemSpec, stuck: list[Component]) -> SpecError:
+    """Name the cycle itself, not the components merely waiting downstream of it."""
+    cycle = list(stuck)
+    while True:
+        read = {f for c in cycle for f in c.reads}
+        kept = [c for c in cycle if c.writes in read]
+        if len(kept) == len(cycle):
+            break
+        cycle = kept
+    first = cycle[0]
+    waits_on = next(f for f in first.reads if any(c.writes == f for c in cycle))
+    writer = next(c.name for c in cycle if c.writes == waits_on)
+    return SpecError(
+        f"component {first.name!r}: field 'reads': {waits_on!r} is written by {writer!r}, "
+        f"which depends on {first.name!r}: components {[c.name for c in cycle]} form a cycle",
+        param=f"components.{first.name}.reads",
+    )
 
 
 def _check_component(
@@ -241,8 +254,9 @@ def _check_component(
             )
     if c.kind == "llm":
         if c.model is None:
-            raise SpecError(f"{where}: field 'model' is required for an llm component",
-                            param=f"{param}.model")
+            raise SpecError(
+                f"{where}: field 'model' is required for an llm component", param=f"{param}.model"
+            )
         if c.model not in system.models:
             raise SpecError(
                 f"{where}: field 'model': unknown model {c.model!r}; "
@@ -250,11 +264,13 @@ def _check_component(
                 param=f"{param}.model",
             )
         if not c.prompt:
-            raise SpecError(f"{where}: field 'prompt' is required for an llm component",
-                            param=f"{param}.prompt")
+            raise SpecError(
+                f"{where}: field 'prompt' is required for an llm component", param=f"{param}.prompt"
+            )
         if c.tool is not None or c.args:
-            raise SpecError(f"{where}: 'tool' and 'args' belong to tool components",
-                            param=f"{param}.tool")
+            raise SpecError(
+                f"{where}: 'tool' and 'args' belong to tool components", param=f"{param}.tool"
+            )
         for key in ("prompt", "system"):
             template = getattr(c, key)
             if template is None:
@@ -271,10 +287,11 @@ def _check_component(
                         param=f"{param}.{key}",
                     )
     else:
-        for key in ("model", "prompt", "system", "trainable"):
-            if getattr(c, key) is not None:
-                raise SpecError(f"{where}: field {key!r} belongs to llm components",
-                                param=f"{param}.{key}")
+        llm_only = {"model", "prompt", "system", "trainable", "output", "max_tokens", "temperature"}
+        for key in sorted(llm_only & c.model_fields_set):
+            raise SpecError(
+                f"{where}: field {key!r} belongs to llm components", param=f"{param}.{key}"
+            )
         if c.tool not in TOOL_KINDS:
             raise SpecError(
                 f"{where}: field 'tool': unknown tool {c.tool!r}; known: {list(TOOL_KINDS)}",
@@ -288,9 +305,32 @@ def _check_component(
                     f"tool; registered: {sorted(python_tools)}",
                     param=f"{param}.args.function",
                 )
-        if c.tool == "bm25" and not isinstance(c.args.get("corpus"), str):
-            raise SpecError(f"{where}: field 'args.corpus' is required for the bm25 tool",
-                            param=f"{param}.args.corpus")
+        _check_tool_args(c, where, param)
+
+
+def _check_tool_args(c: Component, where: str, param: str) -> None:
+    from cotune.tools import MAX_K, TOOL_ARGS
+
+    assert c.tool is not None
+    unknown = sorted(set(c.args) - TOOL_ARGS[c.tool])
+    if unknown:
+        raise SpecError(
+            f"{where}: field 'args.{unknown[0]}' is unknown to the {c.tool} tool "
+            f"(it takes {sorted(TOOL_ARGS[c.tool])})",
+            param=f"{param}.args.{unknown[0]}",
+        )
+    required = {"bm25": "corpus", "http_search": "url", "python": "function"}[c.tool]
+    if not isinstance(c.args.get(required), str):
+        raise SpecError(
+            f"{where}: field 'args.{required}' is required for the {c.tool} tool",
+            param=f"{param}.args.{required}",
+        )
+    k = c.args.get("k", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise SpecError(
+            f"{where}: field 'args.k' must be an integer in 1..{MAX_K}, got {k!r}",
+            param=f"{param}.args.k",
+        )
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -302,6 +342,10 @@ def read_mapping(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise SpecError(f"{path}: no such file") from err
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read: {err.strerror}") from err
     try:
         loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -313,7 +357,12 @@ def read_mapping(path: Path) -> dict[str, Any]:
 
 def spec_error_from(err: ValidationError, prefix: str = "") -> SpecError:
     """Turn pydantic's error into one SpecError naming the field (and component, if any)."""
-    first = err.errors()[0]
+    errors = err.errors()
+    first = errors[0]
+    # For `output: {json: ...}` the union's first branch ('text') fails first; the dict branch
+    # says what is really wrong.
+    if first["type"] == "literal_error" and "output" in first["loc"]:
+        first = next((e for e in errors if "JsonOutput" in e["loc"]), first)
     loc = list(first["loc"])
     # An error raised by our own graph check keeps its message and param.
     ctx_error = first.get("ctx", {}).get("error")
@@ -322,6 +371,10 @@ def spec_error_from(err: ValidationError, prefix: str = "") -> SpecError:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
+    elif first["type"] != "missing" and isinstance(first.get("input"), str | int | float | bool):
+        message += f" (got {first['input']!r})"
+    if not loc:
+        return SpecError(message, param=prefix or None)
     return SpecError(f"{_describe(loc, err)}: {message}", param=_join(prefix, _dotted(loc, err)))
 
 

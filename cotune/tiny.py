@@ -210,7 +210,7 @@ def build_tiny_model(
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
         unk_token=None,
-        model_max_length=2048,
+        model_max_length=4096,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "left"
@@ -223,7 +223,7 @@ def build_tiny_model(
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=2048,
+        max_position_embeddings=4096,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

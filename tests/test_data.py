@@ -40,10 +40,12 @@ def refused(path: Path, sys: SystemSpec | None = None, **kwargs: Any) -> DataErr
 
 
 def test_load_jsonl_examples(tmp_path: Path) -> None:
-    path = jsonl(tmp_path,
-                 {"id": "q1", "question": "what is x?", "expected": "417", "note": "ignored"},
-                 "",
-                 {"question": "what is y?", "expected": ["12", "twelve"]})
+    path = jsonl(
+        tmp_path,
+        {"id": "q1", "question": "what is x?", "expected": "417", "note": "ignored"},
+        "",
+        {"question": "what is y?", "expected": ["12", "twelve"]},
+    )
     examples = load_examples(path, system(), split="val")
     assert examples == [
         Example(id="q1", inputs={"question": "what is x?"}, expected=["417"]),
@@ -53,8 +55,9 @@ def test_load_jsonl_examples(tmp_path: Path) -> None:
 
 def test_load_csv_examples(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
-    path.write_text('id,question,expected\nq1,"what is x, really?",417\n\n,what is y?,12\n',
-                    encoding="utf-8")
+    path.write_text(
+        'id,question,expected\nq1,"what is x, really?",417\n\n,what is y?,12\n', encoding="utf-8"
+    )
     examples = load_examples(path, system())
     assert [e.id for e in examples] == ["q1", "train-4"]
     assert examples[0].inputs == {"question": "what is x, really?"}
@@ -94,8 +97,11 @@ def test_null_input_counts_as_missing(tmp_path: Path) -> None:
 
 
 def test_second_input_field_missing(tmp_path: Path) -> None:
-    path = jsonl(tmp_path, {"question": "a", "context": "c", "expected": "1"},
-                 {"question": "b", "expected": "2"})
+    path = jsonl(
+        tmp_path,
+        {"question": "a", "context": "c", "expected": "1"},
+        {"question": "b", "expected": "2"},
+    )
     err = refused(path, system(inputs=["question", "context"]))
     assert (err.line, err.field) == (2, "context")
 
@@ -114,9 +120,12 @@ def test_expected_of_the_wrong_type(tmp_path: Path, bad: Any) -> None:
 
 
 def test_duplicate_ids(tmp_path: Path) -> None:
-    path = jsonl(tmp_path, {"id": "x", "question": "a", "expected": "1"},
-                 {"id": "y", "question": "b", "expected": "2"},
-                 {"id": "x", "question": "c", "expected": "3"})
+    path = jsonl(
+        tmp_path,
+        {"id": "x", "question": "a", "expected": "1"},
+        {"id": "y", "question": "b", "expected": "2"},
+        {"id": "x", "question": "c", "expected": "3"},
+    )
     err = refused(path)
     assert (err.line, err.field) == (3, "id")
     assert "also used on line 1" in str(err)
@@ -141,8 +150,9 @@ def test_non_object_row(tmp_path: Path) -> None:
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
-    path.write_bytes(b'{"question": "a", "expected": "1"}\n'
-                     b'{"question": "b\xff", "expected": "2"}\n')
+    path.write_bytes(
+        b'{"question": "a", "expected": "1"}\n{"question": "b\xff", "expected": "2"}\n'
+    )
     err = refused(path)
     assert err.line == 2 and "UTF-8" in str(err)
 
@@ -192,10 +202,17 @@ def test_unsupported_suffix_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_load_corpus(tmp_path: Path) -> None:
-    path = jsonl(tmp_path, {"id": "d1", "text": "t1", "title": "T", "extra": 1}, "",
-                 {"id": "d2", "text": "t2", "title": None}, name="kb.jsonl")
-    assert load_corpus(path) == [{"id": "d1", "text": "t1", "title": "T"},
-                                 {"id": "d2", "text": "t2"}]
+    path = jsonl(
+        tmp_path,
+        {"id": "d1", "text": "t1", "title": "T", "extra": 1},
+        "",
+        {"id": "d2", "text": "t2", "title": None},
+        name="kb.jsonl",
+    )
+    assert load_corpus(path) == [
+        {"id": "d1", "text": "t1", "title": "T"},
+        {"id": "d2", "text": "t2"},
+    ]
 
 
 @pytest.mark.parametrize(

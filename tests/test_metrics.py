@@ -51,8 +51,13 @@ def test_contains_matches_whole_tokens() -> None:
 
 @pytest.mark.parametrize(
     "prediction",
-    ['["Oslo", "bergen"]', "bergen\nOslo", "Oslo, Bergen", "1. Bergen\n2. Oslo",
-     "- oslo\n- bergen"],
+    [
+        '["Oslo", "bergen"]',
+        "bergen\nOslo",
+        "Oslo, Bergen",
+        "1. Bergen\n2. Oslo",
+        "- oslo\n- bergen",
+    ],
 )
 def test_list_equal_accepts_any_list_format(prediction: str) -> None:
     assert score("list_equal", prediction, '["oslo", "Bergen"]') == 1.0

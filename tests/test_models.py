@@ -35,18 +35,26 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def fake_model_folder(folder: Path) -> Path:
     """A folder shaped like a prepared model: a tiny config, a weights file, a tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-        "num_attention_heads": 1, "vocab_size": 16,
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "vocab_size": 16,
+            }
+        )
+    )
     (folder / "model.safetensors").write_bytes(b"not loaded by these tests")
     (folder / "tokenizer.json").write_text("{}")
     (folder / "tokenizer_config.json").write_text("{}")
     return folder
 
 
-def test_cotune_home_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_cotune_home_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("COTUNE_HOME", str(tmp_path / "x"))
     assert cotune_home() == tmp_path / "x"
     monkeypatch.delenv("COTUNE_HOME")
@@ -117,8 +125,9 @@ def test_relative_path_resolves_against_the_spec_folder(tmp_path: Path) -> None:
     assert resolve_model(ModelRef(path=str(folder))) == folder  # absolute ignores base_dir
 
 
-def test_prepare_is_idempotent_on_a_prepared_folder(home: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_is_idempotent_on_a_prepared_folder(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = fake_model_folder(home / "models" / "smollm2-135m")
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 

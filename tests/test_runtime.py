@@ -26,8 +26,9 @@ def val_traces(runtime: Runtime, tiny_example: Path) -> list[Trace]:
     return traces
 
 
-def test_one_engine_call_per_llm_component_per_batch(runtime: Runtime, tiny_example: Path,
-                                                     vllm_engine) -> None:  # type: ignore[no-untyped-def]
+def test_one_engine_call_per_llm_component_per_batch(
+    runtime: Runtime, tiny_example: Path, vllm_engine
+) -> None:  # type: ignore[no-untyped-def]
     examples = load_examples(tiny_example / "train.jsonl", runtime.system)[:20]
     before = vllm_engine.stats.calls, vllm_engine.stats.requests
     traces = runtime.run(examples)
@@ -60,8 +61,9 @@ def test_tiny_model_passes_some_but_not_all(val_traces: list[Trace]) -> None:
     assert 0.2 <= mean_score(val_traces) <= 0.8
 
 
-def test_replay_reruns_only_downstream_spans(runtime: Runtime, val_traces: list[Trace],
-                                            vllm_engine) -> None:  # type: ignore[no-untyped-def]
+def test_replay_reruns_only_downstream_spans(
+    runtime: Runtime, val_traces: list[Trace], vllm_engine
+) -> None:  # type: ignore[no-untyped-def]
     trace = val_traces[0]
     before = vllm_engine.stats.calls
     gold_passage = [f"the color of {trace.inputs['question'].split()[-1].rstrip('?')} is pink."]
@@ -75,8 +77,9 @@ def test_replay_reruns_only_downstream_spans(runtime: Runtime, val_traces: list[
     assert replay.output == answer.output
 
 
-def test_replay_of_first_span_reruns_tool_and_answer(runtime: Runtime,
-                                                     val_traces: list[Trace]) -> None:
+def test_replay_of_first_span_reruns_tool_and_answer(
+    runtime: Runtime, val_traces: list[Trace]
+) -> None:
     trace = val_traces[1]
     key = trace.inputs["question"].split()[-1].rstrip("?")
     replay = runtime.replay(trace, "query", f"color of {key}")
@@ -86,8 +89,7 @@ def test_replay_of_first_span_reruns_tool_and_answer(runtime: Runtime,
     assert any(key in passage for passage in search.output)
 
 
-def test_replay_many_is_batched(runtime: Runtime, val_traces: list[Trace],
-                                vllm_engine) -> None:  # type: ignore[no-untyped-def]
+def test_replay_many_is_batched(runtime: Runtime, val_traces: list[Trace], vllm_engine) -> None:  # type: ignore[no-untyped-def]
     before = vllm_engine.stats.calls
     items = [(t, "query", "color of nothing") for t in val_traces[:6]]
     replays = runtime.replay_many(items)

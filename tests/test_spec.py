@@ -81,8 +81,7 @@ def test_writing_a_system_input() -> None:
 
 def test_cycle() -> None:
     def make_cycle(s: Spec) -> None:
-        comp(s, "query").update(reads=["question", "passages"],
-                                prompt="{question} {passages}")
+        comp(s, "query").update(reads=["question", "passages"], prompt="{question} {passages}")
 
     err = refused(make_cycle)
     assert "form a cycle" in str(err)
@@ -267,9 +266,16 @@ def test_load_system_errors(tmp_path: Path) -> None:
 
 def diamond() -> Spec:
     """question -> rewrite -> (search, draft) -> answer; components declared out of order."""
+
     def llm(name: str, reads: list[str], writes: str) -> dict[str, Any]:
-        return {"name": name, "kind": "llm", "model": "tiny", "reads": reads, "writes": writes,
-                "prompt": " ".join(f"{{{r}}}" for r in reads)}
+        return {
+            "name": name,
+            "kind": "llm",
+            "model": "tiny",
+            "reads": reads,
+            "writes": writes,
+            "prompt": " ".join(f"{{{r}}}" for r in reads),
+        }
 
     return {
         "name": "diamond",
@@ -278,8 +284,14 @@ def diamond() -> Spec:
         "models": {"tiny": {"name": "tiny"}},
         "components": [
             llm("answer", ["question", "passages", "draft"], "answer"),
-            {"name": "search", "kind": "tool", "tool": "bm25", "reads": ["query"],
-             "writes": "passages", "args": {"corpus": "kb.jsonl"}},
+            {
+                "name": "search",
+                "kind": "tool",
+                "tool": "bm25",
+                "reads": ["query"],
+                "writes": "passages",
+                "args": {"corpus": "kb.jsonl"},
+            },
             llm("draft", ["query"], "draft"),
             llm("rewrite", ["question"], "query"),
         ],
@@ -289,7 +301,10 @@ def diamond() -> Spec:
 def test_levels() -> None:
     levels = parse_system(diamond()).levels()
     assert [[c.name for c in level] for level in levels] == [
-        ["rewrite"], ["search", "draft"], ["answer"]]
+        ["rewrite"],
+        ["search", "draft"],
+        ["answer"],
+    ]
     tiny = parse_system(base()).levels()
     assert [[c.name for c in level] for level in tiny] == [["query"], ["search"], ["answer"]]
 

@@ -27,8 +27,9 @@ CORPUS = [
 
 
 def tool(tool_name: str, reads: list[str] | None = None, **args: Any) -> Component:
-    return Component(name="t", kind="tool", tool=tool_name, reads=reads or ["query"],
-                     writes="out", args=args)
+    return Component(
+        name="t", kind="tool", tool=tool_name, reads=reads or ["query"], writes="out", args=args
+    )
 
 
 def write_corpus(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -94,8 +95,11 @@ def test_python_tool_failure_names_component_and_tool() -> None:
 
 def test_run_tool_refuses_unknown_args_and_missing_inputs() -> None:
     with pytest.raises(ToolError, match=r"component 't': field 'args': \['code'\]"):
-        run_tool(tool("python", function="count_lines", code="import os"), [{"query": "x"}],
-                 ToolContext())
+        run_tool(
+            tool("python", function="count_lines", code="import os"),
+            [{"query": "x"}],
+            ToolContext(),
+        )
     with pytest.raises(ToolError, match=r"missing the field\(s\) \['query'\]"):
         run_tool(tool("python", function="count_lines"), [{"other": "x"}], ToolContext())
 
@@ -114,8 +118,11 @@ def test_bm25_ranks_and_renders_titles() -> None:
 def test_bm25_ties_break_by_corpus_order() -> None:
     rows = [{"id": f"x{i}", "text": f"same words here {i}"} for i in range(5)]
     index = BM25Index.from_rows(rows)
-    assert index.search("same words", 3) == ["same words here 0", "same words here 1",
-                                            "same words here 2"]
+    assert index.search("same words", 3) == [
+        "same words here 0",
+        "same words here 1",
+        "same words here 2",
+    ]
     assert index.search("same words", 3) == index.search("same words", 3)
 
 
@@ -146,8 +153,9 @@ def test_get_index_missing_file_names_it(tmp_path: Path) -> None:
 def test_run_bm25_tool_resolves_corpus_against_base_dir(tmp_path: Path) -> None:
     write_corpus(tmp_path / "kb.jsonl", CORPUS)
     component = tool("bm25", corpus="kb.jsonl", k=1)
-    out = run_tool(component, [{"query": "kalo"}, {"query": ["zorpa", "code"]}],
-                   ToolContext(base_dir=tmp_path))
+    out = run_tool(
+        component, [{"query": "kalo"}, {"query": ["zorpa", "code"]}], ToolContext(base_dir=tmp_path)
+    )
     assert out == [["Kalo: the code of kalo is 111."], ["the code of zorpa is 417."]]
 
 
@@ -160,8 +168,9 @@ def test_run_bm25_tool_uses_resolver_and_default_k(tmp_path: Path) -> None:
         seen.append(name)
         return jsonl
 
-    out = run_tool(tool("bm25", corpus="file-abc"), [{"query": "code"}],
-                   ToolContext(resolve_corpus=resolve))
+    out = run_tool(
+        tool("bm25", corpus="file-abc"), [{"query": "code"}], ToolContext(resolve_corpus=resolve)
+    )
     assert seen == ["file-abc"]
     assert len(out[0]) == 3  # default k
 
@@ -169,8 +178,9 @@ def test_run_bm25_tool_uses_resolver_and_default_k(tmp_path: Path) -> None:
 def test_run_bm25_tool_refuses_bad_k(tmp_path: Path) -> None:
     write_corpus(tmp_path / "kb.jsonl", CORPUS)
     with pytest.raises(ToolError, match=r"component 't': field 'args.k'"):
-        run_tool(tool("bm25", corpus="kb.jsonl", k=0), [{"query": "x"}],
-                 ToolContext(base_dir=tmp_path))
+        run_tool(
+            tool("bm25", corpus="kb.jsonl", k=0), [{"query": "x"}], ToolContext(base_dir=tmp_path)
+        )
 
 
 # -- http_search ------------------------------------------------------------------------------
@@ -228,13 +238,16 @@ def server() -> Iterator[str]:
 
 def local_search(url: str, query: str, k: int, timeout: float = 10.0) -> list[str]:
     """search_http with the test server's host allowed, internal address included."""
-    return search_http(url, query, k, allowed_hosts={"127.0.0.1"}, private_hosts={"127.0.0.1"},
-                       timeout=timeout)
+    return search_http(
+        url, query, k, allowed_hosts={"127.0.0.1"}, private_hosts={"127.0.0.1"}, timeout=timeout
+    )
 
 
 def test_http_search_returns_top_k(server: str) -> None:
     assert local_search(server, "zorpa code", 2) == [
-        "T0: zorpa code result 0", "T1: zorpa code result 1"]
+        "T0: zorpa code result 0",
+        "T1: zorpa code result 1",
+    ]
 
 
 def test_http_search_accepts_a_plain_list(server: str) -> None:
@@ -302,7 +315,10 @@ def test_http_search_refuses_non_http_urls(url: str) -> None:
 
 def test_parse_results_shapes() -> None:
     assert parse_results({"results": ["a", {"text": "b"}, {"text": "c", "title": "C"}]}) == [
-        "a", "b", "C: c"]
+        "a",
+        "b",
+        "C: c",
+    ]
     with pytest.raises(ValueError, match=r"nor a JSON list"):
         parse_results({"hits": []})
 
@@ -312,5 +328,8 @@ def test_run_http_search_tool(server: str) -> None:
     out = run_tool(tool("http_search", url=server, k=1), [{"query": "a"}, {"query": "b"}], ctx)
     assert out == [["T0: a result 0"], ["T0: b result 0"]]
     with pytest.raises(ToolError, match=r"component 't': http_search: host '127.0.0.1' resolves"):
-        run_tool(tool("http_search", url=server), [{"query": "a"}],
-                 ToolContext(allowed_hosts={"127.0.0.1"}))
+        run_tool(
+            tool("http_search", url=server),
+            [{"query": "a"}],
+            ToolContext(allowed_hosts={"127.0.0.1"}),
+        )

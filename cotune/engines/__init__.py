@@ -32,7 +32,7 @@ def get_engine(kind: EngineKind, model: str | Path, **options: Any) -> Inference
     ``model`` is a local model folder for ``vllm`` and ``transformers``, and a served model
     name for ``openai`` (whose ``options`` carry ``url`` and ``api_key``).
     """
-    key = (kind, str(model))
+    key = (kind, str(model) if kind != "openai" else f"{options.get('url')}#{model}")
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:

@@ -73,7 +73,7 @@ class InferenceEngine(Protocol):
     (loading is idempotent). ``None`` means the base model.
     """
 
-    kind: EngineKind
+    kind: str
     model_id: str
     stats: EngineStats
 

@@ -12,10 +12,10 @@ is derived from that key, so every process that talks to the same server agrees 
 success. A folder retrained in place gets a new key and so a new name: the server never serves
 stale weights. The adapter path must be readable by the server.
 
-``vllm_extensions`` (default on) uses vLLM's fields beyond the OpenAI API: the runtime adapter
-loading above, and ``structured_outputs.disable_any_whitespace`` beside ``response_format`` for
-JSON-schema requests. Turn it off for other servers; an adapter is then addressed by its
-folder's name, as a server started with ``--lora-modules NAME=PATH`` serves it.
+JSON-schema requests send ``response_format`` of type ``json_schema``. A vLLM server should be
+started with ``--structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace":
+true}'``: vLLM 0.32 reads that flag per server, not per request, and without it small models
+wander off into blank lines inside the JSON until ``max_tokens``.
 
 Connection errors, timeouts, 429 and 5xx are retried with exponential backoff; other failures
 raise ``EngineError`` naming the url and the status. The api key never appears in an error.
@@ -72,7 +72,6 @@ class OpenAIEngine:
         max_retries: int = 3,
         concurrency: int = 8,
         backoff: float = 0.5,
-        vllm_extensions: bool = True,
     ) -> None:
         import httpx
 
@@ -91,7 +90,6 @@ class OpenAIEngine:
         self.max_retries = max_retries
         self.concurrency = concurrency
         self.backoff = backoff
-        self.vllm_extensions = vllm_extensions
         self.stats = EngineStats()
         self._api_key = api_key
         self._adapters: dict[tuple[str, int, int], str] = {}
@@ -153,10 +151,6 @@ class OpenAIEngine:
     def _served_name(self, adapter: str | None) -> str:
         if adapter is None:
             return self.model
-        if not self.vllm_extensions:
-            # A server started with its adapters (``--lora-modules NAME=PATH``) serves each
-            # under a name of its own: the folder's name, by convention.
-            return Path(adapter).name
         key = adapter_key(adapter)
         with self._adapter_lock:
             name = self._adapters.get(key)
@@ -190,13 +184,6 @@ class OpenAIEngine:
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": request.json_schema},
             }
-            if self.vllm_extensions:
-                # Without free whitespace small models cannot wander off into blank lines
-                # (vLLM's own field; the schema is the same one response_format carries).
-                body["structured_outputs"] = {
-                    "json": request.json_schema,
-                    "disable_any_whitespace": True,
-                }
         return body
 
     def _one(self, request: GenerationRequest, model: str) -> GenerationResult:
@@ -228,7 +215,9 @@ class OpenAIEngine:
             results = [self._one(r, model) for r in requests]
         else:
             workers = min(self.concurrency, len(requests))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cotune-openai") as pool:
+            with ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="cotune-openai"
+            ) as pool:
                 results = list(pool.map(lambda r: self._one(r, model), requests))
         with self._stats_lock:
             self.stats.add(results, time.perf_counter() - started)

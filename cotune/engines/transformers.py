@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        model: Any
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
@@ -221,7 +222,7 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        rng = nullcontext()
+        rng: AbstractContextManager[Any] = nullcontext()
         if seed is not None:
             devices = [self._device] if str(self._device).startswith("cuda") else []
             rng = torch.random.fork_rng(devices=devices)

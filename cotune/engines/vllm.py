@@ -21,7 +21,7 @@ from cotune.errors import EngineError
 class VLLMSettings:
     max_lora_rank: int = 64
     max_loras: int = 4
-    max_model_len: int = 2048
+    max_model_len: int = 4096
     kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float = 0.85
     seed: int = 0
@@ -40,6 +40,27 @@ def model_context_length(model_path: str) -> int:
     config = json.loads((Path(model_path) / "config.json").read_text())
     text_config = config.get("text_config", config)
     return int(text_config.get("max_position_embeddings") or 2048)
+
+
+def _vllm_client_error() -> type[Exception]:
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return VLLMClientError
+    except ImportError:  # older vLLM: validation errors are ValueErrors
+        return ValueError
+
+
+def _llvmlite_workaround() -> None:
+    """vllm-cpu 0.32 walks every loaded module's objects at start; an llvmlite object (loaded
+    by numba, which bm25s imports) crashes that walk unless its table has a ``__dict__``."""
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None)
+    table = getattr(lib, "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
 
 
 class VLLMEngine:
@@ -72,11 +93,18 @@ class VLLMEngine:
             enable_prefix_caching=s.enable_prefix_caching,
             seed=s.seed,
             trust_remote_code=False,
+            # Engine-wide: vLLM 0.32 ignores the per-request flag. Without free whitespace a
+            # small model cannot fill JSON with blank lines until max_tokens.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         if gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         else:
             kwargs["dtype"] = "float32"
+            # Seeded sampling under chunked prefill crashes vLLM-CPU 0.32 ("CPU Generator
+            # does not use offset") once a batch passes max_num_batched_tokens.
+            kwargs["enable_chunked_prefill"] = False
+        _llvmlite_workaround()
         try:
             return LLM(**kwargs)
         except Exception as err:  # vLLM raises many types; the caller needs the model named
@@ -109,10 +137,7 @@ class VLLMEngine:
         if request.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            # Without free whitespace small models cannot wander off into blank lines.
-            structured = StructuredOutputsParams(
-                json=request.json_schema, disable_any_whitespace=True
-            )
+            structured = StructuredOutputsParams(json=request.json_schema)
         return SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -126,12 +151,15 @@ class VLLMEngine:
         if not requests:
             return []
         started = time.perf_counter()
-        outputs = self._llm.chat(
-            [r.messages for r in requests],
-            sampling_params=[self._sampling(r) for r in requests],
-            lora_request=self.lora_request(adapter),
-            use_tqdm=False,
-        )
+        try:
+            outputs = self._llm.chat(
+                [r.messages for r in requests],
+                sampling_params=[self._sampling(r) for r in requests],
+                lora_request=self.lora_request(adapter),
+                use_tqdm=False,
+            )
+        except (ValueError, _vllm_client_error()) as err:  # e.g. a prompt over max_model_len
+            raise EngineError(f"vLLM refused a request on {self.model_id}: {err}") from err
         results = [
             GenerationResult(
                 text=out.outputs[0].text,

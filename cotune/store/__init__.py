@@ -1,0 +1,76 @@
+"""The job store (SQLAlchemy: PostgreSQL in the service, SQLite embedded) and the artifact
+store (fsspec: a local folder, ``s3://``, ...).
+
+The schema is owned by Alembic; its scripts live in ``cotune/store/migrations`` so that an
+installed package can migrate a database (``migrate(url)``) without the repository. The
+repository's ``alembic.ini`` points at the same folder for the ``alembic`` command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cotune.store.artifacts import ArtifactStore
+from cotune.store.jobs import (
+    ArtifactRecord,
+    JobPage,
+    JobRecord,
+    JobStore,
+    StageKey,
+    StageState,
+    StoredEvent,
+)
+from cotune.store.status import (
+    TRANSITIONS,
+    IllegalTransition,
+    JobNotFound,
+    JobStatus,
+    StageStatus,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "TRANSITIONS",
+    "ArtifactRecord",
+    "ArtifactStore",
+    "IllegalTransition",
+    "JobNotFound",
+    "JobPage",
+    "JobRecord",
+    "JobStatus",
+    "JobStore",
+    "StageKey",
+    "StageState",
+    "StageStatus",
+    "StoredEvent",
+    "migrate",
+]
+
+
+def migrate(url: str, *, revision: str = "head", engine: Engine | None = None) -> None:
+    """Bring the database at ``url`` to ``revision`` (``alembic upgrade head``).
+
+    ``engine``: run on this engine's connection instead of a new one (needed for an in-memory
+    SQLite database, which exists only on its own connection). On PostgreSQL, processes that
+    migrate at once take turns (an advisory lock); within one process, call it from one thread
+    at a time (Alembic's context is global).
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Passed as an attribute, not an ini option: a URL's "%" would trip ini interpolation.
+    cfg.attributes["url"] = url
+    if engine is None:
+        command.upgrade(cfg, revision)
+        return
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)

@@ -56,16 +56,19 @@ class ToolContext:
         return self.base_dir / path
 
 
-def run_tool(component: Component, inputs_batch: list[dict[str, Any]], ctx: ToolContext
-             ) -> list[Any]:
+def run_tool(
+    component: Component, inputs_batch: list[dict[str, Any]], ctx: ToolContext
+) -> list[Any]:
     where = f"component {component.name!r}"
     if component.kind != "tool" or component.tool not in TOOL_ARGS:
         raise ToolError(f"{where} is not a bm25, http_search or python tool component")
     tool, args = component.tool, component.args
     unknown = sorted(set(args) - TOOL_ARGS[tool])
     if unknown:
-        raise ToolError(f"{where}: field 'args': {unknown} unknown to the {tool} tool "
-                        f"(it takes {sorted(TOOL_ARGS[tool])})")
+        raise ToolError(
+            f"{where}: field 'args': {unknown} unknown to the {tool} tool "
+            f"(it takes {sorted(TOOL_ARGS[tool])})"
+        )
     for inputs in inputs_batch:
         missing = [f for f in component.reads if f not in inputs]
         if missing:
@@ -92,8 +95,10 @@ def run_tool(component: Component, inputs_batch: list[dict[str, Any]], ctx: Tool
     if not isinstance(url, str):
         raise ToolError(f"{where}: field 'args.url' is required for the http_search tool")
     try:
-        return [search_http(url, q, k, ctx.allowed_hosts, ctx.private_hosts, ctx.http_timeout)
-                for q in queries]
+        return [
+            search_http(url, q, k, ctx.allowed_hosts, ctx.private_hosts, ctx.http_timeout)
+            for q in queries
+        ]
     except ToolError as err:
         raise ToolError(f"{where}: {err}") from err
 
@@ -104,8 +109,7 @@ def _query_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _run_python(component: Component, inputs_batch: list[dict[str, Any]], where: str
-                ) -> list[Any]:
+def _run_python(component: Component, inputs_batch: list[dict[str, Any]], where: str) -> list[Any]:
     from cotune.tools.registry import get_python_tool
 
     name = component.args.get("function")
@@ -121,13 +125,16 @@ def _run_python(component: Component, inputs_batch: list[dict[str, Any]], where:
         values = {f: inputs[f] for f in component.reads}
         bound = _bind(signature, values)
         if bound is None:
-            raise ToolError(f"{where}: python tool {name!r}{signature} cannot take the fields "
-                            f"it reads {component.reads} as arguments")
+            raise ToolError(
+                f"{where}: python tool {name!r}{signature} cannot take the fields "
+                f"it reads {component.reads} as arguments"
+            )
         try:
             outputs.append(fn(*bound.args, **bound.kwargs))
         except Exception as err:
-            raise ToolError(f"{where}: python tool {name!r} failed: "
-                            f"{type(err).__name__}: {err}") from err
+            raise ToolError(
+                f"{where}: python tool {name!r} failed: {type(err).__name__}: {err}"
+            ) from err
     return outputs
 
 

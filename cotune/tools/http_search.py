@@ -20,9 +20,7 @@ from cotune.tools.bm25 import render_passage
 DEFAULT_TIMEOUT = 10.0
 
 
-def check_url(
-    url: str, allowed_hosts: Collection[str], private_hosts: Collection[str] = ()
-) -> str:
+def check_url(url: str, allowed_hosts: Collection[str], private_hosts: Collection[str] = ()) -> str:
     """Refuse a URL the server may not call; return its host."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
@@ -33,8 +31,9 @@ def check_url(
     if parts.scheme not in ("http", "https") or not host or not port:
         raise ToolError(f"http_search: {url!r} is not an http(s) URL with a host (and port)")
     if host not in {h.lower() for h in allowed_hosts}:
-        raise ToolError(f"http_search: host {host!r} is not on the allow-list "
-                        f"{sorted(allowed_hosts)}")
+        raise ToolError(
+            f"http_search: host {host!r} is not on the allow-list {sorted(allowed_hosts)}"
+        )
     if host in {h.lower() for h in private_hosts}:
         return host
     try:
@@ -44,16 +43,23 @@ def check_url(
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if _is_internal(address):
-            raise ToolError(f"http_search: host {host!r} resolves to the internal address "
-                            f"{address}; refused")
+            raise ToolError(
+                f"http_search: host {host!r} resolves to the internal address {address}; refused"
+            )
     return host
 
 
 def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return (address.is_private or address.is_loopback or address.is_link_local
-            or address.is_reserved or address.is_multicast or address.is_unspecified)
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+    )
 
 
 def search_http(
@@ -71,8 +77,9 @@ def search_http(
     last = ""
     for _ in range(2):
         try:
-            response = httpx.get(url, params={"q": query, "k": k}, timeout=timeout,
-                                 follow_redirects=False)
+            response = httpx.get(
+                url, params={"q": query, "k": k}, timeout=timeout, follow_redirects=False
+            )
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"
             continue

@@ -1,0 +1,164 @@
+"""Rollout speed: cotune's runtime vs raw ``vllm.LLM.chat`` vs raw HF ``generate``.
+
+All three generate for the same rendered prompts with the same settings (greedy, each
+component's max_tokens), in one process and one run: cotune runs the whole system (its engine
+calls plus the bm25 tool); the raw engines get the prompts cotune rendered, one batch per
+component level. Throughput is completion tokens per second of wall time.
+
+    python benchmarks/speed.py                     # kb-qa on SmolLM2-135M (prepare it first)
+    python benchmarks/speed.py --tiny --limit 16   # the tiny test model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system", type=Path, default=ROOT / "examples/kb-qa/system.yaml")
+    parser.add_argument("--data", type=Path, nargs="*", default=None)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model and task")
+    parser.add_argument("--limit", type=int, default=32, help="examples (the batch size)")
+    parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/speed.md")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(min(os.cpu_count() or 2, 16))
+    system, examples = _load(args)
+    rows = rollout_speed(system, examples, hf_batch=args.hf_batch)
+    table = format_table(rows, system.name, len(examples))
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    from cotune.data import load_examples
+    from cotune.spec import load_system
+
+    if args.tiny:
+        import tempfile
+
+        from cotune.models import prepare_model
+        from cotune.tiny import write_tiny_example
+
+        folder = write_tiny_example(Path(tempfile.mkdtemp()), model_path=str(prepare_model("tiny")))
+        args.system, args.data = folder / "system.yaml", [folder / "train.jsonl"]
+    system = load_system(args.system)
+    files = args.data or [
+        args.system.parent / n for n in ("train.jsonl", "val.jsonl", "test.jsonl")
+    ]
+    examples = [e for f in files if f.exists() for e in load_examples(f, system)]
+    return system, examples[: args.limit]
+
+
+def rollout_speed(system: Any, examples: list[Any], hf_batch: int = 32) -> list[dict[str, Any]]:
+    from cotune.runtime import open_runtime
+
+    runtime = open_runtime(system)
+    runtime.run(examples[:2])  # warm-up: compile paths, bm25 index
+    started = time.perf_counter()
+    traces = runtime.run(examples)
+    cotune_s = time.perf_counter() - started
+    cotune_tokens = sum(s.completion_tokens for t in traces for s in t.spans)
+
+    levels = [[c for c in level if c.kind == "llm"] for level in system.levels()]
+    batches = [
+        [(c, [t.span(c.name).messages for t in traces]) for c in level] for level in levels if level
+    ]
+    engine = next(iter(runtime.engines.values()))
+    vllm_s, vllm_tokens = _raw_vllm(engine, batches)
+    hf_s, hf_tokens = _raw_hf(engine.model_id, batches, hf_batch)
+    return [
+        {
+            "engine": "cotune runtime (vLLM, whole system)",
+            "seconds": cotune_s,
+            "tokens": cotune_tokens,
+        },
+        {"engine": "raw vllm.LLM.chat", "seconds": vllm_s, "tokens": vllm_tokens},
+        {"engine": f"raw HF generate (batch {hf_batch})", "seconds": hf_s, "tokens": hf_tokens},
+    ]
+
+
+def _raw_vllm(engine: Any, batches: list[Any]) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    llm = engine.llm
+    llm.chat(batches[0][0][1][:2], SamplingParams(max_tokens=4), use_tqdm=False)
+    tokens, started = 0, time.perf_counter()
+    for level in batches:
+        for component, prompts in level:
+            params = SamplingParams(max_tokens=component.max_tokens, temperature=0.0)
+            outputs = llm.chat(prompts, params, use_tqdm=False)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    return time.perf_counter() - started, tokens
+
+
+def _raw_hf(model_path: str, batches: list[Any], batch_size: int) -> tuple[float, int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokens, started = 0, time.perf_counter()
+    for level in batches:
+        for component, prompts in level:
+            for i in range(0, len(prompts), batch_size):
+                texts = [
+                    tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                    for p in prompts[i : i + batch_size]
+                ]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                with torch.no_grad():
+                    out = model.generate(
+                        **enc,
+                        max_new_tokens=component.max_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                new = out[:, enc["input_ids"].shape[1] :]
+                # Count up to and including the first eos, as vLLM does.
+                for row in new.tolist():
+                    eos = tokenizer.eos_token_id
+                    tokens += (row.index(eos) + 1) if eos in row else len(row)
+    return time.perf_counter() - started, tokens
+
+
+def format_table(rows: list[dict[str, Any]], system: str, n: int) -> str:
+    fastest_raw = max(r["tokens"] / r["seconds"] for r in rows[1:])
+    lines = [
+        f"Rollout speed, {system}, {n} examples, greedy; "
+        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
+        f"python {sys.version.split()[0]}",
+        "",
+        "| engine | seconds | completion tokens | tokens/s | vs faster raw engine |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        rate = r["tokens"] / r["seconds"]
+        lines.append(
+            f"| {r['engine']} | {r['seconds']:.2f} | {r['tokens']} | {rate:.1f} | "
+            f"{rate / fastest_raw:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The ``cotune`` command. Each subcommand parses its arguments and calls the core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cotune.errors import CotuneError
+
+REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except CotuneError as err:
+        print(f"cotune: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cotune: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cotune", description="Fine-tune the models inside a compound AI system."
+    )
+    sub = parser.add_subparsers(title="commands")
+
+    models = sub.add_parser("models", help="prepare and list local models").add_subparsers()
+    prepare = models.add_parser("prepare", help="download and convert a registry model once")
+    prepare.add_argument("name", help="a registry name, e.g. smollm2-135m")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    prepare.set_defaults(handler=cmd_models_prepare)
+    listing = models.add_parser("list", help="registry models and whether they are prepared")
+    listing.set_defaults(handler=cmd_models_list)
+    tiny = models.add_parser("tiny", help="build the tiny test model into DIR")
+    tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(handler=cmd_models_tiny)
+
+    ev = sub.add_parser("eval", help="run a system over a data file and score it")
+    ev.add_argument("system", type=Path, help="system spec (YAML or JSON)")
+    ev.add_argument("data", type=Path, help="JSONL or CSV rows")
+    ev.add_argument("--adapters", type=Path, help="folder of <component>/ PEFT adapters")
+    ev.add_argument("--out", type=Path, help="write traces.jsonl and score.json here")
+    ev.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="only the first N rows")
+    ev.set_defaults(handler=cmd_eval)
+
+    run = sub.add_parser("run", help="run a training job in-process (SQLite + a local folder)")
+    run.add_argument("job", type=Path, help="job spec (YAML or JSON)")
+    run.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
+    run.add_argument("--resume", action="store_true", help="continue from the last finished stage")
+    run.add_argument("--dry-run", action="store_true", help="print a quote, run nothing")
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser("demo", help="the first run: prepare SmolLM2 and train kb-qa on it")
+    demo.add_argument("--tiny", action="store_true", help="a one-minute run on the tiny model")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from cotune.models import prepare_model
+
+    path = prepare_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from cotune.models import list_models
+
+    for entry in list_models():
+        print(json.dumps(entry))
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from cotune.tiny import build_tiny_model
+
+    info = build_tiny_model(args.dir, progress=print)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cotune.data import load_examples
+    from cotune.runtime import find_adapters, mean_score, open_runtime, score_traces
+    from cotune.spec import load_system
+
+    system = load_system(args.system)
+    examples = load_examples(args.data, system, split=args.data.stem)[: args.limit]
+    adapters = find_adapters(args.adapters, system) if args.adapters else {}
+    if args.adapters and not adapters:
+        raise CotuneError(f"--adapters {args.adapters}: no <component>/adapter_config.json there")
+    runtime = open_runtime(system, engine=args.engine, adapters=adapters)
+    traces = []
+    with tqdm(total=len(examples), desc=f"eval {system.name}", unit="ex") as bar:
+        for start in range(0, len(examples), args.batch_size):
+            batch = runtime.run(examples[start : start + args.batch_size])
+            score_traces(system, batch)
+            traces.extend(batch)
+            bar.update(len(batch))
+            bar.set_postfix(score=f"{mean_score(traces):.3f}")
+    result = _eval_summary(system.name, system.metric, traces, adapters)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "traces.jsonl", "w", encoding="utf-8") as handle:
+            for trace in traces:
+                handle.write(trace.model_dump_json() + "\n")
+        (args.out / "score.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"traces: {args.out / 'traces.jsonl'}")
+    return 0
+
+
+def _eval_summary(
+    name: str, metric: str, traces: list[Any], adapters: dict[str, str]
+) -> dict[str, Any]:
+    from cotune.runtime import mean_score
+
+    return {
+        "system": name,
+        "metric": metric,
+        "examples": len(traces),
+        "score": round(mean_score(traces), 4),
+        "passed": sum(1 for t in traces if t.passed),
+        "adapters": adapters,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cotune.embedded import run_job_cli
+
+    return run_job_cli(args.job, out=args.out, resume=args.resume, dry_run=args.dry_run)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cotune.embedded import demo
+
+    return demo(tiny=args.tiny, out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

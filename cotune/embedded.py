@@ -1,0 +1,149 @@
+"""Run a job in-process: SQLite and a local folder, no servers. ``cotune run`` and ``demo``.
+
+Output folder layout::
+
+    out/cotune.db        job store (SQLite)        out/artifacts/   every stage's output
+    out/adapters/<c>/    the best epoch's adapters out/report.md    tables per epoch/component
+    out/metrics.json     the JobReport             out/curves.png   scores and losses
+    out/traces/test.jsonl  test traces of the best system
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cotune.errors import CotuneError
+from cotune.jobspec import JobSpec, load_job
+
+JOB_FILE = "job.json"
+
+
+def open_output(out: Path, job: JobSpec, *, resume: bool) -> tuple[Any, Any, str]:
+    from cotune.store import ArtifactStore, JobStatus, JobStore, migrate
+
+    out.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{(out / 'cotune.db').resolve()}"
+    migrate(url)
+    store, artifacts = JobStore(url), ArtifactStore(str((out / "artifacts").resolve()))
+    marker = out / JOB_FILE
+    if marker.exists():
+        job_id = json.loads(marker.read_text())["job_id"]
+        if not resume:
+            raise CotuneError(
+                f"{out} already holds job {job_id}; pass --resume to continue "
+                "it, or choose another --out"
+            )
+        record = store.get_job(job_id)
+        if record is None:
+            raise CotuneError(f"{out / JOB_FILE} names job {job_id}, which {out} does not hold")
+        status = record.status
+        if status in (JobStatus.succeeded, JobStatus.cancelled):
+            raise CotuneError(f"job {job_id} in {out} is already {status}")
+        if status == JobStatus.failed:
+            store.transition(job_id, JobStatus.queued)
+    else:
+        if resume:
+            raise CotuneError(f"--resume: {out} holds no job to resume")
+        job_id = store.create_job(job.system.name, job.model_dump(mode="json"))
+        marker.write_text(json.dumps({"job_id": job_id}))
+    return store, artifacts, job_id
+
+
+def run_embedded(job: JobSpec, out: Path, *, resume: bool = False, progress: bool = True) -> Any:
+    """Run ``job`` to the end in this process; return its JobReport."""
+    from cotune.loop import JobContext, copy_adapters, run_job
+    from cotune.report import write_outputs
+    from cotune.store import JobStatus
+
+    store, artifacts, job_id = open_output(out, job, resume=resume)
+    bars = _Bars() if progress else None
+    ctx = JobContext(
+        job_id=job_id,
+        job=job,
+        store=store,
+        artifacts=artifacts,
+        progress=bars.update if bars else None,
+    )
+    record = store.get_job(job_id)
+    if record is not None and record.status != JobStatus.running:
+        store.transition(job_id, JobStatus.running)
+    try:
+        report = run_job(ctx)
+    except BaseException as err:
+        store.transition(job_id, JobStatus.failed, error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if bars:
+            bars.close()
+    report.adapters = copy_adapters(ctx, report.adapters, out / "adapters")
+    write_outputs(ctx, report, out)
+    store.set_result(job_id, report.model_dump(mode="json"))
+    store.transition(job_id, JobStatus.succeeded)
+    return report
+
+
+class _Bars:
+    """One tqdm bar per stage run, closed when the next stage starts."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.stage: str | None = None
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or stage != self.stage or done < self.bar.n:
+            self.close()
+            self.bar, self.stage = tqdm(total=total, desc=stage, unit="ex", leave=False), stage
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_job_cli(job_path: Path, *, out: Path | None, resume: bool, dry_run: bool) -> int:
+    job = load_job(job_path)
+    if dry_run:
+        from cotune.quote import format_quote, quote_job
+
+        print(format_quote(quote_job(job)))
+        return 0
+    out = out or Path("runs") / job.system.name
+    report = run_embedded(job, out, resume=resume)
+    from cotune.report import summary_table
+
+    print(summary_table(report))
+    print(f"adapters: {out / 'adapters'}\nreport: {out / 'report.md'}")
+    return 0
+
+
+def demo(*, tiny: bool, out: Path) -> int:
+    """The README's first command: a short kb-qa job, on SmolLM2-135M or the tiny model."""
+    from cotune.models import prepare_model
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if tiny:
+        from cotune.tiny import write_tiny_example
+
+        model = prepare_model("tiny")
+        folder = write_tiny_example(out / "tiny-kb", model_path=str(model))
+        job_file = folder / "job.yaml"
+        job_file.write_text(
+            "system: system.yaml\n"
+            "data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}\n"
+            "judge: {model: tiny}\n"
+            "loop: {epochs: 2, rollout_batch: 32, samples_per_component: 48, judge_samples: 1}\n"
+            "train: {epochs: 2, batch_size: 8, learning_rate: 5.0e-4}\n"
+        )
+    else:
+        prepare_model("smollm2-135m")
+        job_file = examples / "kb-qa" / "job.yaml"
+    print(f"running {job_file} -> {out / 'run'}", file=sys.stderr)
+    return run_job_cli(
+        job_file, out=out / "run", resume=(out / "run" / JOB_FILE).exists(), dry_run=False
+    )

@@ -1,0 +1,98 @@
+"""Pricing a job before running it: engine calls, generated tokens and judge calls per stage.
+
+Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
+and corrected), every LLM output to run to its ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cotune.jobspec import JobSpec
+
+
+def quote_job(
+    job: JobSpec, *, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None
+) -> dict[str, Any]:
+    from cotune.data import load_examples
+
+    def count(split: str, given: int | None) -> int:
+        if given is not None:
+            return given
+        path = job.data_path(split)  # type: ignore[arg-type]
+        return 0 if path is None else len(load_examples(path, job.system, split=split))
+
+    system, loop = job.system, job.loop
+    n_train, n_val, n_test = count("train", n_train), count("val", n_val), count("test", n_test)
+    if loop.val_limit:
+        n_val = min(n_val, loop.val_limit)
+    llms = system.llm_components
+    per_run_tokens = sum(c.max_tokens for c in llms)
+    batch = min(loop.rollout_batch, n_train)
+    judge_max = job.judge.max_tokens if job.judge else 0
+
+    def run(examples: int) -> dict[str, int]:
+        return {
+            "engine_requests": examples * len(llms),
+            "generated_tokens": examples * per_run_tokens,
+            "judge_calls": 0,
+        }
+
+    judge_calls = batch * loop.judge_samples * 2 if job.judge else 0  # with one repair each
+    candidates = batch * (len(system.trainable_components) * max(loop.resample_candidates, 1))
+    stages: dict[str, dict[str, int]] = {
+        "baseline": run(n_val),
+        "rollout": run(batch),
+        "credit": {
+            "engine_requests": judge_calls,
+            "generated_tokens": judge_calls * judge_max,
+            "judge_calls": judge_calls,
+        },
+        "verify": {
+            k: v * loop.replays * (2 if loop.replays > 1 else 1) for k, v in run(candidates).items()
+        },
+        "synthesize": run(n_train * loop.augment_rollouts),
+        "train": {"engine_requests": 0, "generated_tokens": 0, "judge_calls": 0},
+        "evaluate": run(n_val),
+        "test": run(2 * n_test),
+    }
+    per_epoch = ["rollout", "credit", "verify", "synthesize", "evaluate"]
+    total = {
+        k: stages["baseline"][k]
+        + stages["test"][k]
+        + loop.epochs * sum(stages[s][k] for s in per_epoch)
+        for k in ("engine_requests", "generated_tokens", "judge_calls")
+    }
+    if job.budget.max_judge_calls is not None:
+        total["judge_calls"] = min(total["judge_calls"], job.budget.max_judge_calls)
+    return {
+        "job": system.name,
+        "epochs": loop.epochs,
+        "examples": {"train": n_train, "val": n_val, "test": n_test},
+        "per_stage": stages,
+        "total": total,
+        "budget": job.budget.model_dump(),
+        "trainable_components": [c.name for c in system.trainable_components],
+    }
+
+
+def format_quote(quote: dict[str, Any]) -> str:
+    lines = [
+        f"quote for {quote['job']}: {quote['epochs']} epochs, examples {quote['examples']}",
+        "(upper bounds: every trace fails, every output runs to max_tokens)",
+        "",
+        "| stage | per | engine requests | generated tokens | judge calls |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for stage, cost in quote["per_stage"].items():
+        per = "job" if stage in ("baseline", "test") else "epoch"
+        lines.append(
+            f"| {stage} | {per} | {cost['engine_requests']} | "
+            f"{cost['generated_tokens']} | {cost['judge_calls']} |"
+        )
+    t = quote["total"]
+    lines.append(
+        f"| total | job | {t['engine_requests']} | {t['generated_tokens']} | {t['judge_calls']} |"
+    )
+    lines.append(f"\nbudget: {quote['budget']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Alembic scripts for the job store (a package so that installs ship them)."""

@@ -1,0 +1,74 @@
+"""Job status names (the OpenAI fine-tuning names) and the transitions between them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from cotune.errors import CotuneError
+
+
+class JobStatus(StrEnum):
+    validating_files = "validating_files"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TRANSITIONS: dict[JobStatus, set[JobStatus]] = {
+    JobStatus.validating_files: {JobStatus.queued, JobStatus.failed, JobStatus.cancelled},
+    JobStatus.queued: {JobStatus.running, JobStatus.cancelled, JobStatus.failed},
+    # running -> queued: re-queued after its worker was lost.
+    JobStatus.running: {
+        JobStatus.succeeded,
+        JobStatus.failed,
+        JobStatus.cancelled,
+        JobStatus.queued,
+    },
+    JobStatus.succeeded: set(),
+    JobStatus.failed: set(),
+    JobStatus.cancelled: set(),
+}
+
+TERMINAL: frozenset[JobStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+
+def can_transition(from_status: JobStatus | str, to_status: JobStatus | str) -> bool:
+    return JobStatus(to_status) in TRANSITIONS[JobStatus(from_status)]
+
+
+class IllegalTransition(CotuneError):
+    """A job cannot move from its current status to the requested one (the API answers 409)."""
+
+    code = "illegal_transition"
+
+    def __init__(
+        self, from_status: JobStatus | str, to_status: JobStatus | str, job_id: str | None = None
+    ) -> None:
+        self.from_status = JobStatus(from_status)
+        self.to_status = JobStatus(to_status)
+        self.job_id = job_id
+        who = f"job {job_id}" if job_id else "a job"
+        self.message = f"cannot move {who} from {self.from_status.value} to {self.to_status.value}"
+        super().__init__(self.message)
+
+
+class JobNotFound(CotuneError, LookupError):
+    """No job with this id (or not one the caller's tenant may see; the API answers 404)."""
+
+    code = "not_found"
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.message = f"no job {job_id}"
+        super().__init__(self.message)
+
+
+class StageStatus(StrEnum):
+    """A stage row's status: one ``(job, epoch, stage)`` attempt series."""
+
+    pending = "pending"
+    running = "running"  # held by ``lease_owner`` until ``lease_expires_at`` (heartbeats renew)
+    done = "done"
+    failed = "failed"  # the last attempt failed; a new claim may retry it

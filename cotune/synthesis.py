@@ -1,0 +1,160 @@
+"""From traces and verified corrections to training rows, per trainable component.
+
+Sources, in order of trust: spans of traces that passed (bootstrapping, as in DSPy's
+BootstrapFinetune), verified corrections and the downstream spans of the corrected replays, then
+augmentation (more sampled rollouts, kept only when they pass). DPO pairs contrast a verified
+correction with the original output. Rows are rendered from a span's own messages, so a prompt
+holds only what the component saw: never a critique, never a gold answer it was not given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotune.records import Candidate
+from cotune.runtime import Span, Trace, render_value
+from cotune.spec import SystemSpec
+from cotune.training import DPOPair, SFTRow
+
+
+@dataclass
+class Buffer:
+    """The cumulative training data of a job, per component."""
+
+    sft: dict[str, list[SFTRow]] = field(default_factory=dict)
+    dpo: dict[str, list[DPOPair]] = field(default_factory=dict)
+
+    def add_sft(self, component: str, row: SFTRow) -> bool:
+        rows = self.sft.setdefault(component, [])
+        key = _row_key(row.messages, row.completion)
+        if any(_row_key(r.messages, r.completion) == key for r in rows):
+            return False
+        rows.append(row)
+        return True
+
+    def add_pair(self, component: str, pair: DPOPair) -> bool:
+        pairs = self.dpo.setdefault(component, [])
+        key = _row_key(pair.messages, pair.chosen + "\x00" + pair.rejected)
+        if any(_row_key(p.messages, p.chosen + "\x00" + p.rejected) == key for p in pairs):
+            return False
+        pairs.append(pair)
+        return True
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        names = set(self.sft) | set(self.dpo)
+        return {
+            n: {"samples": len(self.sft.get(n, [])), "pairs": len(self.dpo.get(n, []))}
+            for n in sorted(names)
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sft": {c: [vars(r) for r in rows] for c, rows in self.sft.items()},
+            "dpo": {c: [vars(p) for p in pairs] for c, pairs in self.dpo.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Buffer:
+        return cls(
+            sft={c: [SFTRow(**r) for r in rows] for c, rows in data.get("sft", {}).items()},
+            dpo={c: [DPOPair(**p) for p in pairs] for c, pairs in data.get("dpo", {}).items()},
+        )
+
+
+def _row_key(messages: Sequence[dict[str, str]], completion: str) -> str:
+    return json.dumps([list(messages), completion.strip()], sort_keys=True)
+
+
+def as_completion(value: Any) -> str:
+    """A span output as the text a component should produce (JSON stays JSON)."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return render_value(value)
+
+
+def leaks_gold(span: Span, completion: str, expected: Sequence[str] | None) -> bool:
+    """True when ``completion`` states a gold answer that the span's inputs never showed it.
+
+    The final answer writer is exempt (producing the gold is its job); an upstream component
+    that learned to emit answers it could not know would be learning the judge's hindsight.
+    """
+    if not expected:
+        return False
+    seen = " ".join(render_value(v) for v in span.inputs.values()).lower()
+    said = completion.lower()
+    return any(g.strip() and g.lower() in said and g.lower() not in seen for g in expected)
+
+
+def training_spans(system: SystemSpec, trace: Trace) -> Iterable[Span]:
+    trainable = {c.name for c in system.trainable_components}
+    for span in trace.spans:
+        if span.kind == "llm" and span.component in trainable and span.messages:
+            yield span
+
+
+def add_bootstrap(
+    buffer: Buffer, system: SystemSpec, traces: Iterable[Trace], source: str = "bootstrap"
+) -> dict[str, int]:
+    """Every trainable span of a passing trace becomes an SFT row."""
+    added: dict[str, int] = {}
+    for trace in traces:
+        if not trace.passed:
+            continue
+        for span in training_spans(system, trace):
+            assert span.messages is not None
+            row = SFTRow(span.messages, as_completion(span.output), source)
+            if buffer.add_sft(span.component, row):
+                added[span.component] = added.get(span.component, 0) + 1
+    return added
+
+
+def add_corrections(
+    buffer: Buffer,
+    system: SystemSpec,
+    traces_by_id: dict[str, Trace],
+    replays_by_candidate: dict[int, Trace],
+    candidates: Sequence[Candidate],
+    final_component: str | None,
+) -> dict[str, int]:
+    """Verified corrections (SFT rows + DPO pairs) and the passing downstream spans of their
+    replays. ``replays_by_candidate`` maps a candidate's index to its replay trace."""
+    added: dict[str, int] = {}
+    trainable = {c.name for c in system.trainable_components}
+    for index, candidate in enumerate(candidates):
+        if not candidate.accepted or candidate.component not in trainable:
+            continue
+        original = traces_by_id[candidate.trace_id]
+        span = original.span(candidate.component)
+        chosen = as_completion(candidate.proposed_output)
+        rejected = as_completion(candidate.original_output)
+        if span.messages is None:
+            continue
+        if candidate.component != final_component and leaks_gold(span, chosen, original.expected):
+            continue
+        if buffer.add_sft(candidate.component, SFTRow(span.messages, chosen, "correction")):
+            added[candidate.component] = added.get(candidate.component, 0) + 1
+        if chosen.strip() != rejected.strip():
+            buffer.add_pair(candidate.component, DPOPair(span.messages, chosen, rejected))
+        replay = replays_by_candidate.get(index)
+        if replay is not None and replay.passed:
+            for downstream in training_spans(system, replay):
+                if downstream.rerun and downstream.messages:
+                    row = SFTRow(
+                        downstream.messages, as_completion(downstream.output), "downstream"
+                    )
+                    if buffer.add_sft(downstream.component, row):
+                        added[downstream.component] = added.get(downstream.component, 0) + 1
+    return added
+
+
+def check_sources(traces: Iterable[Trace], train_ids: set[str]) -> None:
+    """Val and test examples never feed synthesis."""
+    for trace in traces:
+        if trace.example_id not in train_ids:
+            raise ValueError(
+                f"trace {trace.trace_id} is of example {trace.example_id!r}, "
+                "which is not a train example; it may not feed synthesis"
+            )

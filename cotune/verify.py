@@ -1,0 +1,142 @@
+"""Checking proposed corrections by replaying the system.
+
+The judge only proposes. A proposal is accepted when replaying the system with the corrected
+span output raises the final score above the original trace's. With greedy components one
+replay settles it; with sampling, R seeded replays of the corrected and of the unmodified span
+are compared on their means. Without a judge, proposals come from re-sampling the component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cotune.engines.base import GenerationRequest
+from cotune.records import Candidate
+from cotune.runtime import Runtime, Trace, parse_output, score_traces
+from cotune.spec import SystemSpec
+
+
+@dataclass
+class Proposal:
+    trace: Trace
+    span_id: str
+    output: Any
+    source: str  # "judge" | "resample"
+    critique: str | None = None
+
+
+def judge_proposals(
+    system: SystemSpec, traces: Sequence[Trace], outcomes: Sequence[Any]
+) -> list[Proposal]:
+    """The judge's ``should_have_output`` for trainable LLM spans, one proposal each."""
+    trainable = {c.name for c in system.trainable_components}
+    by_id = {t.trace_id: t for t in traces}
+    proposals = []
+    for outcome in outcomes:
+        trace = by_id.get(outcome.trace_id)
+        if trace is None:
+            continue
+        for span_id, output, critique in outcome.proposals():
+            if span_id in trainable:
+                component = system.component(span_id)
+                value, _ = parse_output(component, output)
+                proposals.append(Proposal(trace, span_id, value, "judge", critique))
+    return proposals
+
+
+def resample_proposals(
+    runtime: Runtime, traces: Sequence[Trace], *, n: int, temperature: float, seed: int
+) -> list[Proposal]:
+    """``n`` sampled outputs per trainable LLM span of each trace: one engine call per
+    component for the whole batch. Outputs equal to the original are dropped."""
+    system = runtime.system
+    proposals: list[Proposal] = []
+    if n <= 0:
+        return proposals
+    for component in system.trainable_components:
+        assert component.model is not None
+        work = [(t, t.span(component.name)) for t in traces]
+        requests = [
+            GenerationRequest(
+                messages=span.messages or [],
+                max_tokens=component.max_tokens,
+                temperature=temperature,
+                seed=seed + i * n + j,
+                json_schema=component.json_schema,
+            )
+            for i, (_, span) in enumerate(work)
+            for j in range(n)
+        ]
+        if not requests:
+            continue
+        results = runtime.engines[component.model].generate(
+            requests, adapter=runtime.adapters.get(component.name)
+        )
+        for index, result in enumerate(results):
+            trace, span = work[index // n]
+            value, error = parse_output(component, result.text)
+            seen = {
+                repr(p.output)
+                for p in proposals
+                if p.trace is trace and p.span_id == component.name
+            }
+            if error is None and value != span.output and repr(value) not in seen:
+                proposals.append(Proposal(trace, component.name, value, "resample"))
+    return proposals
+
+
+def verify(
+    runtime: Runtime, proposals: Sequence[Proposal], *, epoch: int, replays: int = 1, seed: int = 0
+) -> tuple[list[Candidate], dict[int, Trace]]:
+    """Replay every proposal; return one Candidate each (accepted or not) and, by candidate
+    index, the first replay trace (its downstream spans feed synthesis when it passed)."""
+    if not proposals:
+        return [], {}
+    system = runtime.system
+    corrected_runs: list[list[Trace]] = []
+    baseline_runs: list[list[Trace]] = []
+    for r in range(replays):
+        run_seed = None if replays == 1 else seed + r * len(proposals)
+        corrected = runtime.replay_many(
+            [(p.trace, p.span_id, p.output) for p in proposals], seed=run_seed
+        )
+        score_traces(system, corrected)
+        corrected_runs.append(corrected)
+        if replays > 1:
+            unchanged = runtime.replay_many(
+                [(p.trace, p.span_id, p.trace.span(p.span_id).output) for p in proposals],
+                seed=run_seed,
+            )
+            score_traces(system, unchanged)
+            baseline_runs.append(unchanged)
+
+    candidates = []
+    for i, proposal in enumerate(proposals):
+        scores = [run[i].score or 0.0 for run in corrected_runs]
+        original = proposal.trace.score or 0.0
+        base = [run[i].score or 0.0 for run in baseline_runs] or [original]
+        reference = original if replays == 1 else _mean(base)
+        accepted = _mean(scores) > reference
+        candidates.append(
+            Candidate(
+                epoch=epoch,
+                trace_id=proposal.trace.trace_id,
+                example_id=proposal.trace.example_id,
+                component=proposal.span_id,
+                source=proposal.source,
+                proposed_output=proposal.output,
+                original_output=proposal.trace.span(proposal.span_id).output,
+                original_score=original,
+                replay_scores=scores,
+                baseline_scores=base if replays > 1 else [],
+                accepted=accepted,
+                critique=proposal.critique,
+            )
+        )
+    return candidates, {i: corrected_runs[0][i] for i in range(len(proposals))}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,217 @@
+"""LoRA training with real TRL SFT/DPO and peft on the tiny model; adapters served by vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from cotune.engines.base import GenerationRequest
+from cotune.errors import CotuneError
+from cotune.jobspec import TrainConfig
+from cotune.tiny import ANSWER_PROMPT, make_world
+from cotune.training import (
+    ADAPTER_FILES,
+    DPOPair,
+    SFTRow,
+    TrainResult,
+    adapter_weights,
+    completion_mask_preview,
+    train_adapter,
+)
+
+WORLD = make_world()
+KEYS = sorted(WORLD.facts)
+TARGET = "blue"  # the distinctive answer the SFT adapter learns to give to every question
+# Small and fast: 32 rows x 2 epochs at batch 8 = 8 steps; a high rate so 8 steps move greedy
+# output on the tiny model.
+CONFIG = TrainConfig(
+    method="sft", lora_r=8, lora_alpha=16, learning_rate=2e-2, epochs=2, batch_size=8
+)
+ATOL = 1e-5  # same seed and rows -> same adapter weights, to this tolerance
+
+
+def answer_messages(key: str, seed: int = 0) -> list[dict[str, str]]:
+    """The tiny-kb answer component's prompt: three numbered passages, the right one first."""
+    rng = random.Random(f"{key}-{seed}")
+    others = rng.sample([k for k in KEYS if k != key], 2)
+    passages = [f"the color of {k} is {WORLD.facts[k]}." for k in [key, *others]]
+    rendered = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(passages))
+    content = ANSWER_PROMPT.format(passages=rendered, question=WORLD.question(key))
+    return [{"role": "user", "content": content}]
+
+
+TRAIN_KEYS = KEYS[:32]
+HELD_OUT = [k for k in KEYS[100:140] if WORLD.facts[k] != TARGET][:12]
+ROWS = [SFTRow(answer_messages(k), TARGET, source="bootstrap") for k in TRAIN_KEYS]
+PAIRS = [
+    DPOPair(answer_messages(k), chosen=TARGET, rejected=WORLD.facts[k])
+    for k in TRAIN_KEYS[:16]
+    if WORLD.facts[k] != TARGET
+]
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    messages: list[str] = []
+    out = tmp_path_factory.mktemp("sft") / "adapter"
+    result = train_adapter(
+        tiny_model_dir, ROWS, PAIRS, CONFIG, out, seed=0, progress=messages.append
+    )
+    assert any(m.startswith("sft: step 1/") for m in messages), messages
+    return result
+
+
+@pytest.fixture(scope="module")
+def dpo_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    config = CONFIG.model_copy(update={"method": "sft+dpo"})
+    out = tmp_path_factory.mktemp("dpo") / "adapter"
+    return train_adapter(tiny_model_dir, ROWS, PAIRS, config, out, seed=0)
+
+
+def _folder_is_clean(adapter_dir: Path) -> None:
+    assert sorted(p.name for p in adapter_dir.iterdir()) == sorted(ADAPTER_FILES)
+    # Nothing left beside it (no partial scratch folder) and no pickle anywhere.
+    assert [p.name for p in adapter_dir.parent.iterdir()] == [adapter_dir.name]
+    for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle"):
+        assert not list(adapter_dir.parent.rglob(pattern)), pattern
+
+
+def test_sft_labels_cover_the_completion_only(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rows = [
+        SFTRow(answer_messages(KEYS[0]), "blue"),
+        SFTRow(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Write a search query for: what is x?"},
+            ],
+            "color of zorpa",
+        ),
+    ]
+    previews = completion_mask_preview(tiny_model_dir, rows)
+    assert len(previews) == len(rows)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, (input_ids, labels) in zip(rows, previews, strict=True):
+        assert len(input_ids) == len(labels)
+        prompt_ids = tokenizer.apply_chat_template(
+            row.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        n = len(prompt_ids)
+        assert input_ids[:n] == prompt_ids
+        assert all(label == -100 for label in labels[:n]), "a prompt token is supervised"
+        assert labels[n:] == input_ids[n:], "a completion token is not supervised"
+        supervised = [t for t, label in zip(input_ids, labels, strict=True) if label != -100]
+        assert eos in supervised  # the model learns to stop
+        # The chat template's trailing newline after <|im_end|> is part of the completion too.
+        assert tokenizer.decode(supervised) == row.completion + "<|im_end|>\n"
+
+
+def test_sft_trains_lora_and_writes_only_the_adapter(
+    sft_adapter: TrainResult, tiny_model_dir: Path
+) -> None:
+    result = sft_adapter
+    _folder_is_clean(result.adapter_dir)
+    # method "sft": the pairs are ignored
+    assert result.dpo_steps == 0 and result.dpo_losses == []
+    assert result.sft_steps == math.ceil(len(ROWS) / CONFIG.batch_size) * CONFIG.epochs
+    assert len(result.sft_losses) == result.sft_steps
+    assert all(math.isfinite(loss) for loss in result.sft_losses)
+    assert result.sft_losses[-1] < result.sft_losses[0]
+    assert result.seconds > 0
+
+    weights = adapter_weights(result.adapter_dir)
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero
+    modules = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in weights}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= modules
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == CONFIG.lora_r and config["lora_alpha"] == CONFIG.lora_alpha
+    assert config["peft_type"] == "LORA"
+
+    # Trained tokens: prompt + completion of every row, every epoch.
+    lengths = [len(ids) for ids, _ in completion_mask_preview(tiny_model_dir, ROWS)]
+    assert result.trained_tokens == CONFIG.epochs * sum(lengths)
+
+
+def test_sft_then_dpo_gives_one_adapter_that_moved(
+    dpo_adapter: TrainResult, sft_adapter: TrainResult
+) -> None:
+    result = dpo_adapter
+    _folder_is_clean(result.adapter_dir)
+    assert result.sft_losses == pytest.approx(sft_adapter.sft_losses)  # same SFT run
+    assert result.dpo_steps == math.ceil(len(PAIRS) / CONFIG.batch_size) * CONFIG.epochs
+    assert len(result.dpo_losses) == result.dpo_steps
+    assert all(math.isfinite(loss) for loss in result.dpo_losses)
+    assert result.dpo_losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+    assert result.trained_tokens > sft_adapter.trained_tokens
+
+    sft, dpo = adapter_weights(sft_adapter.adapter_dir), adapter_weights(result.adapter_dir)
+    assert sorted(dpo) == sorted(sft)  # only `default` was saved, no `ref` copy
+    assert not any(".ref." in name for name in dpo)
+    moved = max(float((dpo[name] - sft[name]).abs().max()) for name in sft)
+    assert moved > 10 * ATOL
+
+
+def test_adapter_loads_in_peft(sft_adapter: TrainResult, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        model = PeftModel.from_pretrained(base, str(sft_adapter.adapter_dir))
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_adapters_serve_in_vllm_and_change_greedy_output(
+    sft_adapter: TrainResult, dpo_adapter: TrainResult, vllm_engine
+) -> None:  # type: ignore[no-untyped-def]
+    requests = [GenerationRequest(answer_messages(k), max_tokens=6) for k in HELD_OUT]
+    base = [r.text.strip() for r in vllm_engine.generate(requests)]
+    tuned = [
+        r.text.strip() for r in vllm_engine.generate(requests, adapter=str(sft_adapter.adapter_dir))
+    ]
+    assert sum(t == TARGET for t in tuned) >= 0.8 * len(tuned), tuned
+    assert sum(b == TARGET for b in base) <= 0.5 * len(base), base
+    assert tuned != base
+    after_dpo = vllm_engine.generate(requests, adapter=str(dpo_adapter.adapter_dir))
+    assert len(after_dpo) == len(requests)
+
+
+def test_qlora_without_cuda_is_refused_before_loading(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "adapter"
+    config = CONFIG.model_copy(update={"qlora": True})
+    with pytest.raises(CotuneError, match="qlora needs a CUDA GPU"):
+        train_adapter(tiny_model_dir, ROWS, [], config, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_seed_same_rows_same_weights(
+    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")  # an earlier attempt's leftovers are replaced
+    again = train_adapter(tiny_model_dir, ROWS, [], CONFIG, out, seed=0)
+    _folder_is_clean(out)
+    assert again.sft_losses == pytest.approx(sft_adapter.sft_losses, abs=1e-4)
+    first, second = adapter_weights(sft_adapter.adapter_dir), adapter_weights(out)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=ATOL, rtol=0)
