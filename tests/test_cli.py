@@ -1,0 +1,108 @@
+"""The `cotune` command and the speed benchmark, in-process on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cotune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_eval_prints_the_score_and_writes_traces(
+    tiny_example: Path, vllm_engine: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "eval",
+            str(tiny_example / "system.yaml"),
+            str(tiny_example / "val.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--limit",
+            "10",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert summary["examples"] == 10 and 0.0 <= summary["score"] <= 1.0
+    traces = (tmp_path / "traces.jsonl").read_text().splitlines()
+    assert len(traces) == 10 and json.loads(traces[0])["spans"][0]["component"] == "query"
+    assert json.loads((tmp_path / "score.json").read_text()) == summary
+
+
+def test_eval_names_a_bad_system_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "system.yaml"
+    bad.write_text(
+        "name: s\ninputs: [q]\noutput: a\nmodels: {m: {path: x}}\ncomponents:\n"
+        "  - {name: ans, kind: llm, model: nope, reads: [q], writes: a, "
+        "prompt: '{q}'}\n"
+    )
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "x", "expected": "y"}\n')
+    assert main(["eval", str(bad), str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "component 'ans'" in err and "field 'model'" in err and "'nope'" in err
+
+
+def test_run_dry_run_prints_a_quote(tiny_example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = tiny_example / "quote-job.yaml"
+    job.write_text(
+        "system: system.yaml\n"
+        "data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}\n"
+        "judge: {model: tiny}\nloop: {epochs: 2, rollout_batch: 16}\n"
+    )
+    assert main(["run", str(job), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("rollout", "credit", "verify", "synthesize", "evaluate", "total"):
+        assert f"| {stage} |" in out
+    assert "judge calls" in out
+
+
+def test_run_refuses_a_bad_setting_naming_it(
+    tiny_example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = tiny_example / "bad-job.yaml"
+    job.write_text(
+        "system: system.yaml\ndata: {train: train.jsonl, val: val.jsonl}\nloop: {epochs: 0}\n"
+    )
+    assert main(["run", str(job), "--dry-run"]) == 1
+    assert "loop.epochs" in capsys.readouterr().err
+
+
+def test_speed_benchmark_prints_its_table(
+    tiny_example: Path, vllm_engine: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "speed.md"
+    assert (
+        speed.main(
+            [
+                "--system",
+                str(tiny_example / "system.yaml"),
+                "--data",
+                str(tiny_example / "train.jsonl"),
+                "--limit",
+                "8",
+                "--hf-batch",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    table = out.read_text()
+    assert "cotune runtime" in table and "raw vllm.LLM.chat" in table and "raw HF generate" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 3
