@@ -14,7 +14,18 @@ from cotune.errors import CotuneError
 REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and tables are the CLI's output; vLLM's and transformers' info logs drown
+    them. Users can turn them back on with VLLM_LOGGING_LEVEL / TRANSFORMERS_VERBOSITY."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -63,6 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last finished stage")
     run.add_argument("--dry-run", action="store_true", help="print a quote, run nothing")
     run.set_defaults(handler=cmd_run)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (with Celery, or --embedded)")
+    serve.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run jobs in this process (SQLite or PostgreSQL, no Redis)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (queues gpu and cpu)")
+    _add_worker_arguments(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (admin)")
+    keys_sub = keys.add_subparsers()
+    create = keys_sub.add_parser("create", help="create a key; it is printed once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name")
+    create.set_defaults(handler=cmd_keys_create)
+    klist = keys_sub.add_parser("list", help="list keys (never the secrets)")
+    klist.add_argument("--tenant")
+    klist.set_defaults(handler=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.add_argument("--tenant")
+    revoke.set_defaults(handler=cmd_keys_revoke)
 
     demo = sub.add_parser("demo", help="the first run: prepare SmolLM2 and train kb-qa on it")
     demo.add_argument("--tiny", action="store_true", help="a one-minute run on the tiny model")
@@ -147,6 +186,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cotune.embedded import run_job_cli
 
     return run_job_cli(args.job, out=args.out, resume=args.resume, dry_run=args.dry_run)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.api.app import serve
+
+    return serve(args.host, args.port, embedded=args.embedded)
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from workers.main import add_worker_arguments
+    except ImportError:  # the service extra is not installed; the command explains at run time
+        return
+    add_worker_arguments(parser)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_from_args
+
+    return run_from_args(args)
+
+
+def _accounts() -> Any:
+    from cotune.settings import get_settings
+    from cotune.store import JobStore
+    from cotune.store.accounts import AccountStore
+
+    settings = get_settings()
+    return AccountStore(JobStore(settings.database_url, auto_migrate=settings.should_migrate))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key_id, plaintext = _accounts().create_key(args.tenant, name=args.name)
+    print(json.dumps({"key_id": key_id, "tenant": args.tenant, "key": plaintext}))
+    print("store the key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    for key in _accounts().list_keys(args.tenant):
+        print(key.model_dump_json())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    revoked = _accounts().revoke_key(args.key_id, args.tenant)
+    if not revoked:
+        raise CotuneError(
+            f"no active key {args.key_id!r}"
+            + (f" for tenant {args.tenant!r}" if args.tenant else "")
+        )
+    print(f"revoked {args.key_id}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

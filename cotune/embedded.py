@@ -100,6 +100,21 @@ class _Bars:
             self.bar, self.stage = tqdm(total=total, desc=stage, unit="ex", leave=False), stage
         self.bar.update(done - self.bar.n)
 
+    def done(self, record: Any) -> None:
+        """One line per finished stage, so the log shows where the time went."""
+        from tqdm import tqdm
+
+        self.close()
+        once = record.stage.value in ("baseline", "test")
+        where = "job" if once else f"epoch {record.epoch}"
+        tqdm.write(
+            f"{where:>8} {record.stage.value:<10} {record.seconds:7.1f} s  "
+            f"{record.engine_calls} engine calls, {record.completion_tokens} tokens"
+            + (f", {record.judge_calls} judge calls" if record.judge_calls else "")
+            + (f", {record.trained_tokens} trained tokens" if record.trained_tokens else ""),
+            file=sys.stderr,
+        )
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

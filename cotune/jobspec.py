@@ -65,6 +65,11 @@ class LoopConfig(_Strict):
         le=16,
         description="re-sampled outputs per failing span when the judge proposes none",
     )
+    gold_candidates: bool = Field(
+        default=True,
+        description="propose the gold answer for the final writer when its own inputs "
+        "contain it (verified by replay like any candidate)",
+    )
     candidate_temperature: float = Field(default=0.8, gt=0.0, le=2.0)
     augment_rollouts: int = Field(
         default=2, ge=0, le=16, description="extra sampled rollouts to fill up to N samples"

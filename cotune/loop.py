@@ -12,8 +12,10 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,19 @@ class JobCancelled(Exception):
     pass
 
 
+class StageBusy(RuntimeError):
+    """Another worker holds the stage's lease (or took it over): this one must stop."""
+
+
+class StagePause(Exception):
+    """Raised before a new stage when the context's ``stage_limit`` is reached: a worker runs
+    one stage per task and re-enqueues the job; the next task resumes from the store."""
+
+    def __init__(self, epoch: int, stage: Stage) -> None:
+        super().__init__(f"paused before epoch {epoch} {stage.value}")
+        self.epoch, self.stage = epoch, stage
+
+
 @dataclass
 class JobContext:
     job_id: str
@@ -61,6 +76,12 @@ class JobContext:
     engines: dict[str, InferenceEngine] | None = None
     judge: InferenceEngine | None = None
     trainer: Callable[..., Any] | None = None
+    # What tools may reach (the service passes its http_search allow-list).
+    tools: ToolContext | None = None
+    on_stage_done: Callable[[StageRecord], None] | None = None
+    # Run at most this many new stages, then raise StagePause (None: run to the end).
+    stage_limit: int | None = None
+    stages_run: int = 0
     _splits: dict[str, list[Example]] = field(default_factory=dict)
 
     def split(self, name: str) -> list[Example]:
@@ -78,8 +99,8 @@ class JobContext:
 
     def runtime(self, adapter_keys: dict[str, str] | None = None) -> Runtime:
         adapters = {c: str(self.adapter_path(k)) for c, k in (adapter_keys or {}).items()}
+        tools = self.tools or ToolContext.for_system(self.job.system)
         if self.engines is not None:
-            tools = ToolContext.for_system(self.job.system)
             return Runtime(self.job.system, self.engines, tools, adapters)
         options = {
             "max_lora_rank": max(self.job.train.lora_r, 16),
@@ -91,6 +112,7 @@ class JobContext:
             self.job.system,
             engine=self.job.engine,
             adapters=adapters,
+            tools=tools,
             engine_options={**options, **self.engine_options},
         )
 
@@ -110,14 +132,15 @@ class JobContext:
 def run_job(ctx: JobContext) -> JobReport:
     """Run (or resume) a job to the end and return its report."""
     job = ctx.job
-    base = _stage(ctx, 0, Stage.baseline, evaluate_split, ctx, "val", {})
+    base = _stage(ctx, 0, Stage.baseline, baseline, ctx)
     best_val: float = base["score"]
     current: dict[str, str] = {}
-    ctx.event(f"base system scores {best_val:.3f} on val")
     stop_reason = None
     for epoch in range(1, job.loop.epochs + 1):
         try:
-            _check_cancel_and_budget(ctx)
+            _check_cancel(ctx)
+            if ctx.store.stage_done(ctx.job_id, epoch, Stage.rollout) is None:
+                _check_budget(ctx)  # only before new work: a resumed job keeps what it paid for
             traces = _stage(ctx, epoch, Stage.rollout, rollout, ctx, epoch, current)
             credit = _stage(ctx, epoch, Stage.credit, assign_credit, ctx, epoch, traces)
             checked = _stage(
@@ -141,6 +164,13 @@ def run_job(ctx: JobContext) -> JobReport:
 
 
 # -- stages -----------------------------------------------------------------------------------
+
+
+def baseline(ctx: JobContext) -> dict[str, Any]:
+    """The base system on val: the bar the first epoch must clear."""
+    result = evaluate_split(ctx, "val", {})
+    ctx.event(f"base system scores {result['score']:.3f} on val")
+    return result
 
 
 def rollout(ctx: JobContext, epoch: int, current: dict[str, str]) -> dict[str, Any]:
@@ -195,7 +225,7 @@ def verify_candidates(
     """Replay each proposal; keep those that raise the score. Without judge proposals for a
     trace, candidates come from re-sampling its trainable components."""
     from cotune.judge import JudgeOutcome
-    from cotune.verify import judge_proposals, resample_proposals, verify
+    from cotune.verify import gold_proposals, judge_proposals, resample_proposals, verify
 
     loop = ctx.job.loop
     traces = _traces(rollout_out)
@@ -203,7 +233,9 @@ def verify_candidates(
     outcomes = [JudgeOutcome.from_json(o) for o in credit["outcomes"]]
     runtime = ctx.runtime(current)
     proposals = judge_proposals(ctx.job.system, failed, outcomes)
-    proposed_for = {p.trace.trace_id for p in proposals}
+    if loop.gold_candidates:
+        proposals += gold_proposals(ctx.job.system, failed)
+    proposed_for = {p.trace.trace_id for p in proposals if p.source == "judge"}
     without = [t for t in failed if t.trace_id not in proposed_for]
     proposals += resample_proposals(
         runtime,
@@ -332,18 +364,25 @@ def train_components(
 def evaluate_epoch(
     ctx: JobContext, epoch: int, trained: dict[str, Any], best_val: float
 ) -> dict[str, Any]:
-    """Score the epoch's adapters on val; keep them if they are at least as good."""
+    """Score the epoch's adapters on val; keep them if they are at least as good. An epoch
+    that trained nothing has nothing new to keep."""
     result = evaluate_split(ctx, "val", trained["adapters"])
-    kept = result["score"] >= best_val
-    verdict = "kept" if kept else f"not kept (best so far {best_val:.3f})"
+    trained_any = any(c.get("trained") for c in trained["components"].values())
+    kept = trained_any and result["score"] >= best_val
+    if not trained_any:
+        verdict = "not kept (no component was trained)"
+    else:
+        verdict = "kept" if kept else f"not kept (best so far {best_val:.3f})"
     ctx.event(f"epoch {epoch}: val {result['score']:.3f}, {verdict}")
     return {**result, "kept": kept}
 
 
 def final_test(ctx: JobContext, current: dict[str, str]) -> dict[str, Any]:
     """The base system and the best epoch's adapters, once each, on test."""
+    if not current:
+        ctx.event("no epoch beat the base system: the result is the base system", "warning")
     if ctx.job.data.test is None:
-        return {"base": None, "best": None}
+        return {"base": None, "best": None, "adapters": current}
     base = evaluate_split(ctx, "test", {})
     best = evaluate_split(ctx, "test", current) if current else base
     return {
@@ -425,13 +464,17 @@ def _stage(ctx: JobContext, epoch: int, stage: Stage, run: Callable[..., Any], *
     key = _output_key(ctx, epoch, stage)
     if ctx.store.stage_done(ctx.job_id, epoch, stage) is not None:
         return ctx.artifacts.get_json(key)
+    if ctx.stage_limit is not None and ctx.stages_run >= ctx.stage_limit:
+        raise StagePause(epoch, stage)
+    ctx.stages_run += 1
     if not ctx.store.claim_stage(ctx.job_id, epoch, stage, ctx.owner, ctx.lease_seconds):
-        raise RuntimeError(f"stage {stage.value} of epoch {epoch} is held by another worker")
-    before = _engine_counters()
+        raise StageBusy(f"stage {stage.value} of epoch {epoch} is held by another worker")
+    before = _engine_counters(ctx)
     started = time.perf_counter()
-    output = run(*args)
+    with _heartbeat(ctx, epoch, stage):
+        output = run(*args)
     ctx.artifacts.put_json(key, output)
-    after = _engine_counters()
+    after = _engine_counters(ctx)
     record = StageRecord(
         epoch=epoch,
         stage=stage,
@@ -442,17 +485,45 @@ def _stage(ctx: JobContext, epoch: int, stage: Stage, run: Callable[..., Any], *
         judge_calls=int(output.get("judge_calls", 0)) if isinstance(output, dict) else 0,
         trained_tokens=int(output.get("trained_tokens", 0)) if isinstance(output, dict) else 0,
     )
-    ctx.store.finish_stage(ctx.job_id, epoch, stage, ctx.owner, record, key)
+    if not ctx.store.finish_stage(ctx.job_id, epoch, stage, ctx.owner, record, key):
+        # Our lease expired and another worker took the stage over: its result stands.
+        raise StageBusy(f"lost the lease on stage {stage.value} of epoch {epoch}")
+    if ctx.on_stage_done is not None:
+        ctx.on_stage_done(record)
     if epoch >= 1 and stage == Stage.evaluate:
         ctx.store.save_epoch(ctx.job_id, epoch_record(ctx, epoch))
     return output
 
 
-def _engine_counters() -> dict[str, int]:
+@contextmanager
+def _heartbeat(ctx: JobContext, epoch: int, stage: Stage) -> Iterator[None]:
+    """Renew the stage's lease every third of its length while it runs, so a live worker
+    keeps it and a dead one's lease expires and the stage is re-queued."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(ctx.lease_seconds / 3):
+            ctx.store.heartbeat(ctx.job_id, epoch, stage, ctx.owner, ctx.lease_seconds)
+
+    thread = threading.Thread(target=beat, name=f"lease-{ctx.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _engine_counters(ctx: JobContext) -> dict[str, int]:
+    """Counters of every engine this job may use: the process cache and injected ones."""
     from cotune.engines import _ENGINES
 
+    engines = {id(e): e for e in _ENGINES.values()}
+    for extra in [*(ctx.engines or {}).values(), ctx.judge]:
+        if extra is not None:
+            engines[id(extra)] = extra
     totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    for engine in _ENGINES.values():
+    for engine in engines.values():
         totals["calls"] += engine.stats.calls
         totals["prompt_tokens"] += engine.stats.prompt_tokens
         totals["completion_tokens"] += engine.stats.completion_tokens
@@ -472,9 +543,12 @@ def _judge_calls_left(ctx: JobContext) -> int | None:
     return None if limit is None else max(limit - _spent(ctx).judge_calls, 0)
 
 
-def _check_cancel_and_budget(ctx: JobContext) -> None:
+def _check_cancel(ctx: JobContext) -> None:
     if ctx.store.cancel_requested(ctx.job_id):
         raise JobCancelled("cancel requested")
+
+
+def _check_budget(ctx: JobContext) -> None:
     budget, spent = ctx.job.budget, _spent(ctx)
     if budget.max_generated_tokens is not None and (
         spent.completion_tokens >= budget.max_generated_tokens
@@ -545,8 +619,6 @@ def build_report(
     epochs = [r for r in ctx.store.epochs(ctx.job_id)]
     kept = [e.epoch for e in epochs if e.kept]
     best_epoch = kept[-1] if kept else None
-    if best_epoch is None:
-        ctx.event("no epoch beat the base system: the result is the base system", "warning")
     return JobReport(
         job_name=ctx.job.system.name,
         status="succeeded",

@@ -83,7 +83,7 @@ class Candidate(BaseModel):
     trace_id: str
     example_id: str
     component: str
-    source: str  # "judge" or "resample"
+    source: str  # "judge", "gold" (the final writer's own inputs held it) or "resample"
     proposed_output: Any
     original_output: Any
     original_score: float

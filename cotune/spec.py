@@ -288,7 +288,13 @@ def _check_component(
                     )
     else:
         llm_only = {"model", "prompt", "system", "trainable", "output", "max_tokens", "temperature"}
-        for key in sorted(llm_only & c.model_fields_set):
+        # Set *and* different from the default: a spec dumped with its defaults reloads.
+        given = {
+            k
+            for k in llm_only & c.model_fields_set
+            if getattr(c, k) != Component.model_fields[k].default
+        }
+        for key in sorted(given):
             raise SpecError(
                 f"{where}: field {key!r} belongs to llm components", param=f"{param}.{key}"
             )

@@ -8,6 +8,7 @@ are compared on their means. Without a judge, proposals come from re-sampling th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,32 @@ def judge_proposals(
                 component = system.component(span_id)
                 value, _ = parse_output(component, output)
                 proposals.append(Proposal(trace, span_id, value, "judge", critique))
+    return proposals
+
+
+def gold_proposals(system: SystemSpec, traces: Sequence[Trace]) -> list[Proposal]:
+    """For a trainable final writer whose own inputs contain a gold answer it failed to give,
+    propose that answer (as spelled in its inputs). The writer could have known it, so the
+    row teaches extraction, not hindsight; replay still has to confirm it."""
+    writer = system.writer_of(system.output)
+    if writer is None or not writer.is_trainable or writer.json_schema is not None:
+        return []
+    from cotune.runtime import render_value
+
+    proposals = []
+    for trace in traces:
+        if not trace.expected:
+            continue
+        span = trace.span(writer.name)
+        seen = " ".join(render_value(v) for v in span.inputs.values())
+        for gold in trace.expected:
+            # Whole words only: "red" inside "feredi" was never shown as an answer.
+            found = re.search(rf"(?<!\w){re.escape(gold.strip())}(?!\w)", seen, re.IGNORECASE)
+            if gold.strip() and found:
+                spelled = found.group(0)
+                if spelled != span.output:
+                    proposals.append(Proposal(trace, writer.name, spelled, "gold"))
+                break
     return proposals
 
 

@@ -106,3 +106,28 @@ def test_speed_benchmark_prints_its_table(
     assert "cotune runtime" in table and "raw vllm.LLM.chat" in table and "raw HF generate" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 3
+
+
+def test_keys_create_list_revoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cotune.settings import get_settings
+    from cotune.store import JobStore
+    from cotune.store.accounts import AccountStore
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    monkeypatch.setenv("COTUNE_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        assert main(["keys", "create", "--tenant", "acme", "--name", "ci"]) == 0
+        created = json.loads(capsys.readouterr().out)
+        accounts = AccountStore(JobStore(url))
+        assert accounts.verify_key(created["key"]) is not None
+        assert main(["keys", "list", "--tenant", "acme"]) == 0
+        listed = capsys.readouterr().out
+        assert created["key_id"] in listed and created["key"] not in listed
+        assert main(["keys", "revoke", created["key_id"]]) == 0
+        assert accounts.verify_key(created["key"]) is None
+        assert main(["keys", "revoke", created["key_id"]]) == 1
+    finally:
+        get_settings.cache_clear()

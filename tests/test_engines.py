@@ -110,6 +110,7 @@ def vllm_server(
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     env = dict(os.environ)
+    env["VLLM_LOGGING_LEVEL"] = "INFO"  # the test reads the server's log
     env.update(
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -363,3 +364,26 @@ def test_openai_wrong_port_raises_after_retries_without_the_key() -> None:
     assert url in message and "3 attempts" in message
     assert API_KEY not in message and API_KEY not in repr(engine)
     assert API_KEY not in repr(caught.value.__cause__ or "")
+
+
+def test_transformers_engine_runs_the_same_system(
+    hf_engine: TransformersEngine, tiny_example: Path, vllm_engine: Any
+) -> None:
+    """The tiny-kb system on HF generate: same spans, and greedy outputs equal vLLM's."""
+    from cotune.data import load_examples
+    from cotune.runtime import Runtime, mean_score, score_traces
+    from cotune.spec import load_system
+    from cotune.tools import ToolContext
+
+    system = load_system(tiny_example / "system.yaml")
+    examples = load_examples(tiny_example / "val.jsonl", system)[:8]
+    tools = ToolContext.for_system(system)
+    hf_traces = Runtime(system, {"tiny": hf_engine}, tools).run(examples)
+    vllm_traces = Runtime(system, {"tiny": vllm_engine}, tools).run(examples)
+    score_traces(system, hf_traces)
+    assert [[s.component for s in t.spans] for t in hf_traces] == [
+        ["query", "search", "answer"]
+    ] * 8
+    assert all(t.spans[0].model == hf_engine.model_id for t in hf_traces)
+    assert 0.0 <= mean_score(hf_traces) <= 1.0
+    assert [t.output for t in hf_traces] == [t.output for t in vllm_traces]

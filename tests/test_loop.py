@@ -148,3 +148,29 @@ def test_resume_does_not_redo_finished_stages(
         assert ours.keys() == theirs.keys()
         for name in ours:  # same seeds, rows and thread count: equal within 1e-5
             assert abs(ours[name] - theirs[name]).max() <= 1e-5, name
+
+
+def test_one_stage_per_call_reaches_the_same_result(
+    tiny_job: JobSpec, finished: tuple[Path, JobReport], tmp_path: Path
+) -> None:
+    """How workers drive a job: each call runs one new stage and pauses before the next."""
+    from cotune.embedded import open_output
+    from cotune.loop import JobContext, StagePause, run_job
+
+    store, artifacts, job_id = open_output(tmp_path, tiny_job, resume=False)
+    paused_at = []
+    while True:
+        ctx = JobContext(
+            job_id=job_id, job=tiny_job, store=store, artifacts=artifacts, stage_limit=1
+        )
+        try:
+            report = run_job(ctx)
+            break
+        except StagePause as pause:
+            paused_at.append((pause.epoch, pause.stage.value))
+    assert paused_at[:3] == [(1, "rollout"), (1, "credit"), (1, "verify")]
+    assert len(paused_at) == 13  # baseline + 2 epochs x 6 stages + test = 14 stages
+    assert all(s.attempts == 1 for s in store.stage_states(job_id))
+    _, uninterrupted = finished
+    assert report.best_val_score == uninterrupted.best_val_score
+    assert report.test_score == uninterrupted.test_score

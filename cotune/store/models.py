@@ -10,7 +10,7 @@ The schema is created by the Alembic revisions in ``cotune/store/migrations`` (n
 - Rows that belong to a job reference ``jobs.id`` with ``ON DELETE CASCADE`` (SQLite enforces
   it with ``PRAGMA foreign_keys=ON``, which the store sets; ``JobStore.delete_job`` also deletes
   the children explicitly).
-- ``tenants``, ``api_keys`` and ``files`` come with a later revision.
+- ``tenants``, ``api_keys`` and ``files`` come with revision 0002 (appended at the end).
 """
 
 from __future__ import annotations
@@ -193,3 +193,61 @@ class ArtifactRow(Base):
 
     # A stage that runs twice records its artifact once.
     __table_args__ = (UniqueConstraint("job_id", "key"),)
+
+
+# --------------------------------------------------------------------------- accounts (0002)
+
+
+class Tenant(Base):
+    """A customer: owns API keys, files and jobs (``jobs.tenant_id``). The limits override the
+    server's per-tenant defaults when set."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """An API key: only a salted hash of its secret is stored (``cotune.store.accounts``)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # key-<hex>
+    tenant_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str | None] = mapped_column(String(255))
+    salt: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class FileRow(Base):
+    """An uploaded data file or corpus, checked at upload; its bytes live in the artifact
+    store under ``key``. ``fields``: how many rows hold each field (non-null)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-<hex>
+    tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(16))  # "data" or "corpus"
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(1024))
+    rows: Mapped[int] = mapped_column(Integer)
+    fields: Mapped[dict[str, Any]] = mapped_column(JSON())
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        # One file per (tenant, key); NULL keys (no Idempotency-Key) never collide.
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_files_tenant_created", tenant_id, created_at, id),
+    )

@@ -1,0 +1,267 @@
+"""Test doubles for logic tests of the loop (DESIGN.md §8: doubles only where a test is about
+the logic around them, and named as such).
+
+- ``ScriptedEngine`` answers the tiny-kb prompts by rule, without a model.
+- ``ScriptedJudge`` answers judge prompts with verdicts built by a rule, without a model.
+- ``FakeTrainer`` stands in for ``cotune.training.train_adapter``: it writes a small PEFT-shaped
+  folder and records the rows it was given, without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
+from cotune.jobspec import TrainConfig
+from cotune.tiny import COLORS
+from cotune.training import DPOPair, SFTRow, TrainResult
+
+GARBAGE_QUERY = "nothing useful"
+UNKNOWN = "unknown"
+QUESTION = re.compile(r"what is the color of (\w+)\?")
+FIRST_PASSAGE = re.compile(r"^1\. the color of (\w+) is (\w+)\.", re.MULTILINE)
+GOLD = re.compile(r"^Gold answer\(s\) \(metric [^)]*\): (.+)$", re.MULTILINE)
+
+
+def question_key(text: str) -> str:
+    """The key a tiny-kb question (or a prompt holding one) asks about."""
+    match = QUESTION.search(text)
+    assert match is not None, f"no tiny-kb question in {text!r}"
+    return match.group(1)
+
+
+def is_hard(key: str) -> bool:
+    """Keys the base query writer gets wrong: about half of them, fixed by a stable hash."""
+    return zlib.crc32(key.encode()) % 2 == 0
+
+
+def adapter_epoch(adapter: str | None) -> int | None:
+    """The epoch an adapter key or path was trained in (``.../epoch-3/adapters/query``)."""
+    if adapter is None:
+        return None
+    match = re.search(r"epoch-(\d+)/adapters/", adapter)
+    return int(match.group(1)) if match else None
+
+
+QueryRule = Callable[[str, str | None], bool]  # (key, adapter) -> the query comes out right
+AnswerRule = Callable[[str | None], bool]  # adapter -> the answer writer answers wrong
+
+
+@dataclass
+class EngineCall:
+    component: str
+    adapter: str | None
+    temperature: float
+    keys: list[str]
+
+
+class ScriptedEngine:
+    """Test double for an ``InferenceEngine`` on the tiny-kb task: answers by rule, no model.
+
+    - The query writer ("Write a search query for: ...") returns ``color of <key>`` when
+      ``query_ok(key, adapter)`` holds (by default: the key is not ``is_hard``), else the
+      garbage query ``nothing useful`` (no corpus term: bm25 then returns no passage).
+    - The answer writer ("Passages: ...") returns the colour in passage 1 (``unknown`` when
+      there is none), or ``wrong`` when ``answer_wrong(adapter)`` holds.
+    - Sampled requests (temperature > 0 with a seed) stand for re-sampling: the query writer is
+      right for even seeds and writes ``junk <seed>`` for odd ones; the answer writer names the
+      colour ``COLORS[seed % len(COLORS)]`` when the seed is a multiple of 3, else reads
+      passage 1 as usual.
+
+    Every ``generate`` call is kept in ``calls``; ``stats`` counts them as an engine would.
+    """
+
+    kind = "vllm"
+    model_id = "scripted-tiny"
+
+    def __init__(
+        self,
+        query_ok: QueryRule | None = None,
+        answer_wrong: AnswerRule | None = None,
+    ) -> None:
+        self.query_ok: QueryRule = query_ok or (lambda key, adapter: not is_hard(key))
+        self.answer_wrong: AnswerRule = answer_wrong or (lambda adapter: False)
+        self.stats = EngineStats()
+        self.calls: list[EngineCall] = []
+
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def generate(
+        self, requests: list[GenerationRequest], adapter: str | None = None
+    ) -> list[GenerationResult]:
+        texts = []
+        component = "?"
+        keys = []
+        for request in requests:
+            prompt = request.messages[-1]["content"]
+            key = question_key(prompt)
+            keys.append(key)
+            sampled = request.temperature > 0 and request.seed is not None
+            if prompt.startswith("Write a search query for:"):
+                component = "query"
+                if sampled:
+                    assert request.seed is not None
+                    ok = request.seed % 2 == 0
+                    texts.append(f"color of {key}" if ok else f"junk {request.seed}")
+                else:
+                    ok = self.query_ok(key, adapter)
+                    texts.append(f"color of {key}" if ok else GARBAGE_QUERY)
+            elif prompt.startswith("Passages:"):
+                component = "answer"
+                if sampled and request.seed is not None and request.seed % 3 == 0:
+                    texts.append(COLORS[request.seed % len(COLORS)])
+                elif self.answer_wrong(adapter):
+                    texts.append("wrong")
+                else:
+                    first = FIRST_PASSAGE.search(prompt)
+                    texts.append(first.group(2) if first else UNKNOWN)
+            else:
+                raise AssertionError(f"ScriptedEngine got an unknown prompt: {prompt!r}")
+        self.calls.append(EngineCall(component, adapter, requests[0].temperature, keys))
+        results = [
+            GenerationResult(text=t, prompt_tokens=7, completion_tokens=3, finish_reason="stop")
+            for t in texts
+        ]
+        self.stats.add(results, 0.0)
+        return results
+
+
+# (key, gold, sample index of this trace's request in the batch) -> critiques
+Proposer = Callable[[str, str, int], list[dict[str, Any]]]
+
+
+def critique(
+    span: str, should_have_output: str | None, text: str, blame: float = 0.9
+) -> dict[str, Any]:
+    return {
+        "span_id": span,
+        "component": span,
+        "error_type": "wrong_content",
+        "critique": text,
+        "should_have_output": should_have_output,
+        "blame": blame,
+        "confidence": 0.8,
+    }
+
+
+class ScriptedJudge:
+    """Test double for the judge's engine: builds each verdict with ``propose`` (from the key
+    and the gold answer it reads in the judge prompt, and the sample's index among this
+    trace's requests in the batch), returns it as JSON. Keeps every request in ``requests``.
+    """
+
+    kind = "vllm"
+    model_id = "scripted-judge"
+
+    def __init__(self, propose: Proposer) -> None:
+        self.propose = propose
+        self.stats = EngineStats()
+        self.requests: list[GenerationRequest] = []
+
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def generate(
+        self, requests: list[GenerationRequest], adapter: str | None = None
+    ) -> list[GenerationResult]:
+        assert adapter is None, "the judge runs on its base model"
+        self.requests.extend(requests)
+        seen: dict[str, int] = {}
+        texts = []
+        for request in requests:
+            prompt = request.messages[-1]["content"]
+            key = question_key(prompt)
+            gold_match = GOLD.search(prompt)
+            gold = gold_match.group(1).strip() if gold_match else ""
+            index = seen.get(key, 0)
+            seen[key] = index + 1
+            components = self.propose(key, gold, index)
+            verdict = {
+                "system_correct": False,
+                "failure_summary": "scripted verdict",
+                "components": components,
+                "decisive_span_id": components[0]["span_id"] if components else None,
+            }
+            texts.append(json.dumps(verdict))
+        results = [
+            GenerationResult(text=t, prompt_tokens=50, completion_tokens=40, finish_reason="stop")
+            for t in texts
+        ]
+        self.stats.add(results, 0.0)
+        return results
+
+
+@dataclass
+class TrainCall:
+    component: str
+    seed: int
+    rows: list[SFTRow]
+    pairs: list[DPOPair]
+
+
+class TrainerCrash(RuntimeError):
+    pass
+
+
+@dataclass
+class FakeTrainer:
+    """Test double for ``cotune.training.train_adapter`` (same signature): trains nothing,
+    writes ``adapter_config.json`` and a small ``adapter_model.safetensors`` (safetensors, no
+    pickle) and records every call in ``calls``. ``crash_on_call`` (1-based) raises
+    ``TrainerCrash`` once, on that call, before writing anything.
+    """
+
+    crash_on_call: int | None = None
+    calls: list[TrainCall] = field(default_factory=list)
+    attempts: int = 0
+
+    def __call__(
+        self,
+        base_model: Path,
+        sft_rows: list[SFTRow],
+        dpo_pairs: list[DPOPair],
+        config: TrainConfig,
+        out_dir: Path,
+        *,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> TrainResult:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        self.attempts += 1
+        if self.crash_on_call is not None and self.attempts == self.crash_on_call:
+            raise TrainerCrash(f"FakeTrainer crashes on call {self.attempts}")
+        assert (Path(base_model) / "config.json").is_file()
+        assert sft_rows, "the loop never trains a component without rows"
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": config.lora_r, "lora_alpha": config.lora_alpha})
+        )
+        weights = {
+            "base_model.model.layers.0.q_proj.lora_A.weight": np.full(
+                (config.lora_r, 4), float(len(sft_rows)), dtype=np.float32
+            ),
+            "base_model.model.layers.0.q_proj.lora_B.weight": np.full(
+                (4, config.lora_r), float(seed), dtype=np.float32
+            ),
+        }
+        save_file(weights, str(out_dir / "adapter_model.safetensors"))
+        self.calls.append(TrainCall(out_dir.name, seed, list(sft_rows), list(dpo_pairs)))
+        return TrainResult(
+            adapter_dir=out_dir,
+            sft_losses=[1.0, 0.5],
+            dpo_losses=[0.7] if dpo_pairs else [],
+            sft_steps=2,
+            dpo_steps=1 if dpo_pairs else 0,
+            trained_tokens=10 * len(sft_rows) + 20 * len(dpo_pairs),
+            seconds=0.0,
+        )

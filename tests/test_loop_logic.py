@@ -1,0 +1,716 @@
+"""Logic tests of the epoch loop with test doubles (no model, no vLLM, no TRL).
+
+The job is the real tiny-kb task (real spec, data, bm25 tool, metric, job store and artifact
+store); only the seams of ``JobContext`` are doubles: ``ScriptedEngine`` answers the prompts by
+rule, ``ScriptedJudge`` writes verdicts by rule, ``FakeTrainer`` writes adapter-shaped folders
+(see ``tests/doubles.py``). Each test scripts what the doubles do and checks what the loop
+makes of it: which candidates are accepted, what reaches the training rows, which epoch is kept,
+what a crash and a resume leave behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from doubles import (
+    GARBAGE_QUERY,
+    EngineCall,
+    FakeTrainer,
+    ScriptedEngine,
+    ScriptedJudge,
+    TrainerCrash,
+    adapter_epoch,
+    critique,
+    is_hard,
+    question_key,
+)
+
+from cotune.data import load_examples
+from cotune.jobspec import JobSpec, parse_job
+from cotune.loop import JobContext, StagePause, run_job
+from cotune.records import EPOCH_STAGES, JobReport, Stage
+from cotune.runtime import Runtime, Trace, score_traces
+from cotune.store import ArtifactStore, JobStore, migrate
+from cotune.synthesis import Buffer, check_sources
+from cotune.tiny import make_world, write_tiny_example
+from cotune.tools import ToolContext
+from cotune.verify import Proposal, verify
+
+MARKER = "CRITIQUE-MARKER-7f3a"
+FACTS = make_world().facts  # the world write_tiny_example(seed=0) writes: key -> colour
+SPLITS = (24, 12, 12)
+
+
+# -- building a job ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that resolves as a model (config.json); no model is ever loaded from it."""
+    folder = tmp_path_factory.mktemp("dummy-model")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def example_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    return write_tiny_example(
+        tmp_path_factory.mktemp("tiny-kb"), splits=SPLITS, model_path=str(model_dir)
+    )
+
+
+def make_job(
+    folder: Path,
+    *,
+    judge: bool = True,
+    test: bool = True,
+    loop: dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+) -> JobSpec:
+    data: dict[str, Any] = {"train": "train.jsonl", "val": "val.jsonl"}
+    if test:
+        data["test"] = "test.jsonl"
+    spec: dict[str, Any] = {
+        "system": "system.yaml",
+        "data": data,
+        "loop": {
+            "epochs": 1,
+            "rollout_batch": 12,
+            "samples_per_component": 8,
+            "judge_samples": 1,
+            "seed": 0,
+            **(loop or {}),
+        },
+        "train": {"lora_r": 4, "lora_alpha": 8},
+    }
+    if judge:
+        spec["judge"] = {"model": "tiny"}
+    if budget is not None:
+        spec["budget"] = budget
+    return parse_job(spec, base_dir=folder)
+
+
+def split_keys(folder: Path, split: str) -> list[str]:
+    rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+    return [question_key(r["question"]) for r in rows]
+
+
+def split_ids(folder: Path, split: str) -> set[str]:
+    return {json.loads(line)["id"] for line in (folder / f"{split}.jsonl").read_text().splitlines()}
+
+
+@dataclass
+class Harness:
+    """One job in its own SQLite store and artifact folder, with its doubles; ``calls`` maps
+    each stage run here to the engine calls made during it (from ``on_stage_done``)."""
+
+    job: JobSpec
+    store: JobStore
+    artifacts: ArtifactStore
+    job_id: str
+    engine: ScriptedEngine
+    judge: ScriptedJudge | None
+    trainer: FakeTrainer
+    calls: dict[tuple[int, str], list[EngineCall]] = field(default_factory=dict)
+    judge_requests: dict[tuple[int, str], int] = field(default_factory=dict)
+    _seen: tuple[int, int] = (0, 0)
+
+    def context(self, **kwargs: Any) -> JobContext:
+        return JobContext(
+            job_id=self.job_id,
+            job=self.job,
+            store=self.store,
+            artifacts=self.artifacts,
+            engines={"tiny": self.engine},
+            judge=self.judge,
+            trainer=self.trainer,
+            on_stage_done=self._stage_done,
+            **kwargs,
+        )
+
+    def run(self) -> JobReport:
+        return run_job(self.context())
+
+    def _stage_done(self, record: Any) -> None:
+        engine_seen, judge_seen = self._seen
+        judged = len(self.judge.requests) if self.judge else 0
+        key = (record.epoch, record.stage.value)
+        self.calls[key] = self.engine.calls[engine_seen:]
+        self.judge_requests[key] = judged - judge_seen
+        self._seen = (len(self.engine.calls), judged)
+
+    def output(self, epoch: int, stage: Stage) -> Any:
+        return self.artifacts.get_json(f"{self.job_id}/epoch-{epoch}/{stage.value}.json")
+
+    def messages(self) -> list[str]:
+        return [e.message for e in self.store.events(self.job_id, limit=1000)]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    stores: list[JobStore] = []
+
+    def make(
+        job: JobSpec,
+        *,
+        engine: ScriptedEngine | None = None,
+        judge: ScriptedJudge | None = None,
+        trainer: FakeTrainer | None = None,
+        root: Path | None = None,
+        job_id: str | None = None,
+    ) -> Harness:
+        root = root or tmp_path / f"run-{len(stores)}"
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{root}/db"
+        migrate(url)
+        store = JobStore(url)
+        stores.append(store)
+        if job_id is None:
+            job_id = store.create_job(job.system.name, job.model_dump(mode="json"))
+        return Harness(
+            job=job,
+            store=store,
+            artifacts=ArtifactStore(str(root / "artifacts")),
+            job_id=job_id,
+            engine=engine or ScriptedEngine(),
+            judge=judge,
+            trainer=trainer or FakeTrainer(),
+        )
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def fix_query(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+    """The judge blames the query writer and proposes the right query."""
+    return [critique("query", f"color of {key}", f"{MARKER}: search for the key")]
+
+
+def word_in(word: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
+# -- 1. verification --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replays", [1, 3])
+def test_verify_accepts_only_the_candidates_that_raise_the_score(
+    example_dir: Path, replays: int
+) -> None:
+    job = make_job(example_dir)
+    runtime = Runtime(job.system, {"tiny": ScriptedEngine()}, ToolContext.for_system(job.system))
+    examples = load_examples(example_dir / "train.jsonl", job.system)
+    traces = runtime.run(examples)
+    score_traces(job.system, traces)
+    failed = [t for t in traces if not t.passed]
+    assert failed and len(failed) < len(traces), "the script passes some and fails some"
+    assert all(t.span("query").output == GARBAGE_QUERY for t in failed)
+
+    proposals = []
+    for trace in failed:
+        key = question_key(trace.inputs["question"])
+        proposals.append(Proposal(trace, "query", f"color of {key}", "judge", "right"))
+        proposals.append(Proposal(trace, "query", "still nothing useful", "judge", "useless"))
+    candidates, replayed = verify(runtime, proposals, epoch=1, replays=replays, seed=5)
+
+    assert len(candidates) == len(proposals)
+    for candidate, proposal in zip(candidates, proposals, strict=True):
+        assert candidate.original_score == 0.0
+        assert len(candidate.replay_scores) == replays
+        assert candidate.accepted == (proposal.critique == "right"), candidate
+        assert candidate.accepted == (min(candidate.replay_scores) > candidate.original_score)
+        if replays > 1:  # seeded replays of the unmodified span are the reference
+            assert candidate.baseline_scores == [0.0] * replays
+    for index, candidate in enumerate(candidates):
+        assert replayed[index].replay_of == candidate.trace_id
+        assert replayed[index].passed == candidate.accepted
+
+
+def test_every_candidate_is_stored_with_its_replay_scores(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    def right_then_useless(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        proposed = f"color of {key}" if index == 0 else "still nothing useful"
+        return [critique("query", proposed, f"{MARKER} sample {index}")]
+
+    run = harness(
+        make_job(example_dir, loop={"judge_samples": 2}), judge=ScriptedJudge(right_then_useless)
+    )
+    run.run()
+    failed = [t for t in run.output(1, Stage.rollout)["traces"] if not t["passed"]]
+    assert failed
+
+    stored = run.store.candidates(run.job_id)
+    assert len(stored) == 2 * len(failed)  # every proposal, accepted or not
+    assert {c.trace_id for c in stored} == {t["trace_id"] for t in failed}
+    for candidate in stored:
+        assert candidate.source == "judge" and candidate.epoch == 1
+        assert candidate.replay_scores, "the replay result is stored with the candidate"
+        right = candidate.proposed_output.startswith("color of ")
+        assert candidate.accepted == right
+        assert candidate.replay_scores == ([1.0] if right else [0.0])
+        assert candidate.original_output == GARBAGE_QUERY and candidate.original_score == 0.0
+    assert len(run.store.candidates(run.job_id, accepted=True)) == len(failed)
+    checked = run.output(1, Stage.verify)["candidates"]
+    assert [c["proposed_output"] for c in checked] == [c.proposed_output for c in stored]
+    [record] = run.store.epochs(run.job_id)
+    query = next(c for c in record.components if c.component == "query")
+    assert (query.candidates_proposed, query.candidates_verified) == (2 * len(failed), len(failed))
+
+
+# -- 2. judge-free fallback -------------------------------------------------------------------
+
+
+def test_without_a_judge_candidates_come_from_resampling(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    run = harness(make_job(example_dir, judge=False, loop={"augment_rollouts": 0}))
+    run.run()
+    assert run.judge is None
+
+    stored = run.store.candidates(run.job_id)
+    assert stored and {c.source for c in stored} == {"resample"}
+    accepted = [c for c in stored if c.accepted]
+    assert accepted and len(accepted) < len(stored)  # odd seeds sample junk queries
+    assert any(c.component == "query" for c in accepted)
+    # re-sampling ran at the candidate temperature, seeded
+    sampled = [c for c in run.calls[(1, "verify")] if c.temperature > 0]
+    assert sampled and all(c.temperature == run.job.loop.candidate_temperature for c in sampled)
+
+    buffer = Buffer.from_json(run.output(1, Stage.synthesize)["buffer"])
+    corrections = [r for r in buffer.sft["query"] if r.source == "correction"]
+    assert corrections
+    assert all(r.completion.startswith("color of ") for r in corrections)
+    trained = {c.component: c for c in run.trainer.calls}
+    assert any(r.source == "correction" for r in trained["query"].rows)
+    assert trained["query"].pairs, "a verified correction also gives a DPO pair"
+
+
+# -- 3. no leaks ------------------------------------------------------------------------------
+
+
+def test_no_critique_no_unseen_gold_and_no_val_or_test_example_reaches_training(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    def leaky_then_right(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        # Sample 0 proposes a query that works only because it states the gold colour (the
+        # query writer never sees it); sample 1 proposes the honest fix.
+        proposed = f"color of {key} {gold}" if index == 0 else f"color of {key}"
+        return [critique("query", proposed, f"{MARKER} the query should name {gold}")]
+
+    job = make_job(
+        example_dir,
+        loop={"epochs": 2, "judge_samples": 2, "samples_per_component": 100, "augment_rollouts": 1},
+    )
+    run = harness(job, judge=ScriptedJudge(leaky_then_right))
+    run.run()
+
+    # The judge did write the marker and the leaky fix, and replay accepted the leaky fix ...
+    stored = run.store.candidates(run.job_id)
+    assert all(MARKER in (c.critique or "") for c in stored if c.source == "judge")
+    leaky = [
+        c
+        for c in stored
+        if c.accepted and c.proposed_output.endswith(" " + FACTS[c.proposed_output.split()[2]])
+    ]
+    assert leaky, "the leaky fix raises the score, so only synthesis can keep it out"
+
+    # ... but no training row or pair holds a critique, or a gold the query writer did not see.
+    train_keys = set(split_keys(example_dir, "train"))
+    for epoch in (1, 2):
+        buffer = Buffer.from_json(run.output(epoch, Stage.synthesize)["buffer"])
+        assert {r.source for r in buffer.sft["query"]} >= {"bootstrap", "correction", "augment"}
+        for component, rows in buffer.sft.items():
+            for row in rows:
+                text = json.dumps(row.messages) + row.completion
+                assert MARKER not in text
+                key = question_key(row.messages[-1]["content"])
+                assert key in train_keys, f"{component} row of a non-train example: {key}"
+                if component == "query":
+                    gold = FACTS[key]
+                    assert not word_in(gold, row.messages[-1]["content"]), row
+                    assert not word_in(gold, row.completion), row
+        for component, pairs in buffer.dpo.items():
+            for pair in pairs:
+                assert MARKER not in json.dumps(pair.messages) + pair.chosen + pair.rejected
+                if component == "query":
+                    gold = FACTS[question_key(pair.messages[-1]["content"])]
+                    assert not word_in(gold, pair.chosen)
+    for call in run.trainer.calls:  # what the trainer got is what the buffer held
+        for row in call.rows:
+            assert MARKER not in json.dumps(row.messages) + row.completion
+
+    # Only train examples were rolled out, replayed and proposed for.
+    train_ids = split_ids(example_dir, "train")
+    for epoch in (1, 2):
+        assert {t["example_id"] for t in run.output(epoch, Stage.rollout)["traces"]} <= train_ids
+        replays = run.output(epoch, Stage.verify)["replays"].values()
+        assert {t["example_id"] for t in replays} <= train_ids
+    assert {c.example_id for c in stored} <= train_ids
+
+
+def test_check_sources_refuses_a_val_or_test_trace(example_dir: Path) -> None:
+    train_ids = split_ids(example_dir, "train")
+    check_sources([Trace(trace_id="t", example_id=sorted(train_ids)[0], inputs={})], train_ids)
+    for split in ("val", "test"):
+        outsider = sorted(split_ids(example_dir, split))[0]
+        traces = [
+            Trace(trace_id="t1", example_id=sorted(train_ids)[0], inputs={}),
+            Trace(trace_id="t2", example_id=outsider, inputs={}),
+        ]
+        with pytest.raises(ValueError, match=rf"{outsider}.*not a train example"):
+            check_sources(traces, train_ids)
+
+
+def test_a_gold_inside_another_word_is_not_a_gold_candidate(example_dir: Path) -> None:
+    from cotune.runtime import Span
+    from cotune.verify import gold_proposals
+
+    job = make_job(example_dir)
+    question = "what is the color of feredi?"
+    spans = [
+        Span(
+            span_id="query",
+            component="query",
+            kind="llm",
+            writes="query",
+            inputs={"question": question},
+            output=GARBAGE_QUERY,
+        ),
+        Span(
+            span_id="search",
+            component="search",
+            kind="tool",
+            writes="passages",
+            inputs={"query": GARBAGE_QUERY},
+            output=[],
+        ),
+        Span(
+            span_id="answer",
+            component="answer",
+            kind="llm",
+            writes="answer",
+            inputs={"question": question, "passages": []},
+            output="unknown",
+        ),
+    ]
+    trace = Trace(
+        trace_id="t",
+        example_id="q0",
+        inputs={"question": question},
+        expected=["red"],
+        spans=spans,
+        output="unknown",
+        score=0.0,
+        passed=False,
+    )
+    assert gold_proposals(job.system, [trace]) == []
+
+
+# -- 4. the best epoch ------------------------------------------------------------------------
+
+
+def scripted_val_sequence(key: str, adapter: str | None) -> bool:
+    """Base: the hard keys fail. Epoch-1 adapters: all right; epoch 2: all wrong; epoch 3: all
+    right again (val 1.0, 0.0, 1.0)."""
+    epoch = adapter_epoch(adapter)
+    if epoch is None:
+        return not is_hard(key)
+    return epoch != 2
+
+
+def test_best_epoch_is_the_last_one_at_least_as_good_as_the_best(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    assert any(is_hard(k) for k in split_keys(example_dir, "val"))  # the base is below 1.0
+    job = make_job(example_dir, loop={"epochs": 3})
+    run = harness(
+        job, engine=ScriptedEngine(query_ok=scripted_val_sequence), judge=ScriptedJudge(fix_query)
+    )
+    report = run.run()
+
+    assert report.base_val_score is not None and report.base_val_score < 1.0
+    assert [e.val_score for e in report.epochs] == [1.0, 0.0, 1.0]
+    assert [e.kept for e in report.epochs] == [True, False, True]  # a tie is kept
+    assert report.best_epoch == 3
+    assert report.best_val_score == 1.0
+    assert {c: adapter_epoch(k) for c, k in report.adapters.items()} == {"query": 3, "answer": 3}
+    assert any("epoch 2: val 0.000, not kept" in m for m in run.messages())
+
+    def adapters_used(epoch: int, stage: Stage) -> set[tuple[str, int | None]]:
+        traces = run.output(epoch, stage)["traces"]
+        return {
+            (s["component"], adapter_epoch(s["adapter"]))
+            for t in traces
+            for s in t["spans"]
+            if s["kind"] == "llm"
+        }
+
+    assert adapters_used(1, Stage.rollout) == {("query", None), ("answer", None)}
+    # epoch 2 was not kept: epoch 3 rolls out with epoch 1's adapters
+    for epoch in (2, 3):
+        assert adapters_used(epoch, Stage.rollout) == {("query", 1), ("answer", 1)}
+    assert {adapter_epoch(c.adapter) for c in run.calls[(3, "rollout")]} == {1}
+    # the final test evaluates the base and then the best epoch's adapters
+    test_adapters = [adapter_epoch(c.adapter) for c in run.calls[(4, "test")]]
+    assert set(test_adapters) == {None, 3}
+    assert report.test_score == 1.0 and report.base_test_score is not None
+    assert report.base_test_score < 1.0
+
+
+# -- 5. edge outcomes -------------------------------------------------------------------------
+
+
+def test_a_component_without_samples_is_not_trained(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    def blame_both_fix_answer(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        return [
+            critique("query", None, f"{MARKER} wrong query, no fix offered"),
+            critique("answer", gold, f"{MARKER} should have said {gold}", blame=0.5),
+        ]
+
+    job = make_job(example_dir, loop={"resample_candidates": 0, "augment_rollouts": 0})
+    run = harness(
+        job,
+        engine=ScriptedEngine(query_ok=lambda key, adapter: False),  # no trace ever passes
+        judge=ScriptedJudge(blame_both_fix_answer),
+    )
+    report = run.run()
+
+    assert run.output(1, Stage.rollout)["score"] == 0.0
+    counts = run.output(1, Stage.synthesize)["counts"]
+    assert "query" not in counts and counts["answer"]["samples"] > 0
+    assert [c.component for c in run.trainer.calls] == ["answer"]
+    events = run.store.events(run.job_id, limit=1000)
+    skipped = [e for e in events if e.message == "epoch 1: query not trained: no samples"]
+    assert len(skipped) == 1 and skipped[0].level == "warning"
+    [record] = report.epochs
+    by_name = {c.component: c for c in record.components}
+    assert not by_name["query"].trained and by_name["query"].skipped_reason == "no samples"
+    assert by_name["query"].adapter is None and by_name["query"].samples == 0
+    assert by_name["answer"].trained and by_name["answer"].adapter is not None
+
+
+def test_no_epoch_kept_means_the_base_system(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    job = make_job(example_dir, loop={"epochs": 2})
+    engine = ScriptedEngine(answer_wrong=lambda adapter: adapter is not None)
+    run = harness(job, engine=engine, judge=ScriptedJudge(fix_query))
+    report = run.run()
+
+    assert report.base_val_score is not None and report.base_val_score > 0.0
+    assert [e.kept for e in report.epochs] == [False, False]
+    assert [e.val_score for e in report.epochs] == [0.0, 0.0]
+    assert all(c.trained for e in report.epochs for c in e.components)  # trained, not kept
+    assert report.best_epoch is None
+    assert report.adapters == {}
+    assert report.best_val_score == report.base_val_score
+    events = run.store.events(run.job_id, limit=1000)
+    base_event = [e for e in events if "the result is the base system" in e.message]
+    assert len(base_event) == 1 and base_event[0].level == "warning"
+    # epoch 2 rolled out the base system again, and the final test used no adapter at all
+    spans = [s for t in run.output(2, Stage.rollout)["traces"] for s in t["spans"]]
+    assert all(s["adapter"] is None for s in spans)
+    final = run.output(3, Stage.test)
+    assert final["adapters"] == {}
+    assert all(s["adapter"] is None for t in final["traces"] for s in t["spans"])
+    assert run.calls[(3, "test")] and all(c.adapter is None for c in run.calls[(3, "test")])
+    assert report.test_score == report.base_test_score
+
+
+def budget_job(folder: Path, calls: int) -> JobSpec:
+    return make_job(folder, loop={"epochs": 3}, budget={"max_judge_calls": calls})
+
+
+def budget_engine() -> ScriptedEngine:
+    return ScriptedEngine(query_ok=lambda key, adapter: adapter is not None or not is_hard(key))
+
+
+def test_the_loop_stops_when_the_judge_budget_runs_out(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    run = harness(
+        budget_job(example_dir, 4), engine=budget_engine(), judge=ScriptedJudge(fix_query)
+    )
+    report = run.run()
+
+    failed = run.output(1, Stage.credit)["failed"]
+    assert failed > 4, "more failed traces than the budget allows judging"
+    assert run.judge is not None and len(run.judge.requests) == 4
+    assert sum(s.judge_calls for s in report.stages) == 4
+    assert report.epochs[0].judge_failures == failed - 4  # the rest: "budget exhausted"
+    assert report.stop_reason is not None and "max_judge_calls 4" in report.stop_reason
+    assert any(
+        "budget exhausted before epoch 2" in e.message and e.level == "warning"
+        for e in run.store.events(run.job_id, limit=1000)
+    )
+    assert [e.epoch for e in report.epochs] == [1]
+    assert run.store.stage(run.job_id, 2, Stage.rollout) is None  # nothing of epoch 2 ran
+    # the best epoch so far is the result, and the final test used it
+    assert report.best_epoch == 1 and report.epochs[0].kept
+    assert {c: adapter_epoch(k) for c, k in report.adapters.items()} == {"query": 1, "answer": 1}
+    assert {adapter_epoch(c.adapter) for c in run.calls[(4, "test")]} == {None, 1}
+
+
+def test_a_resumed_job_keeps_the_epochs_it_paid_for(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    job = budget_job(example_dir, 4)
+    whole = harness(job, engine=budget_engine(), judge=ScriptedJudge(fix_query)).run()
+    assert whole.best_epoch == 1
+
+    stepped = harness(job, engine=budget_engine(), judge=ScriptedJudge(fix_query))
+    while True:
+        try:
+            report = run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert report.best_epoch == whole.best_epoch
+    assert report.stop_reason == whole.stop_reason
+    assert report.adapters.keys() == whole.adapters.keys()
+
+
+def test_a_job_without_test_data_still_returns_its_best_adapters(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    job = make_job(example_dir, test=False)
+    run = harness(job, engine=budget_engine(), judge=ScriptedJudge(fix_query))
+    report = run.run()
+    assert report.best_epoch == 1 and report.test_score is None
+    assert {c: adapter_epoch(k) for c, k in report.adapters.items()} == {"query": 1, "answer": 1}
+
+
+def test_an_epoch_that_trained_nothing_is_not_the_best_epoch(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    job = make_job(example_dir, loop={"resample_candidates": 0, "augment_rollouts": 0})
+    run = harness(
+        job,
+        engine=ScriptedEngine(query_ok=lambda key, adapter: False),
+        judge=ScriptedJudge(lambda key, gold, index: []),
+    )
+    report = run.run()
+    assert run.trainer.calls == []
+    assert report.adapters == {}
+    assert report.best_epoch is None
+
+
+# -- 6. resume --------------------------------------------------------------------------------
+
+
+def comparable(report: JobReport, job_id: str) -> dict[str, Any]:
+    """The report without what differs between two runs of one job: ids and seconds."""
+    data = json.loads(report.model_dump_json().replace(job_id, "JOB"))
+    for stage in data["stages"]:
+        stage.pop("seconds")
+    return data
+
+
+def test_a_crashed_job_resumes_without_redoing_finished_stages(
+    example_dir: Path, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    job = make_job(example_dir, loop={"epochs": 3, "augment_rollouts": 1})
+
+    def start(**kwargs: Any) -> Harness:
+        return harness(
+            job,
+            engine=ScriptedEngine(query_ok=scripted_val_sequence),
+            judge=ScriptedJudge(fix_query),
+            **kwargs,
+        )
+
+    whole = start()
+    uninterrupted = whole.run()
+
+    # The trainer crashes on its third call: epoch 2's train stage, after epoch 1 trained two.
+    crashed = start(trainer=FakeTrainer(crash_on_call=3), root=tmp_path / "crash")
+    with pytest.raises(TrainerCrash):
+        crashed.run()
+    done = {(s.epoch, s.stage.value) for s in crashed.store.stage_states(crashed.job_id)}
+    assert (2, "synthesize") in done and (2, "evaluate") not in done
+    assert crashed.store.stage_done(crashed.job_id, 2, Stage.train) is None
+
+    # A fresh context (new doubles) on the same store and artifacts.
+    resumed = start(root=tmp_path / "crash", job_id=crashed.job_id)
+    report = resumed.run()
+
+    states = {(s.epoch, s.stage.value): s for s in resumed.store.stage_states(resumed.job_id)}
+    assert {k for k, s in states.items() if s.attempts == 2} == {(2, "train")}
+    assert all(s.status == "done" for s in states.values())
+    # Only the missing stages ran: epoch 2 from train on, epoch 3, the test.
+    missing = {(2, "train"), (2, "evaluate"), (4, "test")}
+    missing |= {(3, s.value) for s in EPOCH_STAGES}
+    assert set(resumed.calls) == missing
+    assert len(resumed.engine.calls) == sum(len(whole.calls[k]) for k in missing)
+    assert resumed.engine.stats.requests == sum(
+        len(c.keys) for k in missing for c in whole.calls[k]
+    )
+    assert resumed.judge is not None
+    assert len(resumed.judge.requests) == sum(whole.judge_requests[k] for k in missing)
+    assert [c.seed for c in resumed.trainer.calls] == [2, 2, 3, 3]  # seed = loop.seed + epoch
+    # ... and trained on what the uninterrupted run trained on
+    again = [(c.component, c.seed, c.rows, c.pairs) for c in resumed.trainer.calls]
+    assert again == [(c.component, c.seed, c.rows, c.pairs) for c in whole.trainer.calls[2:]]
+
+    assert comparable(report, crashed.job_id) == comparable(uninterrupted, whole.job_id)
+
+
+def test_a_finished_job_runs_nothing_again(
+    example_dir: Path, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    job = make_job(example_dir, loop={"epochs": 2})
+    first = harness(job, judge=ScriptedJudge(fix_query), root=tmp_path / "same")
+    report = first.run()
+    candidates = first.store.candidates(first.job_id)
+    assert candidates
+    again = harness(
+        job, judge=ScriptedJudge(fix_query), root=tmp_path / "same", job_id=first.job_id
+    )
+    assert again.run() == report
+    assert again.engine.calls == [] and again.trainer.calls == []
+    assert again.judge is not None and again.judge.requests == []
+    assert again.store.candidates(first.job_id) == candidates  # written once
+    assert all(s.attempts == 1 for s in again.store.stage_states(first.job_id))
+
+
+# -- 7. the quote -----------------------------------------------------------------------------
+
+
+def test_quote_prices_every_stage(example_dir: Path) -> None:
+    from cotune.quote import format_quote, quote_job
+
+    job = make_job(example_dir, loop={"epochs": 2, "judge_samples": 2})
+    quote = quote_job(job)
+    assert quote["examples"] == dict(zip(("train", "val", "test"), SPLITS, strict=True))
+    assert all(v > 0 for v in quote["total"].values()), quote["total"]
+    assert set(quote["per_stage"]) == {s.value for s in Stage}
+    table = format_quote(quote)
+    for stage in Stage:
+        assert re.search(rf"^\| {stage.value} \| (job|epoch) \|", table, re.MULTILINE), stage
+    assert re.search(r"^\| total \| job \| [1-9]", table, re.MULTILINE)
+
+    no_judge = quote_job(make_job(example_dir, judge=False))
+    assert no_judge["total"]["judge_calls"] == 0 and no_judge["total"]["engine_requests"] > 0
+
+
+def test_the_loop_stops_when_the_token_budget_runs_out(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    job = make_job(example_dir, loop={"epochs": 3}, budget={"max_generated_tokens": 1})
+    run = harness(job, judge=ScriptedJudge(fix_query))
+    report = run.run()
+    baseline = next(s for s in report.stages if s.stage == Stage.baseline)
+    assert baseline.engine_calls == len(run.calls[(0, "baseline")]) > 0
+    assert baseline.completion_tokens > 0
+    assert report.stop_reason is not None and "max_generated_tokens 1" in report.stop_reason
+    assert [e.epoch for e in report.epochs] == []

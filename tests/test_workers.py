@@ -1,0 +1,501 @@
+"""The Celery workers end to end: a real worker process, PostgreSQL, Redis and the tiny model.
+
+One PostgreSQL database and one Redis key prefix (in ``COTUNE_TEST_REDIS_URL``, default
+db 7) per module; each test starts or reuses a worker subprocess
+(``python -m celery -A workers.app worker -Q gpu,cpu --pool solo``) configured through the
+environment, and every worker's process group is killed at teardown. Workers hold 5-second
+leases, so a killed worker's stage is taken over within seconds. The module skips when
+PostgreSQL or Redis does not answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from cotune.jobspec import parse_job
+from cotune.records import JobReport, Stage
+from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus, migrate
+from cotune.store.status import TERMINAL
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get(
+    "COTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("COTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
+LEASE_SECONDS = 5
+REAPER_INTERVAL = 2
+JOB_TIMEOUT = 240.0
+
+JOB: dict[str, Any] = {
+    "system": "system.yaml",
+    "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
+    "judge": {"model": "tiny", "max_tokens": 64},
+    "loop": {
+        "epochs": 1,
+        "rollout_batch": 8,
+        "samples_per_component": 8,
+        "judge_samples": 1,
+        "augment_rollouts": 0,
+        "val_limit": 8,
+        "seed": 0,
+    },
+    "train": {"epochs": 1, "batch_size": 8, "learning_rate": 2.0e-3, "lora_r": 8, "lora_alpha": 16},
+}
+STAGES: list[tuple[int, Stage]] = [
+    (0, Stage.baseline),
+    (1, Stage.rollout),
+    (1, Stage.credit),
+    (1, Stage.verify),
+    (1, Stage.synthesize),
+    (1, Stage.train),
+    (1, Stage.evaluate),
+    (2, Stage.test),
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this module, migrated; dropped afterwards."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"cotune_workers_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def broker_prefix() -> Iterator[str]:
+    """A key prefix of this module's own in the Redis database (``COTUNE_BROKER_KEY_PREFIX``),
+    so that two runs of this file at once do not take each other's messages; its keys are
+    deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+    prefix = f"cotune-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+
+
+@dataclass
+class Cluster:
+    """The module's stores, a Celery client app and the worker subprocesses."""
+
+    env: dict[str, str]
+    store: JobStore
+    artifacts: ArtifactStore
+    folder: Path
+    client: Any
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes] | None:
+        live = [w for w in self.workers if w.poll() is None]
+        return live[-1] if live else None
+
+    def start_worker(self, *, beat: bool = False) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        log = self.folder / f"worker-{n}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            "gpu,cpu",
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "-l",
+            "info",
+            "-n",
+            f"w{n}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if beat:
+            cmd += ["--beat", "--schedule-filename", str(self.folder / f"beat-{n}")]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killed whole at teardown
+            )
+        self.workers.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def ensure_worker(self) -> subprocess.Popen[bytes]:
+        return self.worker or self.start_worker()
+
+    def kill_workers(self) -> None:
+        for proc in self.workers:  # the whole group: beat's child too, even after an exit
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        parts = []
+        for log in self.logs:
+            text_ = log.read_text(errors="replace") if log.exists() else ""
+            parts.append(f"--- {log.name}\n{text_[-chars:]}")
+        return "\n".join(parts)
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        """Create the job as queued and send its first task, as the API would."""
+        from workers.app import ADVANCE_JOB, GPU_QUEUE
+
+        job_id = self.store.create_job("tiny-kb", spec)
+        self.client.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
+        return job_id
+
+    def wait(
+        self, what: str, check: Any, timeout: float = JOB_TIMEOUT, allow_exit: bool = False
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            if not allow_exit and self.worker is None and self.workers:
+                pytest.fail(f"the worker exited while waiting for {what}\n{self.log_tail()}")
+            time.sleep(0.2)
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.log_tail()}")
+
+    def wait_done(self, job_id: str, allow_exit: bool = False) -> JobRecord:
+        def terminal() -> JobRecord | None:
+            record = self.store.get_job(job_id)
+            return record if record is not None and record.status in TERMINAL else None
+
+        record: JobRecord = self.wait(f"job {job_id} to end", terminal, allow_exit=allow_exit)
+        return record
+
+    def wait_running(self, job_id: str, epoch: int, stage: Stage) -> None:
+        def running() -> bool:
+            state = self.store.stage(job_id, epoch, stage)
+            return state is not None and state.status == StageStatus.running
+
+        self.wait(f"epoch {epoch} {stage.value} of {job_id} to run", running)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pg_url: str, broker_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    from workers.app import WorkerConfig, create_app
+
+    folder = tmp_path_factory.mktemp("workers")
+    artifacts_root = folder / "artifacts"
+    env = {
+        **os.environ,
+        "COTUNE_DATABASE_URL": pg_url,
+        "COTUNE_BROKER_URL": REDIS_URL,
+        "COTUNE_BROKER_KEY_PREFIX": broker_prefix,
+        "COTUNE_ARTIFACTS": str(artifacts_root),
+        "COTUNE_WORKDIR": str(folder / "work"),
+        "COTUNE_LEASE_SECONDS": str(LEASE_SECONDS),
+        "COTUNE_REAPER_INTERVAL": str(REAPER_INTERVAL),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    client = create_app(
+        WorkerConfig(broker_url=REDIS_URL, database_url=pg_url, broker_key_prefix=broker_prefix)
+    )
+    store = JobStore(pg_url)
+    c = Cluster(env, store, ArtifactStore(str(artifacts_root)), folder, client)
+    try:
+        yield c
+    finally:
+        c.kill_workers()
+        client.close()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_example: Path) -> dict[str, Any]:
+    """The tiny job as a stored spec: every path absolute, as a worker needs it."""
+    from workers.tasks import local_spec
+
+    stored = local_spec(parse_job(JOB, base_dir=tiny_example))
+    assert Path(stored["data"]["train"]).is_absolute()
+    search = next(c for c in stored["system"]["components"] if c["name"] == "search")
+    assert Path(search["args"]["corpus"]).is_absolute()
+    reparsed = parse_job(stored)  # what a worker does, with no base folder
+    assert reparsed.data_path("train").is_file()  # type: ignore[union-attr]
+    return stored
+
+
+@pytest.fixture(scope="module")
+def small_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same job without a judge (candidates come from re-sampling): the judge's long
+    prompts make its credit stage the slowest one, and the kill and cancel tests are about
+    the stages around it."""
+    return {k: v for k, v in spec.items() if k != "judge"}
+
+
+def _states(cluster: Cluster, job_id: str) -> dict[tuple[int, Stage], Any]:
+    return {(s.epoch, s.stage): s for s in cluster.store.stage_states(job_id)}
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_job_succeeds_and_a_duplicate_message_does_nothing_twice(
+    cluster: Cluster, spec: dict[str, Any]
+) -> None:
+    from workers.app import ADVANCE_JOB, GPU_QUEUE
+
+    cluster.ensure_worker()
+    started = time.monotonic()
+    job_id = cluster.submit(spec)
+    # A second message for the job, as a redelivery would give: two task chains, which
+    # still run every stage once and finalize once.
+    cluster.client.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
+    record = cluster.wait_done(job_id)
+    assert record.status == JobStatus.succeeded, f"{record.error}\n{cluster.log_tail()}"
+    seconds = {f"{r.epoch}:{r.stage.value}": r.seconds for r in cluster.store.stages(job_id)}
+    print(f"job {job_id} succeeded in {time.monotonic() - started:.1f} s; stages {seconds}")
+
+    states = _states(cluster, job_id)
+    assert list(states) == STAGES
+    for key, state in states.items():
+        assert state.status == StageStatus.done and state.attempts == 1, (key, state)
+    assert len(cluster.store.stages(job_id)) == len(STAGES)
+
+    # The result: the report in the job row and the embedded run's files in the artifacts.
+    assert record.result is not None
+    report = JobReport.model_validate(record.result)
+    assert report.status == "succeeded" and [e.epoch for e in report.epochs] == [1]
+    prefix = f"{job_id}/result"
+    metrics = JobReport.model_validate(cluster.artifacts.get_json(f"{prefix}/metrics.json"))
+    assert metrics == report
+    assert "## Epochs" in cluster.artifacts.get_text(f"{prefix}/report.md")
+    assert cluster.artifacts.get_bytes(f"{prefix}/curves.png")[:4] == b"\x89PNG"
+    assert len(cluster.artifacts.get_text(f"{prefix}/traces/test.jsonl").splitlines()) == 24
+    kinds = {a.kind for a in cluster.store.artifacts(job_id)}
+    assert {"metrics", "report", "curves", "traces"} <= kinds
+    if report.best_epoch is not None:  # the epoch was kept: its adapters are exported
+        assert set(report.adapters) == {"query", "answer"}
+        for component, key in report.adapters.items():
+            assert key == f"{prefix}/adapters/{component}"
+            assert cluster.artifacts.list(key) == [
+                f"{key}/adapter_config.json",
+                f"{key}/adapter_model.safetensors",
+            ]
+        assert "adapter" in kinds
+    else:
+        assert report.adapters == {}
+    messages = [e.message for e in cluster.store.events(job_id, limit=1000)]
+    assert "running" in messages and messages[-1] == "succeeded"
+
+
+def test_killed_worker_stage_is_taken_over_once(
+    cluster: Cluster, small_spec: dict[str, Any]
+) -> None:
+    cluster.ensure_worker()
+    started = time.monotonic()
+    job_id = cluster.submit(small_spec)
+    cluster.wait_running(job_id, 1, Stage.train)
+    cluster.kill_workers()  # SIGKILL mid-stage: no ack, no fail_stage, the lease just stops
+    killed = cluster.store.stage(job_id, 1, Stage.train)
+    assert killed is not None and killed.status == StageStatus.running and killed.attempts == 1
+    assert cluster.store.get_job(job_id).status == JobStatus.running  # type: ignore[union-attr]
+
+    # A new worker with beat: the reaper re-enqueues the job once the lease expired.
+    cluster.start_worker(beat=True)
+    record = cluster.wait_done(job_id)
+    assert record.status == JobStatus.succeeded, f"{record.error}\n{cluster.log_tail()}"
+    print(f"job {job_id} survived the kill in {time.monotonic() - started:.1f} s")
+
+    states = _states(cluster, job_id)
+    assert list(states) == STAGES
+    for key, state in states.items():
+        assert state.status == StageStatus.done
+        assert state.attempts == (2 if key == (1, Stage.train) else 1), (key, state)
+        assert state.lease_owner is not None
+    assert states[(1, Stage.train)].lease_owner != killed.lease_owner
+
+    # One record per stage, and every output written under its one key.
+    records = cluster.store.stages(job_id)
+    assert sorted((r.epoch, r.stage.value) for r in records) == sorted(
+        (e, s.value) for e, s in STAGES
+    )
+    keys = cluster.artifacts.list(job_id)
+    assert len(keys) == len(set(keys))
+    assert [k for k in keys if k.endswith("/train.json")] == [f"{job_id}/epoch-1/train.json"]
+    for component in ("query", "answer"):
+        adapter = f"{job_id}/epoch-1/adapters/{component}"
+        assert cluster.artifacts.list(adapter) == [
+            f"{adapter}/adapter_config.json",
+            f"{adapter}/adapter_model.safetensors",
+        ]
+    requeued = [e for e in cluster.store.events(job_id, limit=1000) if "re-queued" in e.message]
+    assert len(requeued) == 1, requeued
+
+
+def _upload(cluster: Cluster, tenant: str, path: Path, purpose: str) -> str:
+    """What ``POST /v1/files`` stores: the bytes in the artifact store and a file row."""
+    import hashlib
+
+    from cotune.service import check_upload
+    from cotune.store.accounts import AccountStore, new_file_id
+
+    data = path.read_bytes()
+    with open(path, "rb") as stream:
+        summary = check_upload(stream, purpose, path.name)
+    file_id = new_file_id()
+    key = f"files/{tenant}/{file_id}"
+    cluster.artifacts.put_bytes(key, data)
+    AccountStore(cluster.store).add_file(
+        tenant,
+        purpose,
+        path.name,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        key,
+        summary.rows,
+        summary.fields,
+        file_id=file_id,
+    )
+    return file_id
+
+
+def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
+    cluster: Cluster, small_spec: dict[str, Any]
+) -> None:
+    """A tenant's job names file ids (the HTTP path): ``CeleryDispatcher.dispatch`` validates
+    it on the cpu queue (its files materialised from the artifact store), then it runs until
+    it is cancelled while training, and the worker, told to stop at the same moment, finishes
+    that stage first."""
+    from workers.tasks import CeleryDispatcher
+
+    tenant = "acme"
+    spec = json.loads(json.dumps(small_spec))
+    for split in ("train", "val", "test"):
+        spec["data"][split] = _upload(cluster, tenant, Path(spec["data"][split]), "data")
+    search = next(c for c in spec["system"]["components"] if c["name"] == "search")
+    search["args"]["corpus"] = _upload(cluster, tenant, Path(search["args"]["corpus"]), "corpus")
+    job_id = cluster.store.create_job(
+        "tiny-kb", spec, tenant_id=tenant, status=JobStatus.validating_files
+    )
+    dispatcher = CeleryDispatcher(cluster.client)
+    worker = cluster.ensure_worker()
+    dispatcher.dispatch(job_id)
+    dispatcher.dispatch(job_id)  # idempotent
+    assert isinstance(dispatcher.queue_depth(), int)
+
+    cluster.wait_running(job_id, 1, Stage.train)
+    workdir = cluster.folder / "work" / job_id
+    ids = [spec["data"][s] for s in ("train", "val", "test")] + [search["args"]["corpus"]]
+    assert sorted(p.name for p in (workdir / "files").iterdir()) == sorted(
+        f"{i}.jsonl" for i in ids
+    )
+    assert cluster.store.request_cancel(job_id).status == JobStatus.running
+    worker.send_signal(signal.SIGTERM)  # warm shutdown: the running stage finishes first
+    record = cluster.wait_done(job_id, allow_exit=True)
+    assert record.status == JobStatus.cancelled, f"{record.error}\n{cluster.log_tail()}"
+    assert record.result is None
+    assert worker.wait(timeout=60) == 0, cluster.log_tail()
+
+    # The running stage finished (drained, not abandoned); none after it started.
+    states = _states(cluster, job_id)
+    assert list(states) == STAGES[: STAGES.index((1, Stage.train)) + 1]
+    assert all(s.status == StageStatus.done and s.attempts == 1 for s in states.values())
+    assert not cluster.artifacts.exists(f"{job_id}/result")
+    assert not workdir.exists()  # this machine's copy of the files is removed
+    messages = [e.message for e in cluster.store.events(job_id, limit=1000)]
+    assert messages.count("files validated; queued") == 1
+    assert messages[-1] == "cancelled between stages"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_app_configuration() -> None:
+    from workers.app import WorkerConfig, create_app
+
+    conf = create_app(WorkerConfig(broker_url="redis://127.0.0.1:6379/15")).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.result_accept_content == ["json"] and conf.result_serializer == "json"
+    assert {(q.name, q.exchange.name, q.routing_key) for q in conf.task_queues} == {
+        ("gpu", "gpu", "gpu"),
+        ("cpu", "cpu", "cpu"),
+    }
+    assert conf.task_routes["cotune.advance_job"] == {"queue": "gpu"}
+    for task in ("cotune.validate_job", "cotune.finalize_job", "cotune.reap_expired_leases"):
+        assert conf.task_routes[task] == {"queue": "cpu"}
+    reaper = conf.beat_schedule["reap-expired-leases"]
+    assert reaper["task"] == "cotune.reap_expired_leases" and reaper["options"]["queue"] == "cpu"
+
+
+def test_worker_arguments() -> None:
+    from workers.main import worker_argv
+
+    assert worker_argv() == [
+        "worker",
+        "-Q",
+        "gpu,cpu",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "info",
+    ]
+    assert worker_argv(["cpu"], "prefork", 4)[2:6] == ["cpu", "--pool", "prefork", "--concurrency"]
+    with pytest.raises(ValueError, match="solo or threads"):
+        worker_argv(["gpu"], "prefork", 1)
+    with pytest.raises(ValueError, match="one stage at a time"):
+        worker_argv(["gpu", "cpu"], "threads", 2)
+    with pytest.raises(ValueError, match="queues must be among"):
+        worker_argv(["default"])
