@@ -5,9 +5,12 @@ Everything here is real: the tiny model is a trained Llama, the engine is vLLM i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,35 @@ def vllm_engine(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from cotune.engines import get_engine
 
     return get_engine("vllm", tiny_model_dir, max_lora_rank=16, max_loras=4)
+
+
+PG_ADMIN_URL = os.environ.get(
+    "COTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database migrated to head, dropped afterwards. PostgreSQL runs on every
+    dev and CI machine of this project: if it is unreachable the test fails, it is not skipped."""
+    from sqlalchemy import create_engine, make_url, text
+
+    from cotune.store import migrate
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL not reachable at {PG_ADMIN_URL} (set COTUNE_TEST_PG_URL): {exc}")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -25,22 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fresh_pg_database
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from cotune.records import ComponentEpochRecord, EpochRecord, Event, JobReport, Stage, StageRecord
 from cotune.service import ThreadDispatcher, materialize
 from cotune.settings import HostedJudge, Settings
-from cotune.store import ArtifactStore, JobStatus, JobStore, migrate
+from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore
 from cotune.tiny import TINY_SYSTEM, write_tiny_example
 from services.api.app import create_app
 
-PG_ADMIN_URL = os.environ.get(
-    "COTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 JUDGE_ENV = "COTUNE_TEST_HOSTED_JUDGE_KEY"
 SECRET = f"sk-hosted-judge-{uuid.uuid4().hex}"
 MAX_UPLOAD = 64 * 1024
@@ -51,23 +48,9 @@ MAX_UPLOAD = 64 * 1024
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"cotune_api_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate(url)
+    """A fresh PostgreSQL database, migrated to head; dropped afterwards."""
+    with fresh_pg_database("cotune_api") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PG_ADMIN_URL, fresh_pg_database
 from sqlalchemy import Engine, create_engine, delete, text
 from sqlalchemy.engine import make_url
 
@@ -46,10 +47,6 @@ from cotune.store.models import Base
 from cotune.store.status import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = os.environ.get(
-    "COTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -60,24 +57,9 @@ def _pg_admin_engine() -> Engine:
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this session, migrated to head; dropped afterwards."""
-    try:
-        admin = _pg_admin_engine()
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # no server: the SQLite half still runs
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"cotune_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate(url)
+    """A fresh PostgreSQL database, migrated to head; dropped afterwards."""
+    with fresh_pg_database("cotune_test") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -24,18 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from conftest import fresh_pg_database
 
 from cotune.jobspec import parse_job
 from cotune.records import JobReport, Stage
-from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus, migrate
+from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus
 from cotune.store.status import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = os.environ.get(
-    "COTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 REDIS_URL = os.environ.get("COTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 LEASE_SECONDS = 5
 REAPER_INTERVAL = 2
@@ -73,24 +69,9 @@ STAGES: list[tuple[int, Stage]] = [
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this module, migrated; dropped afterwards."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
-    name = f"cotune_workers_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrate(url)
+    """A fresh PostgreSQL database, migrated to head; dropped afterwards."""
+    with fresh_pg_database("cotune_workers") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")
