@@ -48,6 +48,11 @@ def _build(kind: EngineKind, model: str, options: dict[str, Any]) -> InferenceEn
     if kind == "vllm":
         from cotune.engines.vllm import VLLMEngine, VLLMSettings
 
+        # LoRA limits are fixed when the engine starts and the engine outlives the job that
+        # started it: never start below the defaults, so later jobs with more components fit.
+        defaults = VLLMSettings()
+        for name in ("max_lora_rank", "max_loras"):
+            options[name] = max(options.get(name) or 0, getattr(defaults, name))
         return VLLMEngine(model, VLLMSettings(**options))
     if kind == "transformers":
         from cotune.engines.transformers import TransformersEngine

@@ -19,7 +19,7 @@ from cotune.errors import EngineError
 
 @dataclass(frozen=True)
 class VLLMSettings:
-    max_lora_rank: int = 64
+    max_lora_rank: int = 32  # DESIGN: r 16-32; a job asking for more starts a larger engine
     max_loras: int = 4
     max_model_len: int = 4096
     kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE

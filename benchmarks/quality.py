@@ -1,0 +1,703 @@
+"""Quality benchmark: does co-tuning beat bootstrapping, and which of its parts matter?
+
+For each task, with SmolLM2-135M-Instruct for every component (and, on a CPU, as the judge),
+it runs these variants on the same fixed splits and compares their test scores item by item:
+
+===========  ==================================================================================
+variant      what it is (the JobSpec settings that make it; the rest as the task's job.yaml)
+===========  ==================================================================================
+base         the untrained system, evaluated once on test
+bootstrap    DSPy BootstrapFinetune's method: SFT on the spans of passing traces only (rollouts
+             and sampled augmentation rollouts); ``judge: null``, ``resample_candidates: 0``,
+             ``gold_candidates: false`` (where the loop has it), ``method: sft``; same epochs,
+             batch and sample budget as full
+full         cotune: judge + replay-verified corrections (re-sampling where the judge proposes
+             nothing) + synthesis, SFT then DPO: the task's job.yaml
+no-verify    full, but every proposal is accepted without replay verification (see
+             ``no_replay_verification``: the loop has no switch for it yet)
+no-judge     ``judge: null``, ``gold_candidates: false``: candidates come only from re-sampling,
+             still verified by replay
+sft-only     full with ``method: sft`` (no DPO)
+===========  ==================================================================================
+
+Each variant runs in-process (``cotune.embedded.run_embedded``) into
+``<out>/runs/<task>/<variant>/`` and is skipped when its ``metrics.json`` exists (the spec it
+ran is kept beside it as ``variant.json`` and must match); an interrupted variant resumes from
+its last finished stage. The report compares the variants on the test items they share: paired
+bootstrap 95 % intervals of the score difference against base and against bootstrap, and
+McNemar's exact test on exact match; plus wall time, engine calls, judge calls and trained
+tokens. It writes ``<out>/quality.md`` and ``<out>/quality.png``.
+
+    python benchmarks/data.py                       # once: fetch the data, build the splits
+    python benchmarks/quality.py                    # both tasks, every variant (hours on CPU)
+    python benchmarks/quality.py --quick            # 36 train / 20 val / 60 test, one epoch
+    python benchmarks/quality.py --tasks object-count --variants base,bootstrap,full
+    python benchmarks/quality.py --tiny --model-path DIR --train 8 --val 6 --test 8  # tests
+
+``--quick`` and ``--tiny`` write ``runs-quick/`` + ``quality-quick.md`` (``-tiny``) instead, so
+they never mix with the full run's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TASKS = ("squad-rag", "object-count")
+VARIANTS: dict[str, str] = {
+    "base": "the untrained system",
+    "bootstrap": "SFT on spans of passing traces only (BootstrapFinetune), same budget",
+    "full": "judge + replay-verified corrections + synthesis, SFT then DPO",
+    "no-verify": "full, proposals accepted without replay verification",
+    "no-judge": "no judge: re-sampled candidates only, verified by replay",
+    "sft-only": "full without DPO",
+}
+# Per-item metrics reported for each task (McNemar's test goes with exact_match).
+TASK_METRICS: dict[str, list[str]] = {
+    "squad-rag": ["exact_match", "f1"],
+    "object-count": ["exact_match"],
+    "tiny-kb": ["exact_match"],
+}
+QUICK = {"train": 36, "val": 20, "test": 60, "epochs": 1}  # and one training epoch
+# The tiny task's job (as in tests/test_loop.py): the tiny model is its own judge.
+TINY_JOB: dict[str, Any] = {
+    "judge": {"model": "tiny", "max_tokens": 256},
+    "loop": {"epochs": 1, "rollout_batch": 32, "samples_per_component": 48, "judge_samples": 1},
+    "train": {"epochs": 2, "batch_size": 8, "learning_rate": 2.0e-3, "lora_r": 8, "lora_alpha": 16},
+}
+BOOTSTRAP_SAMPLES = 10_000
+
+
+# -- tasks and variants -----------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    name: str
+    folder: Path  # the system's folder: its relative corpus paths resolve here
+    job: dict[str, Any]  # the full-cotune job mapping, system inline, data paths absolute
+    metrics: list[str]
+
+
+def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
+    """The task's full-cotune job, on this run's (possibly smaller) copies of the splits."""
+    from cotune.spec import read_mapping
+
+    if name == "tiny-kb":
+        from cotune.models import prepare_model
+        from cotune.tiny import write_tiny_example
+
+        model = args.model_path or prepare_model("tiny", progress=None)
+        folder = write_tiny_example(runs / "tiny-kb" / "example", model_path=str(model))
+        job = {"system": read_mapping(folder / "system.yaml"), **json.loads(json.dumps(TINY_JOB))}
+        sources = {s: folder / f"{s}.jsonl" for s in ("train", "val", "test")}
+    else:
+        folder = ROOT / "examples" / name
+        job = read_mapping(folder / "job.yaml")
+        job["system"] = read_mapping(folder / str(job["system"]))
+        sources = {s: (folder / str(p)).resolve() for s, p in job["data"].items()}
+        if not all(p.exists() for p in sources.values()):
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            try:
+                import data as benchmark_data
+            finally:
+                sys.path.pop(0)
+            print("benchmark data missing: running benchmarks/data.py", file=sys.stderr)
+            benchmark_data.ensure()
+        if args.model_path:
+            job["system"]["models"] = {
+                alias: {"path": str(Path(args.model_path).resolve())}
+                for alias in job["system"]["models"]
+            }
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    job["data"] = {
+        split: str(_subset(path, runs / name / "data" / f"{split}.jsonl", sizes[split]))
+        for split, path in sources.items()
+    }
+    loop, train = job.setdefault("loop", {}), job.setdefault("train", {})
+    if args.epochs is not None:
+        loop["epochs"] = args.epochs
+    if args.quick:
+        train["epochs"] = 1
+    if args.train is not None:
+        loop["rollout_batch"] = min(int(loop.get("rollout_batch", 36)), args.train)
+        loop["samples_per_component"] = min(int(loop.get("samples_per_component", 100)), args.train)
+    return Task(name=name, folder=folder, job=job, metrics=TASK_METRICS.get(name, ["exact_match"]))
+
+
+def _subset(source: Path, target: Path, limit: int | None) -> Path:
+    """The first ``limit`` rows of a split (the splits are already shuffled with a seed)."""
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = "".join(line + "\n" for line in lines[:limit])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_text(encoding="utf-8") != text:
+        target.write_text(text, encoding="utf-8")
+    return target.resolve()
+
+
+def variant_job(task: Task, variant: str) -> dict[str, Any]:
+    """The job mapping of one variant: the full job with that variant's settings changed."""
+    job = json.loads(json.dumps(task.job))
+    loop, train = job.setdefault("loop", {}), job.setdefault("train", {})
+    if variant == "bootstrap":
+        job["judge"] = None
+        loop["resample_candidates"] = 0
+        _no_gold_candidates(loop)
+        train["method"] = "sft"
+    elif variant == "no-judge":
+        job["judge"] = None
+        loop["resample_candidates"] = max(int(loop.get("resample_candidates", 2)), 1)
+        _no_gold_candidates(loop)
+    elif variant == "sft-only":
+        train["method"] = "sft"
+    elif variant not in ("base", "full", "no-verify"):
+        raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+    return job
+
+
+def _no_gold_candidates(loop: dict[str, Any]) -> None:
+    """Bootstrap and no-judge take no gold-answer candidates, where the loop has them."""
+    from cotune.jobspec import LoopConfig
+
+    if "gold_candidates" in LoopConfig.model_fields:
+        loop["gold_candidates"] = False
+
+
+@contextlib.contextmanager
+def no_replay_verification() -> Iterator[None]:
+    """The ``no-verify`` ablation: accept every proposal, whatever replaying it showed.
+
+    The loop has no switch for this, so the benchmark swaps ``cotune.verify.verify`` for the
+    duration of the run (``cotune.loop.verify_candidates`` imports it when it is called). The
+    replays still run and are recorded, so the ablation costs what full costs; only acceptance
+    stops depending on them: judge proposals (and the re-sampled candidates of traces the judge
+    proposed nothing for) all become SFT rows and DPO pairs. The downstream spans of a replay
+    still join the buffer only when that replay passed, as in full. A loop switch would do the
+    same and skip the replays (``LoopConfig.verify_by_replay: bool = True``).
+    """
+    import cotune.verify as verify_module
+
+    real = verify_module.verify
+
+    def accept_all(*args: Any, **kwargs: Any) -> Any:
+        candidates, replays = real(*args, **kwargs)
+        for candidate in candidates:
+            candidate.accepted = True
+        return candidates, replays
+
+    verify_module.verify = accept_all
+    try:
+        yield
+    finally:
+        verify_module.verify = real
+
+
+def start_engines(tasks: Sequence[Task]) -> None:
+    """Start each base model's vLLM engine once, with LoRA limits that fit every task: the
+    process caches one engine per model and its limits are fixed when it starts, so a first
+    task with one trainable component would otherwise leave no room for a later one's two."""
+    from cotune.engines import get_engine
+    from cotune.jobspec import parse_job
+    from cotune.models import resolve_model
+
+    jobs = [parse_job(variant_job(task, "full"), base_dir=task.folder) for task in tasks]
+    limits = {
+        "max_lora_rank": max(max(job.train.lora_r, 16) for job in jobs),
+        "max_loras": max(max(len(job.system.trainable_components), 1) for job in jobs),
+    }
+    for job in jobs:
+        if job.engine != "vllm":
+            continue
+        for ref in job.system.models.values():
+            get_engine("vllm", resolve_model(ref, job.system.base_dir), **limits)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def run_variant(task: Task, variant: str, out: Path, *, progress: bool) -> str:
+    """Run one variant into ``out`` unless it finished before; return what happened."""
+    from cotune.jobspec import parse_job
+
+    job_map = variant_job(task, variant)
+    spec = {"variant": variant, "job": job_map, "data_sha256": _data_hashes(job_map)}
+    marker = out / "variant.json"
+    if marker.exists() and json.loads(marker.read_text()) != spec:
+        raise SystemExit(
+            f"{out} holds a {variant} run made with other settings or data; delete that folder "
+            "(or choose another --out) to run it again"
+        )
+    if (out / "metrics.json").exists():
+        return "cached"
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(spec, indent=2) + "\n")
+    job = parse_job(job_map, base_dir=task.folder)
+    started = time.perf_counter()
+    try:
+        if variant == "base":
+            evaluate_base(job, out)
+            what = "ran"
+        else:
+            resume = (out / "job.json").exists()
+            ablation = no_replay_verification() if variant == "no-verify" else None
+            with ablation or contextlib.nullcontext():
+                _run_embedded(job, out, resume=resume, progress=progress)
+            what = "resumed" if resume else "ran"
+    finally:
+        _add_wall(out, time.perf_counter() - started)
+    return what
+
+
+def _run_embedded(job: Any, out: Path, *, resume: bool, progress: bool) -> Any:
+    from cotune.embedded import run_embedded
+
+    return run_embedded(job, out, resume=resume, progress=progress)
+
+
+def _data_hashes(job_map: dict[str, Any]) -> dict[str, str]:
+    return {
+        split: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        for split, path in job_map["data"].items()
+        if path
+    }
+
+
+def _add_wall(out: Path, seconds: float) -> None:
+    """Wall time summed over every attempt at a variant (a resumed one has several)."""
+    path = out / "wall.json"
+    previous = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "attempts": 0}
+    total = {
+        "seconds": round(previous["seconds"] + seconds, 2),
+        "attempts": previous["attempts"] + 1,
+    }
+    path.write_text(json.dumps(total) + "\n")
+
+
+def evaluate_base(job: Any, out: Path) -> Any:
+    """The untrained system on test, written like a finished job: metrics.json (a JobReport
+    whose one stage is the test evaluation) and traces/test.jsonl."""
+    from cotune.data import load_examples
+    from cotune.records import JobReport, Stage, StageRecord
+    from cotune.runtime import mean_score, open_runtime, score_traces
+
+    test = job.data_path("test")
+    if test is None:
+        raise SystemExit("the job has no test split")
+    examples = load_examples(test, job.system, split="test")
+    options: dict[str, Any] = {}
+    if job.engine == "vllm":  # the engine is shared with the trained variants: same limits
+        options = {
+            "max_lora_rank": max(job.train.lora_r, 16),
+            "max_loras": max(len(job.system.trainable_components), 1),
+        }
+    runtime = open_runtime(job.system, engine=job.engine, engine_options=options)
+    before, started = _counters(runtime), time.perf_counter()
+    traces = []
+    for start in range(0, len(examples), 64):
+        chunk = runtime.run(examples[start : start + 64])
+        score_traces(job.system, chunk)
+        traces.extend(chunk)
+    after = _counters(runtime)
+    score = mean_score(traces)
+    record = StageRecord(
+        epoch=0,
+        stage=Stage.test,
+        seconds=round(time.perf_counter() - started, 3),
+        engine_calls=after["calls"] - before["calls"],
+        prompt_tokens=after["prompt_tokens"] - before["prompt_tokens"],
+        completion_tokens=after["completion_tokens"] - before["completion_tokens"],
+    )
+    report = JobReport(
+        job_name=job.system.name,
+        status="succeeded",
+        base_test_score=score,
+        test_score=score,
+        stages=[record],
+    )
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    with open(out / "traces" / "test.jsonl", "w", encoding="utf-8") as handle:
+        for trace in traces:
+            handle.write(trace.model_dump_json() + "\n")
+    (out / "metrics.json").write_text(report.model_dump_json(indent=2) + "\n")
+    return report
+
+
+def _counters(runtime: Any) -> dict[str, int]:
+    engines = {id(e): e for e in runtime.engines.values()}
+    return {
+        key: sum(getattr(e.stats, key) for e in engines.values())
+        for key in ("calls", "prompt_tokens", "completion_tokens")
+    }
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def item_scores(trace_file: Path, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per test example id, each metric's score of the system's output against the gold."""
+    from cotune.metrics import score
+
+    scores: dict[str, dict[str, float]] = {}
+    for line in trace_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        trace = json.loads(line)
+        expected = trace.get("expected") or []
+        scores[str(trace["example_id"])] = {
+            m: score(m, trace.get("output"), expected) if expected else 0.0 for m in metrics
+        }
+    return scores
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of ``b - a`` over paired items and its 95 % percentile bootstrap interval
+    (items resampled with replacement, the pairs kept together)."""
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_bootstrap needs two equally long, non-empty score lists")
+    diffs = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(samples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diffs.mean()), float(low), float(high)
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of a mean (the plot's error bars)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, len(array), size=(samples, len(array)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test on paired pass/fail outcomes: ``(only a passed, only b passed,
+    two-sided p)``, the binomial test of the discordant pairs against 1/2."""
+    if len(a) != len(b):
+        raise ValueError("mcnemar_exact needs paired outcomes")
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return only_a, only_b, 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    scores: dict[str, dict[str, float]]  # example id -> metric -> score
+    report: Any  # JobReport
+    wall_seconds: float | None
+
+
+def load_result(folder: Path, variant: str, metrics: Sequence[str]) -> VariantResult | None:
+    from cotune.records import JobReport
+
+    metrics_file, traces = folder / "metrics.json", folder / "traces" / "test.jsonl"
+    if not metrics_file.exists() or not traces.exists():
+        return None
+    wall = folder / "wall.json"
+    return VariantResult(
+        variant=variant,
+        scores=item_scores(traces, metrics),
+        report=JobReport.model_validate_json(metrics_file.read_text()),
+        wall_seconds=json.loads(wall.read_text())["seconds"] if wall.exists() else None,
+    )
+
+
+def compare(
+    a: VariantResult, b: VariantResult, metrics: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """``b`` against ``a`` on the test items both have, per metric."""
+    shared = sorted(set(a.scores) & set(b.scores))
+    out: dict[str, dict[str, Any]] = {}
+    if not shared:
+        return out
+    for metric in metrics:
+        xs = [a.scores[i][metric] for i in shared]
+        ys = [b.scores[i][metric] for i in shared]
+        diff, low, high = paired_bootstrap(xs, ys)
+        row: dict[str, Any] = {"n": len(shared), "diff": diff, "low": low, "high": high}
+        if all(v in (0.0, 1.0) for v in xs + ys):
+            only_a, only_b, p = mcnemar_exact([x == 1.0 for x in xs], [y == 1.0 for y in ys])
+            row.update(only_a=only_a, only_b=only_b, p=p)
+        out[metric] = row
+    return out
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _delta(row: dict[str, Any] | None) -> str:
+    if not row:
+        return "-"
+    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def _p(row: dict[str, Any] | None) -> str:
+    if not row or "p" not in row:
+        return "-"
+    return f"{row['p']:.3g} ({row['only_a']}/{row['only_b']})"
+
+
+def describe_judge(job: dict[str, Any]) -> str:
+    judge, models = job.get("judge"), job["system"].get("models", {})
+    if not judge:
+        return "no judge"
+    ref = models.get(judge["model"])
+    if ref is not None:
+        what = ref.get("name") or Path(str(ref.get("path"))).name
+        return (
+            f"`{judge['model']}` = the components' own model ({what}), JSON-schema decoding, "
+            f"{job.get('loop', {}).get('judge_samples', 3)} sample(s) per failed trace"
+        )
+    return f"`{judge['model']}` ({judge.get('engine') or 'registry model'})"
+
+
+def task_section(task: Task, results: dict[str, VariantResult]) -> list[str]:
+    metrics = task.metrics
+    primary = task.job["system"].get("metric", "exact_match")
+    base, boot = results.get("base"), results.get("bootstrap")
+    n = len(next(iter(results.values())).scores) if results else 0
+    loop, train = task.job.get("loop", {}), task.job.get("train", {})
+    sizes = {
+        split: len(Path(path).read_text(encoding="utf-8").splitlines())
+        for split, path in task.job["data"].items()
+    }
+    lines = [
+        f"## {task.name}",
+        "",
+        f"System metric `{primary}` (pass threshold "
+        f"{task.job['system'].get('pass_threshold', 1.0)}); splits train {sizes.get('train')}, "
+        f"val {sizes.get('val')}, test {sizes.get('test')}; loop {json.dumps(loop)}; "
+        f"train {json.dumps(train)}.",
+        f"Judge (full, no-verify, sft-only): {describe_judge(task.job)}.",
+        "",
+        f"### Test scores (n = {n}); Δ = variant − reference, paired bootstrap 95 % CI; "
+        "McNemar exact p (items only the reference / only the variant got right)",
+        "",
+    ]
+    header = ["variant"]
+    for m in metrics:
+        header += [m, f"Δ {m} vs base", f"Δ {m} vs bootstrap"]
+        if m == "exact_match":
+            header += ["McNemar p vs base", "McNemar p vs bootstrap"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for variant, result in results.items():
+        cells = [variant]
+        vs_base = compare(base, result, metrics) if base and variant != "base" else {}
+        vs_boot = (
+            compare(boot, result, metrics) if boot and variant not in ("base", "bootstrap") else {}
+        )
+        for m in metrics:
+            cells += [
+                f"{_mean([s[m] for s in result.scores.values()]):.3f}",
+                _delta(vs_base.get(m)),
+                _delta(vs_boot.get(m)),
+            ]
+            if m == "exact_match":
+                cells += [_p(vs_base.get(m)), _p(vs_boot.get(m))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Cost (whole variant: base val, every epoch, and the test evaluation of the base "
+        "and the best epoch; wall time includes loading the engine when the variant was the "
+        "first to run in its process)",
+        "",
+        "| variant | what | best epoch | val base → best | wall time (s) | engine calls | "
+        "generated tokens | judge calls | trained tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant, result in results.items():
+        report, totals = result.report, result.report.totals()
+        val = (
+            "-"
+            if report.base_val_score is None
+            else f"{report.base_val_score:.3f} → {report.best_val_score:.3f}"
+        )
+        wall = "-" if result.wall_seconds is None else f"{result.wall_seconds:.0f}"
+        best = "-" if variant == "base" else (report.best_epoch or "none kept")
+        lines.append(
+            f"| {variant} | {VARIANTS.get(variant, '')} | {best} | {val} | {wall} | "
+            f"{int(totals['engine_calls'])} | {int(totals['completion_tokens'])} | "
+            f"{int(totals['judge_calls'])} | {int(totals['trained_tokens'])} |"
+        )
+    if base is not None:
+        rerun = {
+            v: r.report.base_test_score
+            for v, r in results.items()
+            if v != "base" and r.report.base_test_score is not None
+        }
+        if rerun:
+            same = all(abs(s - (base.report.test_score or 0.0)) < 1e-9 for s in rerun.values())
+            lines += [
+                "",
+                "Every trained variant also re-evaluated the base system on test (greedy): "
+                + ", ".join(f"{v} {s:.3f}" for v, s in rerun.items())
+                + (" — equal to base." if same else " — NOT equal to base: check determinism."),
+            ]
+    return [*lines, ""]
+
+
+def write_report(
+    tasks: list[Task],
+    results: dict[str, dict[str, VariantResult]],
+    md: Path,
+    png: Path,
+    command: Sequence[str] = (),
+) -> str:
+    import torch
+
+    header = [
+        "# cotune quality benchmark",
+        "",
+        f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}. "
+        f"Produced by `{' '.join(['python benchmarks/quality.py', *command])}`.",
+        "",
+        "Every component is the same base model with one LoRA adapter each; the judge is that "
+        "same small model (no larger judge on a CPU). Data: `python benchmarks/data.py` "
+        "(BIG-bench 1.0.0's SQuAD v1.1 dev and object_counting, seeded splits; BIG-bench "
+        "word_sorting is held out and never used here).",
+        "",
+        "Variants: "
+        + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())
+        + ". The no-verify ablation is made by swapping the replay check for one that "
+        "accepts every proposal (`no_replay_verification` in this script).",
+        "",
+    ]
+    body: list[str] = []
+    for task in tasks:
+        if results.get(task.name):
+            body += task_section(task, results[task.name])
+    text = "\n".join(header + body)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text + "\n")
+    plot(tasks, results, png)
+    return text
+
+
+def plot(tasks: list[Task], results: dict[str, dict[str, VariantResult]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [t for t in tasks if results.get(t.name)]
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(5 * max(len(shown), 1), 4))
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    for ax, task in zip(axes, shown, strict=False):
+        metric = task.job["system"].get("metric", "exact_match")
+        names: list[str] = []
+        means: list[float] = []
+        errors: list[list[float]] = [[], []]
+        for variant, result in results[task.name].items():
+            values = [s[metric] for s in result.scores.values()]
+            low, high = bootstrap_interval(values)
+            mean = _mean(values)
+            names.append(variant)
+            means.append(mean)
+            errors[0].append(max(mean - low, 0.0))
+            errors[1].append(max(high - mean, 0.0))
+        ax.bar(names, means, yerr=errors, capsize=4, color="#4878a8")
+        ax.set(title=f"{task.name} (test, n={len(values)})", ylabel=f"{metric} (95 % CI)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {TASKS}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
+    parser.add_argument("--quick", action="store_true", help=f"small configuration: {QUICK}")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on its tiny-kb task")
+    parser.add_argument("--model-path", type=Path, help="a local model folder for every model")
+    parser.add_argument("--train", type=int, help="use the first N train rows")
+    parser.add_argument("--val", type=int, help="use the first N val rows")
+    parser.add_argument("--test", type=int, help="use the first N test rows")
+    parser.add_argument("--epochs", type=int, help="loop epochs (default: the job's)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.model_path is not None:
+        args.model_path = args.model_path.resolve()
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    tasks = ["tiny-kb"] if args.tiny else [t for t in args.tasks.split(",") if t]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS] + [
+        t for t in tasks if t not in (*TASKS, "tiny-kb")
+    ]
+    if unknown:
+        parser.error(f"unknown task or variant {unknown}; tasks {TASKS}, variants {list(VARIANTS)}")
+
+    import torch
+
+    torch.set_num_threads(min(os.cpu_count() or 2, 16))
+    suffix = "-tiny" if args.tiny else "-quick" if args.quick else ""
+    runs = args.out / f"runs{suffix}"
+    loaded = [load_task(name, args, runs) for name in tasks]
+    if any(not (runs / t.name / v / "metrics.json").exists() for t in loaded for v in variants):
+        start_engines(loaded)
+    results: dict[str, dict[str, VariantResult]] = {}
+    for task in loaded:
+        for variant in variants:
+            started = time.perf_counter()
+            what = run_variant(
+                task, variant, runs / task.name / variant, progress=not args.no_progress
+            )
+            print(
+                f"{task.name} {variant}: {what} ({time.perf_counter() - started:.0f} s)",
+                file=sys.stderr,
+            )
+        results[task.name] = {
+            v: r
+            for v in VARIANTS  # every finished variant, in a fixed order
+            if (r := load_result(runs / task.name / v, v, task.metrics)) is not None
+        }
+    md, png = args.out / f"quality{suffix}.md", args.out / f"quality{suffix}.png"
+    command = list(sys.argv[1:] if argv is None else argv)
+    print(write_report(loaded, results, md, png, command))
+    print(f"report: {md}\nplot: {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""The quality benchmark's scripts, so they don't rot: the data builder on small fabricated
+SQuAD- and BIG-bench-shaped files (no network), the paired statistics, the counting tool, and
+``benchmarks/quality.py`` end to end on the tiny model (real vLLM, real TRL)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+try:
+    import data as bench_data
+    import quality
+finally:
+    sys.path.pop(0)
+
+SIZES = {"train": 4, "val": 3, "test": 5}
+
+
+def fake_squad(articles: int = 3, paragraphs: int = 5) -> dict[str, Any]:
+    """SQuAD v1.1's shape: data -> articles -> paragraphs (context, qas -> answers)."""
+    data: list[dict[str, Any]] = []
+    for a in range(articles):
+        rows = []
+        for p in range(paragraphs):
+            qas = [
+                {
+                    "id": f"q{a}-{p}-{q}",
+                    "question": f"What  is fact {q} of paragraph {p}\nin article {a}?",
+                    "answers": [
+                        {"answer_start": 0, "text": f"answer {a}-{p}-{q}"},
+                        {"answer_start": 0, "text": f"answer {a}-{p}-{q} "},  # same, spaced
+                        {"answer_start": 0, "text": f"the answer {a}-{p}-{q}"},
+                    ],
+                }
+                for q in range(2)
+            ]
+            rows.append({"context": f"Paragraph {p} of article {a}.", "qas": qas})
+        data.append({"title": f"Article_{a}", "paragraphs": rows})
+    # One paragraph whose only question has no answer: it stays in the corpus, asks nothing.
+    data[0]["paragraphs"].append({"context": "No answers here.", "qas": []})
+    return {"version": "1.1", "data": data}
+
+
+def fake_object_counting() -> dict[str, Any]:
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    examples: list[dict[str, Any]] = [
+        {
+            "input": f"I have {i} things, item {i}. How many fruits do I have?",
+            "target": [words[i % 8], str(i % 8 + 1)],
+        }
+        for i in range(12)
+    ]
+    examples.append({"input": "I have a bed. How many objects do I have?", "target": "one"})
+    examples.append(
+        {
+            "input": "I have a cat and a dog. How many animals do I have?",
+            "target_scores": {"2": 1, "3": 0},
+        }
+    )
+    examples.append(dict(examples[0]))  # a duplicate input: dropped
+    examples.append({"input": "I have a lamp. How many objects do I have?", "target": "many"})
+    return {"name": "object_counting", "examples": examples}
+
+
+# -- the data builder -------------------------------------------------------------------------
+
+
+def test_squad_splits_are_seeded_disjoint_by_paragraph_and_keep_distinct_gold_spans() -> None:
+    squad = fake_squad()
+    corpus, splits = bench_data.build_squad(squad, seed=0, sizes=SIZES)
+    assert len(corpus) == 16 and corpus[0] == {
+        "id": "Article_0#0",
+        "title": "Article 0",
+        "text": "Paragraph 0 of article 0.",
+    }
+    assert {k: len(v) for k, v in splits.items()} == SIZES
+    rows = [r for split in splits.values() for r in split]
+    paragraphs = [r["paragraph"] for r in rows]
+    assert len(set(paragraphs)) == len(rows), "a paragraph feeds two rows"
+    assert {r["paragraph"] for r in rows} <= {c["id"] for c in corpus}
+    first = rows[0]
+    a, p, q = first["id"][1:].split("-")
+    assert first["expected"] == [f"answer {a}-{p}-{q}", f"the answer {a}-{p}-{q}"]
+    assert first["question"] == f"What is fact {q} of paragraph {p} in article {a}?"
+    assert bench_data.build_squad(squad, seed=0, sizes=SIZES) == (corpus, splits)
+    _, other = bench_data.build_squad(squad, seed=1, sizes=SIZES)
+    assert [r["id"] for r in other["test"]] != [r["id"] for r in splits["test"]]
+    with pytest.raises(ValueError, match="need 16"):
+        bench_data.build_squad(squad, sizes={"train": 10, "val": 3, "test": 3})
+
+
+def test_object_count_splits_take_the_number_as_digits_and_drop_duplicates() -> None:
+    task = fake_object_counting()
+    splits = bench_data.build_object_count(task, seed=0, sizes=SIZES)
+    rows = [r for split in splits.values() for r in split]
+    assert {k: len(v) for k, v in splits.items()} == SIZES
+    assert len({r["question"] for r in rows}) == len(rows)
+    for row in rows:
+        assert row["expected"][0].isdigit() and len(row["expected"]) == 1
+    every = bench_data.build_object_count(task, seed=0, sizes={"train": 10, "val": 2, "test": 2})
+    by_question = {r["question"]: r for split in every.values() for r in split}
+    assert len(by_question) == 14, "the duplicate and the target with no number are dropped"
+    bed = by_question["I have a bed. How many objects do I have?"]
+    assert bed["expected"] == ["1"] and bed["kind"] == "objects"
+    assert by_question["I have a cat and a dog. How many animals do I have?"]["expected"] == ["2"]
+    assert bench_data.build_object_count(task, seed=0, sizes=SIZES) == splits
+    assert bench_data.count_of({"target": ["twenty-one", "x"]}) == "21"
+    assert bench_data.count_of({"target_scores": {"4": 1, "5": 0}}) == "4"
+    assert bench_data.count_of({"target": "none"}) is None
+
+
+def _tar_with(path: Path, files: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+
+
+def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: Path) -> None:
+    squad = json.dumps(fake_squad()).encode()
+    counting = json.dumps(fake_object_counting()).encode()
+    tasks = bench_data.TASKS_DIR
+    sdist = tmp_path / "bigbench.tar.gz"
+    _tar_with(
+        sdist,
+        {
+            f"{tasks}/squad_shifts/squaddev_v1.1.json": squad,
+            f"{tasks}/word_sorting/task.json": b'{"held": "out"}',
+            f"{tasks}/object_counting/task.json": counting,
+            "../escape.txt": b"never written",
+        },
+    )
+    members = {
+        name: (member, hashlib.sha256(content).hexdigest())
+        for name, member, content in [
+            ("squaddev_v1.1.json", f"{tasks}/squad_shifts/squaddev_v1.1.json", squad),
+            ("object_counting.json", f"{tasks}/object_counting/task.json", counting),
+        ]
+    }
+    raw = tmp_path / "data" / "raw"
+    bench_data.extract_members(sdist, raw, members)
+    assert sorted(p.name for p in raw.iterdir()) == ["object_counting.json", "squaddev_v1.1.json"]
+    assert not (tmp_path / "escape.txt").exists()
+
+    manifest = bench_data.build_all(raw, tmp_path / "data", seed=0, sizes=SIZES)
+    assert manifest["squad-rag"] == {"corpus": 16, **SIZES}
+    assert manifest["object-count"] == SIZES
+    assert bench_data.is_built(tmp_path / "data")
+    assert (
+        "squad-rag/test.jsonl" in manifest["files"]
+        and "raw/squaddev_v1.1.json" in (manifest["files"])
+    )
+    rows = (tmp_path / "data" / "squad-rag" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == SIZES["train"] and set(json.loads(rows[0])) >= {"question", "expected"}
+
+    wrong = {"squaddev_v1.1.json": (members["squaddev_v1.1.json"][0], "0" * 64)}
+    with pytest.raises(SystemExit, match="sha256"):
+        bench_data.extract_members(sdist, tmp_path / "other", wrong)
+
+
+def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> None:
+    from cotune.jobspec import load_job
+    from cotune.tools.registry import get_python_tool
+
+    squad = load_job(REPO / "examples" / "squad-rag" / "job.yaml")
+    assert [c.name for c in squad.system.trainable_components] == ["query", "answer"]
+    counting = load_job(REPO / "examples" / "object-count" / "job.yaml")
+    assert counting.system.component("count").args == {"function": "count_items"}
+    count = get_python_tool("count_items")
+    assert count("a clarinet\n- two violins\n3 flutes") == "6"
+    assert count("Fruits:\na plum, an orange, and four peaches.") == "6"
+    assert count(["1. bed", "2. chair"]) == "2"
+    assert count("") == "0"
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def test_paired_statistics() -> None:
+    assert quality.mcnemar_exact([False] * 5, [True] * 5) == (0, 5, 0.0625)
+    assert quality.mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
+    only_a, only_b, p = quality.mcnemar_exact([True] * 3 + [False] * 7, [False] * 3 + [True] * 7)
+    assert (only_a, only_b) == (3, 7) and 0.34 < p < 0.35  # 2 * P(X <= 3), X ~ Bin(10, 1/2)
+    assert quality.paired_bootstrap([0.0, 1.0, 1.0], [0.0, 1.0, 1.0]) == (0.0, 0.0, 0.0)
+    diff, low, high = quality.paired_bootstrap([0.0] * 20, [1.0] * 10 + [0.0] * 10)
+    assert diff == 0.5 and 0.25 <= low < 0.5 < high <= 0.75
+
+
+def test_no_verify_ablation_accepts_every_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cotune.verify
+    from cotune.records import Candidate
+
+    def scripted_verify(*args: Any, **kwargs: Any) -> Any:  # a test double for the replay
+        rejected = Candidate(
+            epoch=1,
+            trace_id="t",
+            example_id="e",
+            component="answer",
+            source="judge",
+            proposed_output="x",
+            original_output="y",
+            original_score=0.0,
+            replay_scores=[0.0],
+            accepted=False,
+        )
+        return [rejected], {}
+
+    monkeypatch.setattr(cotune.verify, "verify", scripted_verify)
+    with quality.no_replay_verification():
+        swapped: Any = cotune.verify.verify
+        candidates, _ = swapped(None, [], epoch=1)
+        assert [c.accepted for c in candidates] == [True]
+    assert cotune.verify.verify is scripted_verify
+
+
+# -- the benchmark, end to end ----------------------------------------------------------------
+
+
+def test_quality_benchmark_runs_on_the_tiny_model(
+    tiny_model_dir: Path, vllm_engine: Any, tmp_path: Path
+) -> None:
+    argv = [
+        "--tiny",
+        "--model-path",
+        str(tiny_model_dir),
+        "--variants",
+        "base,full",
+        "--train",
+        "8",
+        "--val",
+        "6",
+        "--test",
+        "8",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert quality.main(argv) == 0
+    text = (tmp_path / "quality-tiny.md").read_text()
+    assert "## tiny-kb" in text and "same small model" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant | exact"))
+    header = lines[start].split(" | ")
+    assert header[2:5] == [
+        "Δ exact_match vs base",
+        "Δ exact_match vs bootstrap",
+        "McNemar p vs base",
+    ]
+    scores = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        cells = line.split(" | ")
+        scores[cells[0][2:]] = cells
+    assert list(scores) == ["base", "full"]
+    full = scores["full"]
+    assert 0.0 <= float(full[1]) <= 1.0
+    assert full[2].count("[") == 1 and full[2].count(",") == 1  # Δ vs base [95 % CI]
+    p_value, discordant = full[4].split(" (")
+    assert 0.0 <= float(p_value) <= 1.0 and discordant.rstrip(")").count("/") == 1
+    assert "| engine calls |" in text and "| trained tokens |" in text
+    assert (tmp_path / "quality-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = tmp_path / "runs-tiny" / "tiny-kb"
+    assert len((runs / "full" / "traces" / "test.jsonl").read_text().splitlines()) == 8
+    full_metrics = json.loads((runs / "full" / "metrics.json").read_text())
+    base_metrics = json.loads((runs / "base" / "metrics.json").read_text())
+    assert full_metrics["base_test_score"] == base_metrics["test_score"]
+
+    # Finished variants are cached, not rerun.
+    stamp = (runs / "full" / "metrics.json").stat().st_mtime_ns
+    assert quality.main(argv) == 0
+    assert (runs / "full" / "metrics.json").stat().st_mtime_ns == stamp
