@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=cmd_keys_revoke)
 
     demo = sub.add_parser("demo", help="the first run: prepare SmolLM2 and train kb-qa on it")
-    demo.add_argument("--tiny", action="store_true", help="a one-minute run on the tiny model")
+    demo.add_argument("--tiny", action="store_true", help="a short run on the tiny model")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -66,6 +66,7 @@ def run_embedded(job: JobSpec, out: Path, *, resume: bool = False, progress: boo
         store=store,
         artifacts=artifacts,
         progress=bars.update if bars else None,
+        on_stage_done=bars.done if bars else None,
     )
     record = store.get_job(job_id)
     if record is not None and record.status != JobStatus.running:
