@@ -102,19 +102,23 @@ class JobContext:
         tools = self.tools or ToolContext.for_system(self.job.system)
         if self.engines is not None:
             return Runtime(self.job.system, self.engines, tools, adapters)
-        options = {
-            "max_lora_rank": max(self.job.train.lora_r, 16),
-            "max_loras": max(len(self.job.system.trainable_components), 1),
-        }
-        if self.job.engine != "vllm":
-            options = {}
         return open_runtime(
             self.job.system,
             engine=self.job.engine,
             adapters=adapters,
             tools=tools,
-            engine_options={**options, **self.engine_options},
+            engine_options=self.local_engine_options(),
         )
+
+    def local_engine_options(self) -> dict[str, Any]:
+        """Options for this job's local engine: vLLM's LoRA limits must fit every component."""
+        options: dict[str, Any] = {}
+        if self.job.engine == "vllm":
+            options = {
+                "max_lora_rank": max(self.job.train.lora_r, 16),
+                "max_loras": max(len(self.job.system.trainable_components), 1),
+            }
+        return {**options, **self.engine_options}
 
     def adapter_path(self, key: str) -> Path:
         local = self.artifacts.local_path(key)
@@ -419,11 +423,7 @@ def judge_engine(ctx: JobContext) -> InferenceEngine:
         return get_engine("openai", judge.model, url=judge.url, api_key=key)
     ref = system.models.get(judge.model) or ModelRef(name=judge.model)
     path = resolve_model(ref, system.base_dir, param="judge.model")
-    options = {
-        "max_lora_rank": max(ctx.job.train.lora_r, 16),
-        "max_loras": max(len(system.trainable_components), 1),
-    }
-    return get_engine(ctx.job.engine, path, **(options if ctx.job.engine == "vllm" else {}))
+    return get_engine(ctx.job.engine, path, **ctx.local_engine_options())
 
 
 def _run_batched(

@@ -27,20 +27,29 @@ class Buffer:
     sft: dict[str, list[SFTRow]] = field(default_factory=dict)
     dpo: dict[str, list[DPOPair]] = field(default_factory=dict)
 
+    # Keys of the rows already held, so a duplicate is found without re-serialising the buffer.
+    _seen: set[tuple[str, str, str]] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        for component, rows in self.sft.items():
+            self._seen.update(("sft", component, _row_key(r.messages, r.completion)) for r in rows)
+        for component, pairs in self.dpo.items():
+            self._seen.update(("dpo", component, _pair_key(p)) for p in pairs)
+
     def add_sft(self, component: str, row: SFTRow) -> bool:
-        rows = self.sft.setdefault(component, [])
-        key = _row_key(row.messages, row.completion)
-        if any(_row_key(r.messages, r.completion) == key for r in rows):
+        key = ("sft", component, _row_key(row.messages, row.completion))
+        if key in self._seen:
             return False
-        rows.append(row)
+        self._seen.add(key)
+        self.sft.setdefault(component, []).append(row)
         return True
 
     def add_pair(self, component: str, pair: DPOPair) -> bool:
-        pairs = self.dpo.setdefault(component, [])
-        key = _row_key(pair.messages, pair.chosen + "\x00" + pair.rejected)
-        if any(_row_key(p.messages, p.chosen + "\x00" + p.rejected) == key for p in pairs):
+        key = ("dpo", component, _pair_key(pair))
+        if key in self._seen:
             return False
-        pairs.append(pair)
+        self._seen.add(key)
+        self.dpo.setdefault(component, []).append(pair)
         return True
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -62,6 +71,10 @@ class Buffer:
             sft={c: [SFTRow(**r) for r in rows] for c, rows in data.get("sft", {}).items()},
             dpo={c: [DPOPair(**p) for p in pairs] for c, pairs in data.get("dpo", {}).items()},
         )
+
+
+def _pair_key(pair: DPOPair) -> str:
+    return _row_key(pair.messages, pair.chosen + "\x00" + pair.rejected)
 
 
 def _row_key(messages: Sequence[dict[str, str]], completion: str) -> str:
