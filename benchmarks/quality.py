@@ -13,8 +13,8 @@ bootstrap    DSPy BootstrapFinetune's method: SFT on the spans of passing traces
              batch and sample budget as full
 full         cotune: judge + replay-verified corrections (re-sampling where the judge proposes
              nothing) + synthesis, SFT then DPO: the task's job.yaml
-no-verify    full, but every proposal is accepted without replay verification (see
-             ``no_replay_verification``: the loop has no switch for it yet)
+no-verify    full with ``loop.verify_by_replay: false``: every proposal is accepted, whatever
+             replaying it showed (the replays still run and are recorded)
 no-judge     ``judge: null``, ``gold_candidates: false``: candidates come only from re-sampling,
              still verified by replay
 sft-only     full with ``method: sft`` (no DPO)
@@ -41,7 +41,6 @@ they never mix with the full run's results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -50,7 +49,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,9 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
         _no_gold_candidates(loop)
     elif variant == "sft-only":
         train["method"] = "sft"
-    elif variant not in ("base", "full", "no-verify"):
+    elif variant == "no-verify":
+        loop["verify_by_replay"] = False
+    elif variant not in ("base", "full"):
         raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
     return job
 
@@ -177,35 +178,6 @@ def _no_gold_candidates(loop: dict[str, Any]) -> None:
 
     if "gold_candidates" in LoopConfig.model_fields:
         loop["gold_candidates"] = False
-
-
-@contextlib.contextmanager
-def no_replay_verification() -> Iterator[None]:
-    """The ``no-verify`` ablation: accept every proposal, whatever replaying it showed.
-
-    The loop has no switch for this, so the benchmark swaps ``cotune.verify.verify`` for the
-    duration of the run (``cotune.loop.verify_candidates`` imports it when it is called). The
-    replays still run and are recorded, so the ablation costs what full costs; only acceptance
-    stops depending on them: judge proposals (and the re-sampled candidates of traces the judge
-    proposed nothing for) all become SFT rows and DPO pairs. The downstream spans of a replay
-    still join the buffer only when that replay passed, as in full. A loop switch would do the
-    same and skip the replays (``LoopConfig.verify_by_replay: bool = True``).
-    """
-    import cotune.verify as verify_module
-
-    real = verify_module.verify
-
-    def accept_all(*args: Any, **kwargs: Any) -> Any:
-        candidates, replays = real(*args, **kwargs)
-        for candidate in candidates:
-            candidate.accepted = True
-        return candidates, replays
-
-    verify_module.verify = accept_all
-    try:
-        yield
-    finally:
-        verify_module.verify = real
 
 
 def start_engines(tasks: Sequence[Task]) -> None:
@@ -255,9 +227,7 @@ def run_variant(task: Task, variant: str, out: Path, *, progress: bool) -> str:
             what = "ran"
         else:
             resume = (out / "job.json").exists()
-            ablation = no_replay_verification() if variant == "no-verify" else None
-            with ablation or contextlib.nullcontext():
-                _run_embedded(job, out, resume=resume, progress=progress)
+            _run_embedded(job, out, resume=resume, progress=progress)
             what = "resumed" if resume else "ran"
     finally:
         _add_wall(out, time.perf_counter() - started)
@@ -592,8 +562,7 @@ def write_report(
         "",
         "Variants: "
         + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())
-        + ". The no-verify ablation is made by swapping the replay check for one that "
-        "accepts every proposal (`no_replay_verification` in this script).",
+        + ". The no-verify ablation is the loop's `verify_by_replay: false`.",
         "",
     ]
     body: list[str] = []

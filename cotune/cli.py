@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--tenant")
     revoke.set_defaults(handler=cmd_keys_revoke)
 
+    _add_client_commands(sub)
+
     demo = sub.add_parser("demo", help="the first run: prepare SmolLM2 and train kb-qa on it")
     demo.add_argument("--tiny", action="store_true", help="a short run on the tiny model")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -239,6 +241,138 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         )
     print(f"revoked {args.key_id}")
     return 0
+
+
+# -- the client commands: talk to a server through cotune.client ---------------------------------
+
+
+def _add_client_commands(sub: Any) -> None:
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        parser.add_argument("--server", help="the API's URL (default $COTUNE_API_URL or :8000)")
+        parser.add_argument("--key", help="an API key (default $COTUNE_API_KEY)")
+        return parser
+
+    submit = client_parser("submit", "upload a job's local files and submit it to a server")
+    submit.add_argument("job", type=Path, help="job spec (YAML or JSON), as for `cotune run`")
+    submit.add_argument("--wait", action="store_true", help="follow its events until it ends")
+    submit.add_argument("--quote", action="store_true", help="print what it would cost instead")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = client_parser("status", "a job's status and results (or list your jobs)")
+    status.add_argument("job_id", nargs="?", help="omit to list your jobs")
+    status.add_argument("--json", action="store_true", help="the whole job object")
+    status.set_defaults(handler=cmd_status)
+
+    logs = client_parser("logs", "a job's events")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    logs.set_defaults(handler=cmd_logs)
+
+    cancel = client_parser("cancel", "cancel a job (it stops between stages)")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    download = client_parser("download", "download a job's bundle or one component's adapter")
+    download.add_argument("job_id")
+    download.add_argument("--component", help="only this component's PEFT adapter")
+    download.add_argument("--out", type=Path, default=Path("."), help="folder (default: .)")
+    download.add_argument("--tar", action="store_true", help="keep the .tar.gz, do not extract")
+    download.set_defaults(handler=cmd_download)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from cotune.client import Client
+
+    return Client(args.server, args.key)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cotune.client import TERMINAL
+
+    def uploaded(path: Path, file: dict[str, Any]) -> None:
+        print(f"uploaded {path} -> {file['id']} ({file['rows']} rows)", file=sys.stderr)
+
+    with _client(args) as client:
+        if args.quote:
+            print(json.dumps(client.quote(args.job), indent=2))
+            return 0
+        job = client.submit(args.job, on_upload=uploaded)
+        print(job["id"])
+        print(f"submitted {job['name']} as {job['id']} ({job['status']})", file=sys.stderr)
+        if not args.wait:
+            return 0
+        job = client.wait(job["id"], progress=True)
+        _print_job(job)
+        return 0 if job["status"] == "succeeded" else 1 if job["status"] in TERMINAL else 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.job_id is None:
+            for job in client.list_jobs(limit=50):
+                print(f"{job['id']}  {job['status']:<16} {job['name']}")
+            return 0
+        job = client.get(args.job_id)
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            _print_job(job)
+        return 0
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    print(f"{job['id']}  {job['name']}  {job['status']}")
+    if job.get("error"):
+        print(f"  error: {job['error']['message']}")
+    result = job.get("result") or {}
+    for label, key in (
+        ("base val", "base_val_score"),
+        ("best val", "best_val_score"),
+        ("base test", "base_test_score"),
+        ("test", "test_score"),
+    ):
+        if result.get(key) is not None:
+            print(f"  {label:<10} {result[key]:.4f}")
+    if result.get("best_epoch") is not None:
+        print(f"  best epoch {result['best_epoch']}; adapters: {', '.join(result['adapters'])}")
+    elif job["status"] == "succeeded":
+        print(f"  no epoch beat the base system ({result.get('stop_reason') or 'no adapters'})")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from cotune.client import print_event
+
+    with _client(args) as client:
+        for event in client.events(args.job_id, follow=args.follow):
+            print_event(event)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job_id)
+    print(f"{job['id']}  {job['status']}" + ("  (cancel requested)" * job["cancel_requested"]))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.component:
+            path = client.download_adapter(
+                args.job_id, args.component, _tar_path(args, args.component), extract=not args.tar
+            )
+        else:
+            path = client.download_bundle(
+                args.job_id, _tar_path(args, "bundle"), extract=not args.tar
+            )
+    print(path)
+    return 0
+
+
+def _tar_path(args: argparse.Namespace, what: str) -> Path:
+    out: Path = args.out
+    return out / f"{args.job_id}-{what}.tar.gz" if args.tar else out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

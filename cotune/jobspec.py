@@ -70,6 +70,12 @@ class LoopConfig(_Strict):
         description="propose the gold answer for the final writer when its own inputs "
         "contain it (verified by replay like any candidate)",
     )
+    verify_by_replay: bool = Field(
+        default=True,
+        description="accept a candidate only when replaying the system with it raises the "
+        "score; false accepts every candidate (an ablation: the replays still run and are "
+        "recorded)",
+    )
     candidate_temperature: float = Field(default=0.8, gt=0.0, le=2.0)
     augment_rollouts: int = Field(
         default=2, ge=0, le=16, description="extra sampled rollouts to fill up to N samples"

@@ -249,11 +249,17 @@ def verify_candidates(
         seed=loop.seed * 7919 + epoch,
     )
     candidates, replays = verify(
-        runtime, proposals, epoch=epoch, replays=loop.replays, seed=loop.seed + epoch
+        runtime,
+        proposals,
+        epoch=epoch,
+        replays=loop.replays,
+        seed=loop.seed + epoch,
+        require_gain=loop.verify_by_replay,
     )
     ctx.store.add_candidates(ctx.job_id, candidates, replace_epoch=epoch)
     accepted = sum(c.accepted for c in candidates)
-    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates verified by replay")
+    how = "verified by replay" if loop.verify_by_replay else "accepted unverified (ablation)"
+    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}")
     return {
         "candidates": [c.model_dump(mode="json") for c in candidates],
         "replays": {str(i): t.model_dump(mode="json") for i, t in replays.items()},

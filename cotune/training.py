@@ -410,7 +410,37 @@ def _sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    trainer.train_dataset = _no_loss_after_end_of_turn(trainer.train_dataset, tokenizer)
     return _without_printer(trainer)
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _end_of_turn_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    return ids | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+
+
+def _no_loss_after_end_of_turn(dataset: Any, tokenizer: Any) -> Any:
+    """Labels -100 after the completion's first end-of-turn token. Chat templates render a
+    turn as ``...<|im_end|>\n``; generation stops at the end-of-turn token, so what follows it
+    is never generated, and a model that never saw it there (a small or base model) would
+    spend the loss on it."""
+    stops = _end_of_turn_ids(tokenizer)
+
+    def mask(example: dict[str, Any]) -> dict[str, Any]:
+        labels = list(example["labels"])
+        for i, label in enumerate(labels):
+            if label != -100 and label in stops:
+                labels[i + 1 :] = [-100] * (len(labels) - i - 1)
+                break
+        return {"labels": labels}
+
+    if "labels" not in dataset.column_names:  # another TRL layout: leave it as TRL made it
+        return dataset
+    return dataset.map(mask, desc="Masking what follows the end of turn")
 
 
 def _dpo_trainer(

@@ -115,10 +115,18 @@ def resample_proposals(
 
 
 def verify(
-    runtime: Runtime, proposals: Sequence[Proposal], *, epoch: int, replays: int = 1, seed: int = 0
+    runtime: Runtime,
+    proposals: Sequence[Proposal],
+    *,
+    epoch: int,
+    replays: int = 1,
+    seed: int = 0,
+    require_gain: bool = True,
 ) -> tuple[list[Candidate], dict[int, Trace]]:
     """Replay every proposal; return one Candidate each (accepted or not) and, by candidate
-    index, the first replay trace (its downstream spans feed synthesis when it passed)."""
+    index, the first replay trace (its downstream spans feed synthesis when it passed).
+    ``require_gain=False`` (the no-verification ablation) accepts every candidate, whatever
+    its replay showed; the replay scores are still recorded."""
     if not proposals:
         return [], {}
     system = runtime.system
@@ -145,7 +153,7 @@ def verify(
         original = proposal.trace.score or 0.0
         base = [run[i].score or 0.0 for run in baseline_runs] or [original]
         reference = original if replays == 1 else _mean(base)
-        accepted = _mean(scores) > reference
+        accepted = _mean(scores) > reference or not require_gain
         candidates.append(
             Candidate(
                 epoch=epoch,

@@ -12,6 +12,18 @@ VENV="${VENV:-.venv}"
 stamp="$VENV/.cotune-installed"
 want="$EXTRA $(sha256sum pyproject.toml | cut -c1-16)"
 
+# The dashboard's tests drive a real browser: Debian's chromium, headless.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (the dashboard tests drive it headless)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    echo "setup: /usr/bin/chromium is missing and tests/test_dashboard.py needs it;" \
+      "install it as root: apt-get install -y chromium" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

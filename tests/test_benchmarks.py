@@ -196,31 +196,20 @@ def test_paired_statistics() -> None:
     assert diff == 0.5 and 0.25 <= low < 0.5 < high <= 0.75
 
 
-def test_no_verify_ablation_accepts_every_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cotune.verify
-    from cotune.records import Candidate
+def test_variants_are_loop_settings() -> None:
+    from cotune.jobspec import parse_job
+    from cotune.tiny import TINY_SYSTEM
 
-    def scripted_verify(*args: Any, **kwargs: Any) -> Any:  # a test double for the replay
-        rejected = Candidate(
-            epoch=1,
-            trace_id="t",
-            example_id="e",
-            component="answer",
-            source="judge",
-            proposed_output="x",
-            original_output="y",
-            original_score=0.0,
-            replay_scores=[0.0],
-            accepted=False,
-        )
-        return [rejected], {}
-
-    monkeypatch.setattr(cotune.verify, "verify", scripted_verify)
-    with quality.no_replay_verification():
-        swapped: Any = cotune.verify.verify
-        candidates, _ = swapped(None, [], epoch=1)
-        assert [c.accepted for c in candidates] == [True]
-    assert cotune.verify.verify is scripted_verify
+    job = {"system": TINY_SYSTEM, "data": {"train": "t", "val": "v"}, "judge": {"model": "tiny"}}
+    task = quality.Task("tiny-kb", REPO, job, ["exact_match"])
+    jobs = {v: parse_job(quality.variant_job(task, v)) for v in quality.VARIANTS}
+    assert not jobs["no-verify"].loop.verify_by_replay
+    assert all(j.loop.verify_by_replay for v, j in jobs.items() if v != "no-verify")
+    assert jobs["bootstrap"].judge is None and not jobs["bootstrap"].loop.gold_candidates
+    assert jobs["bootstrap"].loop.resample_candidates == 0
+    assert jobs["bootstrap"].train.method == jobs["sft-only"].train.method == "sft"
+    assert jobs["no-judge"].judge is None and jobs["no-judge"].loop.resample_candidates >= 1
+    assert jobs["full"].judge is not None and jobs["full"].train.method == "sft+dpo"
 
 
 # -- the benchmark, end to end ----------------------------------------------------------------

@@ -232,6 +232,12 @@ def test_verify_accepts_only_the_candidates_that_raise_the_score(
         assert replayed[index].replay_of == candidate.trace_id
         assert replayed[index].passed == candidate.accepted
 
+    # The no-verification ablation (loop.verify_by_replay: false): the same replays, recorded,
+    # and every candidate accepted.
+    unverified, _ = verify(runtime, proposals, epoch=1, replays=replays, seed=5, require_gain=False)
+    assert all(c.accepted for c in unverified)
+    assert [c.replay_scores for c in unverified] == [c.replay_scores for c in candidates]
+
 
 def test_every_candidate_is_stored_with_its_replay_scores(
     example_dir: Path, harness: Callable[..., Harness]

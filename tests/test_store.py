@@ -1,4 +1,5 @@
-"""The job store on SQLite and PostgreSQL, and the artifact store on a local folder and memory://.
+"""The job store on SQLite and PostgreSQL; the artifact store on a local folder, memory:// and
+s3:// (moto's local S3-compatible server).
 
 PostgreSQL: a database of its own per test session, created on the server at
 ``COTUNE_TEST_PG_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``) and
@@ -612,10 +613,37 @@ def test_artifacts_records(store: JobStore) -> None:
 # --------------------------------------------------------------------------- artifact store
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3-compatible server on a free local port, with a bucket ``cotune``; s3fs finds
+    it through ``AWS_ENDPOINT_URL``, as the service's workers find MinIO (docker-compose.yml)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "cotune-test")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "cotune-test-secret")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("cotune")
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
 def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactStore]:
     if request.param == "local":
         yield ArtifactStore(str(tmp_path / "artifacts"))
+    elif request.param == "s3":
+        request.getfixturevalue("s3_endpoint")
+        yield ArtifactStore(f"s3://cotune/test-{uuid.uuid4().hex[:8]}")
     else:
         root = f"memory://cotune-test-{uuid.uuid4().hex[:8]}/arts"
         store = ArtifactStore(root)
@@ -779,3 +807,19 @@ def test_file_url_root(tmp_path: Path) -> None:
     assert a.is_local
     a.put_text("k/v.txt", "x")
     assert (tmp_path / "r" / "k" / "v.txt").read_text() == "x"
+
+
+def test_s3_store_sees_another_process_writes(s3_endpoint: str) -> None:
+    """Two stores with their own s3fs instances (as the API and a worker have): a listing
+    taken before the other one's write does not hide it afterwards."""
+    root = f"s3://cotune/shared-{uuid.uuid4().hex[:8]}"
+    api = ArtifactStore(root, skip_instance_cache=True)
+    worker = ArtifactStore(root, skip_instance_cache=True)
+    assert api.fs is not worker.fs
+    assert api.list("job-1") == [] and not api.exists("job-1/result/metrics.json")
+    worker.put_json("job-1/result/metrics.json", {"ok": True})
+    assert api.list("job-1") == ["job-1/result/metrics.json"]
+    assert api.exists("job-1/result/metrics.json")
+    assert api.get_json("job-1/result/metrics.json") == {"ok": True}
+    worker.delete("job-1")
+    assert api.list("job-1") == []

@@ -105,11 +105,13 @@ def test_sft_labels_cover_the_completion_only(tiny_model_dir: Path) -> None:
         n = len(prompt_ids)
         assert input_ids[:n] == prompt_ids
         assert all(label == -100 for label in labels[:n]), "a prompt token is supervised"
-        assert labels[n:] == input_ids[n:], "a completion token is not supervised"
         supervised = [t for t, label in zip(input_ids, labels, strict=True) if label != -100]
-        assert eos in supervised  # the model learns to stop
-        # The chat template's trailing newline after <|im_end|> is part of the completion too.
-        assert tokenizer.decode(supervised) == row.completion + "<|im_end|>\n"
+        assert labels[n : n + len(supervised)] == input_ids[n : n + len(supervised)]
+        assert supervised[-1] == eos  # the model learns to stop, and nothing after that:
+        assert tokenizer.decode(supervised) == row.completion + "<|im_end|>"
+        # the chat template's "\n" after <|im_end|> is in the input but never supervised
+        assert tokenizer.decode(input_ids[n:]) == row.completion + "<|im_end|>\n"
+        assert labels[n + len(supervised) :] == [-100]
 
 
 def test_sft_trains_lora_and_writes_only_the_adapter(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import fresh_pg_database
+from e2e import JOB, JOB_TIMEOUT, check_downloads, cli, start_api, stop, write_job_folder
 
 from cotune.jobspec import parse_job
 from cotune.records import JobReport, Stage
@@ -35,23 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("COTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 LEASE_SECONDS = 5
 REAPER_INTERVAL = 2
-JOB_TIMEOUT = 240.0
 
-JOB: dict[str, Any] = {
-    "system": "system.yaml",
-    "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
-    "judge": {"model": "tiny", "max_tokens": 64},
-    "loop": {
-        "epochs": 1,
-        "rollout_batch": 8,
-        "samples_per_component": 8,
-        "judge_samples": 1,
-        "augment_rollouts": 0,
-        "val_limit": 8,
-        "seed": 0,
-    },
-    "train": {"epochs": 1, "batch_size": 8, "learning_rate": 2.0e-3, "lora_r": 8, "lora_alpha": 16},
-}
 STAGES: list[tuple[int, Stage]] = [
     (0, Stage.baseline),
     (1, Stage.rollout),
@@ -205,14 +191,22 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(
-    pg_url: str, broker_prefix: str, tmp_path_factory: pytest.TempPathFactory
+    pg_url: str,
+    broker_prefix: str,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
     from workers.app import WorkerConfig, create_app
 
     folder = tmp_path_factory.mktemp("workers")
     artifacts_root = folder / "artifacts"
+    # The registry model ``tiny``, prepared: what HTTP jobs name (they name no paths).
+    home = folder / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny").symlink_to(tiny_model_dir)
     env = {
         **os.environ,
+        "COTUNE_HOME": str(home),
         "COTUNE_DATABASE_URL": pg_url,
         "COTUNE_BROKER_URL": REDIS_URL,
         "COTUNE_BROKER_KEY_PREFIX": broker_prefix,
@@ -316,6 +310,45 @@ def test_job_succeeds_and_a_duplicate_message_does_nothing_twice(
         assert report.adapters == {}
     messages = [e.message for e in cluster.store.events(job_id, limit=1000)]
     assert "running" in messages and messages[-1] == "succeeded"
+
+
+def test_cli_submits_follows_and_downloads_through_the_api(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The user's path end to end: ``cotune submit`` uploads the job's files to a real API
+    (``cotune serve`` with Celery), a real worker runs it, ``cotune logs -f`` follows it to
+    the end, ``cotune status`` shows the result, then the downloads."""
+    from cotune.store.accounts import AccountStore
+
+    _, key = AccountStore(cluster.store).create_key("acme", name="e2e")
+    cluster.ensure_worker()
+    api, url = start_api(cluster.env, tmp_path / "api.log")
+    try:
+        env = {**cluster.env, "COTUNE_API_URL": url, "COTUNE_API_KEY": key}
+        job_file = write_job_folder(tmp_path / "job")
+        job_id = cli(env, "submit", str(job_file)).strip()
+        assert re.fullmatch(r"job-[0-9a-f]{24}", job_id), job_id
+        stored = cluster.store.get_job(job_id)
+        assert stored is not None and stored.tenant_id == "acme"
+        for split in ("train", "val", "test"):  # rewritten to the uploaded files' ids
+            assert stored.spec["data"][split].startswith("file-")
+        search = next(c for c in stored.spec["system"]["components"] if c["name"] == "search")
+        assert search["args"]["corpus"].startswith("file-")
+
+        logs = cli(env, "logs", "-f", job_id)
+        record = cluster.store.get_job(job_id)
+        assert record is not None and record.status == JobStatus.succeeded, (
+            f"{record and record.error}\n{cluster.log_tail()}"
+        )
+        assert "files validated; queued" in logs and logs.rstrip().endswith("succeeded")
+        status = cli(env, "status", job_id)
+        assert f"{job_id}  tiny-kb  succeeded" in status and "base val" in status
+        report = JobReport.model_validate(record.result)
+        print(f"e2e job {job_id}: best epoch {report.best_epoch}; status:\n{status}")
+        assert report.best_epoch == 1, "no epoch was kept: nothing to download"
+        check_downloads(cluster.env, url, key, job_id, tmp_path / "downloads")
+    finally:
+        stop(api)
 
 
 def test_killed_worker_stage_is_taken_over_once(

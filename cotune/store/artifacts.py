@@ -69,6 +69,13 @@ class ArtifactStore:
             self._base = self._local_root.as_posix()
         self.is_local = self._local_root is not None
 
+    def _fresh(self) -> Any:
+        """The filesystem with its listing cache dropped: s3fs caches listings per process,
+        and another process (a worker, the API) may have written since."""
+        if not self.is_local:
+            self.fs.invalidate_cache()
+        return self.fs
+
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root!r})"
 
@@ -117,7 +124,7 @@ class ArtifactStore:
                 raise FileNotFoundError(f"no artifact {key!r}")
             return path.read_bytes()
         path_s = self._path(key)
-        if not self.fs.isfile(path_s):
+        if not self._fresh().isfile(path_s):
             raise FileNotFoundError(f"no artifact {key!r}")
         return bytes(self.fs.cat_file(path_s))
 
@@ -148,12 +155,12 @@ class ArtifactStore:
         """True if the key is a file or a folder."""
         if self._local_root is not None:
             return self._local(key).exists()
-        return bool(self.fs.exists(self._path(key)))
+        return bool(self._fresh().exists(self._path(key)))
 
     def isfile(self, key: str) -> bool:
         if self._local_root is not None:
             return self._local(key).is_file()
-        return bool(self.fs.isfile(self._path(key)))
+        return bool(self._fresh().isfile(self._path(key)))
 
     def size(self, key: str) -> int:
         return int(self.fs.size(self._path(key)))
@@ -210,7 +217,7 @@ class ArtifactStore:
     def list(self, prefix: str = "") -> list[str]:
         """Keys of the files at or under the folder key ``prefix`` (all with ``""``), sorted."""
         path = self._path(prefix, allow_root=True)
-        if not self.fs.exists(path):
+        if not self._fresh().exists(path):
             return []
         if self.fs.isfile(path):
             return [prefix]
@@ -229,7 +236,7 @@ class ArtifactStore:
                 path.unlink()
             return
         path_s = self._path(prefix)
-        if self.fs.exists(path_s):
+        if self._fresh().exists(path_s):
             self.fs.rm(path_s, recursive=True)
 
     # ----------------------------------------------------------------------- local atomics

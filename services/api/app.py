@@ -9,7 +9,10 @@ Routes (OpenAPI docs at ``/docs``, the schema at ``/openapi.json``):
   ``.../traces``, ``.../adapters/{component}``, ``.../bundle``; the same under
   ``/v1/fine_tuning/jobs`` for the openai SDK;
 - ``GET /v1/models``: the registry's models and the hosted judges, by name;
-- ops: ``/healthz``, ``/readyz`` (database, broker), ``/metrics`` (Prometheus).
+- ops: ``/healthz``, ``/readyz`` (database, broker), ``/metrics`` (Prometheus);
+- the dashboard: ``GET /dashboard`` (job list, per-job charts, components, traces and a live
+  event log; no key needed for the page, it asks for one and sends it on its own requests),
+  its assets at ``/dashboard/static/{name}``; ``GET /`` redirects there.
 
 ``cotune serve [--embedded]`` calls ``serve()``: without a broker, jobs run in this process's
 threads (``cotune.service.ThreadDispatcher``).
@@ -191,7 +194,7 @@ def _sqlite_folder(url: str) -> None:
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
     """The API over the settings' database and artifact store; jobs go to ``dispatcher``
     (default: a ``ThreadDispatcher`` when there is no broker)."""
-    from services.api.routes import files, jobs, models, ops
+    from services.api.routes import dashboard, files, jobs, models, ops
 
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -247,6 +250,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     )
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(dashboard.router)
     return app
 
 

@@ -1,0 +1,47 @@
+"""``cotune serve --embedded`` end to end: the API and its jobs in one process on SQLite, with no
+Redis and no Celery worker; the same job, CLI and downloads as the Celery path in
+test_workers.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from e2e import check_downloads, cli, start_api, stop, write_job_folder
+
+
+def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny").symlink_to(tiny_model_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COTUNE_", "CELERY_"))} | {
+        "COTUNE_HOME": str(home),
+        "COTUNE_DATABASE_URL": f"sqlite:///{tmp_path / 'cotune.db'}",
+        "COTUNE_ARTIFACTS": str(tmp_path / "artifacts"),
+        "COTUNE_WORKDIR": str(tmp_path / "work"),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    created = json.loads(cli(env, "keys", "create", "--tenant", "acme"))
+    server, url = start_api(env, tmp_path / "api.log", "--embedded")
+    try:
+        client_env = {**env, "COTUNE_API_URL": url, "COTUNE_API_KEY": created["key"]}
+        job_file = write_job_folder(tmp_path / "job")
+        out = cli(client_env, "submit", str(job_file), "--wait")
+        lines = out.splitlines()
+        job_id = lines[0]
+        assert "files validated; queued" in out, out
+        assert f"{job_id}  tiny-kb  succeeded" in out, out + (tmp_path / "api.log").read_text()
+        assert "best epoch 1" in out, out
+        status = json.loads(cli(client_env, "status", job_id, "--json"))
+        assert status["status"] == "succeeded" and status["organization_id"] == "acme"
+        check_downloads(env, url, created["key"], job_id, tmp_path / "downloads")
+    finally:
+        stop(server)
+    log = (tmp_path / "api.log").read_text()
+    assert created["key"] not in log  # the key is never logged
