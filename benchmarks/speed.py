@@ -1,9 +1,16 @@
-"""Rollout speed: cotune's runtime vs raw ``vllm.LLM.chat`` vs raw HF ``generate``.
+"""Speed: cotune against the raw engines and trainers it wraps, in one process and one run.
 
-All three generate for the same rendered prompts with the same settings (greedy, each
-component's max_tokens), in one process and one run: cotune runs the whole system (its engine
-calls plus the bm25 tool); the raw engines get the prompts cotune rendered, one batch per
-component level. Throughput is completion tokens per second of wall time.
+1. Rollout: cotune's runtime vs raw ``vllm.LLM.chat`` vs raw HF ``generate``, for the same
+   rendered prompts with the same settings (greedy, each component's max_tokens). cotune runs
+   the whole system (its engine calls plus the bm25 tool); the raw engines get the prompts
+   cotune rendered, one batch per component level. Completion tokens per second of wall time.
+2. Training: cotune's ``train_adapter`` (SFT only) vs a plain TRL ``SFTTrainer`` script with
+   the same LoRA, batch, epochs, learning rate and precision, on the same rows (the answer
+   writer's spans of the rollout above), each from loading the base model to the adapter
+   written. Trained tokens per second.
+3. Loop overhead: one epoch of ``cotune run`` on the same system (judge = the same model):
+   the epoch's stage seconds minus the seconds spent inside engine calls and trainers, as a
+   share; and how many times the job loaded a base model (vLLM engines, HF copies for training).
 
     python benchmarks/speed.py                     # kb-qa on SmolLM2-135M (prepare it first)
     python benchmarks/speed.py --tiny --limit 16   # the tiny test model, seconds
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed_train beside this file
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
@@ -32,17 +40,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=32, help="examples (the batch size)")
     parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/speed.md")
+    parser.add_argument("--train-epochs", type=int, default=2, help="training part: epochs")
+    parser.add_argument("--no-training", action="store_true", help="skip the training part")
+    parser.add_argument("--no-loop", action="store_true", help="skip the loop-overhead part")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(min(os.cpu_count() or 2, 16))
     system, examples = _load(args)
-    rows = rollout_speed(system, examples, hf_batch=args.hf_batch)
-    table = format_table(rows, system.name, len(examples))
-    print(table)
+    rows, traces = rollout_speed(system, examples, hf_batch=args.hf_batch)
+    tables = [format_table(rows, system.name, len(examples))]
+    print(tables[-1], flush=True)
+    if not args.no_training:
+        from speed_train import format_training, training_speed
+
+        tables.append(format_training(training_speed(system, traces, epochs=args.train_epochs)))
+        print("\n" + tables[-1], flush=True)
+    if not args.no_loop:
+        from speed_train import format_loop, loop_overhead
+
+        tables.append(format_loop(loop_overhead(args.system, limit=args.limit)))
+        print("\n" + tables[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    args.out.write_text("\n\n".join(tables) + "\n")
     return 0
 
 
@@ -66,7 +87,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     return system, examples[: args.limit]
 
 
-def rollout_speed(system: Any, examples: list[Any], hf_batch: int = 32) -> list[dict[str, Any]]:
+def rollout_speed(
+    system: Any, examples: list[Any], hf_batch: int = 32
+) -> tuple[list[dict[str, Any]], list[Any]]:
     from cotune.runtime import open_runtime
 
     runtime = open_runtime(system)
@@ -91,7 +114,7 @@ def rollout_speed(system: Any, examples: list[Any], hf_batch: int = 32) -> list[
         },
         {"engine": "raw vllm.LLM.chat", "seconds": vllm_s, "tokens": vllm_tokens},
         {"engine": f"raw HF generate (batch {hf_batch})", "seconds": hf_s, "tokens": hf_tokens},
-    ]
+    ], traces
 
 
 def _raw_vllm(engine: Any, batches: list[Any]) -> tuple[float, int]:

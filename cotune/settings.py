@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     # Workers
     lease_seconds: float = Field(default=600.0, gt=0)
     reaper_interval: float = Field(default=30.0, gt=0)
+    # A running job with no stage running and no progress for this long lost its next task
+    # (its worker died between two stages): the reaper re-queues it.
+    stall_seconds: float = Field(default=300.0, gt=0)
     visibility_timeout: float = Field(default=6 * 3600.0, gt=0)
     workdir: str | None = Field(
         default=None,

@@ -152,3 +152,36 @@ def check_downloads(env: dict[str, str], url: str, key: str, job_id: str, out: P
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
     lora = [n for n, _ in model.named_parameters() if "lora_B" in n]
     assert lora, "the downloaded adapter holds no LoRA weights"
+
+
+@contextlib.contextmanager
+def serving(bundle: Path, env: dict[str, str], log: Path) -> Any:
+    """The bundle's ``serve.sh`` (vLLM's OpenAI server on CPU), yielding its ``/v1`` URL once
+    healthy; the server's process group is stopped afterwards."""
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(PORT=str(port), PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["bash", str(bundle / "serve.sh"), "--seed", "0"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve.sh exited with {proc.returncode}\n{log.read_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve.sh not healthy in 240 s\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(proc)

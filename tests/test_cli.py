@@ -96,6 +96,8 @@ def test_speed_benchmark_prints_its_table(
                 "8",
                 "--hf-batch",
                 "8",
+                "--train-epochs",
+                "1",
                 "--out",
                 str(out),
             ]
@@ -105,7 +107,13 @@ def test_speed_benchmark_prints_its_table(
     table = out.read_text()
     assert "cotune runtime" in table and "raw vllm.LLM.chat" in table and "raw HF generate" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 3
+    assert len(rows) == 5  # three engines, then cotune's trainer and plain TRL's
+    assert "cotune train_adapter (SFT, answer)" in table and "plain TRL SFTTrainer" in table
+    epoch = next(line for line in table.splitlines() if line.startswith("| **epoch**"))
+    seconds, engines, trainers = (float(c) for c in epoch.split("|")[2:5])
+    assert seconds > 0 and engines > 0 and trainers > 0 and engines + trainers <= seconds
+    # The job reused this process's engine (built by the rollout part): no new base model.
+    assert "Base-model loads: 0 vLLM engine(s) created by the job" in table
 
 
 def test_keys_create_list_revoke(

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from e2e import check_downloads, cli, start_api, stop, write_job_folder
+from e2e import check_downloads, cli, serving, start_api, stop, write_job_folder
 
 
 def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -43,5 +43,27 @@ def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) 
         check_downloads(env, url, created["key"], job_id, tmp_path / "downloads")
     finally:
         stop(server)
+
+    # The downloaded bundle serves the trained system: one chat request per component's
+    # adapter (and the base model) answers 200.
+    import httpx
+
+    bundle = next((tmp_path / "downloads" / "cli").iterdir())
+    with serving(bundle, env, tmp_path / "serve.log") as v1:
+        served = {m["id"] for m in httpx.get(f"{v1}/models", timeout=10).json()["data"]}
+        assert served == {"tiny", "query", "answer"}
+        for model in sorted(served):
+            response = httpx.post(
+                f"{v1}/chat/completions",
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": "what is the color of sami?"}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                timeout=120,
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] > 0
     log = (tmp_path / "api.log").read_text()
     assert created["key"] not in log  # the key is never logged

@@ -450,6 +450,27 @@ def test_lease_expiry_and_takeover(store: JobStore) -> None:
     assert store.stage_done(job_id, 2, Stage.train) == rec
 
 
+def test_stalled_jobs_are_running_jobs_idle_between_stages(store: JobStore) -> None:
+    job_id = _job(store)
+    later = datetime.now(UTC) + timedelta(seconds=60)
+    assert store.get_job(job_id).status == JobStatus.queued  # type: ignore[union-attr]
+    assert store.stalled_jobs(30, now=later) == []  # queued: waiting for a worker is normal
+    store.transition(job_id, JobStatus.running)
+    assert store.stalled_jobs(30) == []  # it just started
+    [(stalled, since)] = store.stalled_jobs(30, now=later)
+    assert stalled == job_id and since <= datetime.now(UTC)
+    assert store.claim_stage(job_id, 1, Stage.rollout, "w1", 0.1)
+    time.sleep(0.2)
+    # A running stage, even with its lease expired, is expired_stages()'s business.
+    assert store.stalled_jobs(30, now=later) == []
+    assert store.finish_stage(job_id, 1, Stage.rollout, "w1", _rec(1, Stage.rollout))
+    [(_, finished)] = store.stalled_jobs(30, now=later)
+    assert finished > since  # idle since the stage finished, not since the job started
+    assert store.stalled_jobs(30, now=finished + timedelta(seconds=29)) == []
+    store.transition(job_id, JobStatus.succeeded)
+    assert store.stalled_jobs(30, now=later) == []
+
+
 def test_claim_race(store: JobStore) -> None:
     job_id = _job(store)
     n = 6

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("COTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 LEASE_SECONDS = 5
 REAPER_INTERVAL = 2
+STALL_SECONDS = 6
 
 STAGES: list[tuple[int, Stage]] = [
     (0, Stage.baseline),
@@ -92,6 +93,7 @@ class Cluster:
     client: Any
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    with_beat: set[int] = field(default_factory=set)  # pids of the workers that run the reaper
 
     @property
     def worker(self) -> subprocess.Popen[bytes] | None:
@@ -134,6 +136,8 @@ class Cluster:
             )
         self.workers.append(proc)
         self.logs.append(log)
+        if beat:
+            self.with_beat.add(proc.pid)
         return proc
 
     def ensure_worker(self) -> subprocess.Popen[bytes]:
@@ -214,6 +218,7 @@ def cluster(
         "COTUNE_WORKDIR": str(folder / "work"),
         "COTUNE_LEASE_SECONDS": str(LEASE_SECONDS),
         "COTUNE_REAPER_INTERVAL": str(REAPER_INTERVAL),
+        "COTUNE_STALL_SECONDS": str(STALL_SECONDS),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "OMP_NUM_THREADS": "2",
@@ -420,6 +425,28 @@ def _upload(cluster: Cluster, tenant: str, path: Path, purpose: str) -> str:
         file_id=file_id,
     )
     return file_id
+
+
+def test_a_job_whose_next_task_was_lost_is_queued_again(
+    cluster: Cluster, small_spec: dict[str, Any]
+) -> None:
+    """A worker that dies after finishing a stage, before queueing the next, leaves a running
+    job with no message anywhere: the reaper finds it idle between stages and queues it
+    again, well before the broker's visibility timeout would."""
+    worker = cluster.worker
+    if worker is None or worker.pid not in cluster.with_beat:
+        cluster.kill_workers()
+        cluster.start_worker(beat=True)
+    job_id = cluster.store.create_job("tiny-kb", small_spec)
+    cluster.store.transition(job_id, JobStatus.running)  # as if a stage's worker had died
+    record = cluster.wait_done(job_id)
+    assert record.status == JobStatus.succeeded, f"{record.error}\n{cluster.log_tail()}"
+    messages = [e.message for e in cluster.store.events(job_id, limit=1000)]
+    stalled = [m for m in messages if "between stages" in m]
+    assert stalled == [
+        f"no progress for {STALL_SECONDS} s between stages (its next task was lost); queued again"
+    ]
+    assert all(s.attempts == 1 for s in cluster.store.stage_states(job_id))
 
 
 def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(

@@ -75,6 +75,8 @@ class WorkerConfig:
     # How often beat runs the reaper; a dead worker's stage restarts within
     # lease_seconds + reaper_interval (plus the time its queue is busy).
     reaper_interval: float = 30.0
+    # A running job idle this long between stages lost its next message: re-queued.
+    stall_seconds: float = 300.0
     # Redis redelivers an unacknowledged message after this long; longer than any stage.
     visibility_timeout: float = 6 * 3600.0
     # A prefix for every Redis key of the broker: several deployments (or test runs) can
@@ -95,6 +97,7 @@ def worker_config() -> WorkerConfig:
         artifacts=settings.artifacts,
         lease_seconds=settings.lease_seconds,
         reaper_interval=settings.reaper_interval,
+        stall_seconds=settings.stall_seconds,
         visibility_timeout=settings.visibility_timeout,
         broker_key_prefix=os.environ.get("COTUNE_BROKER_KEY_PREFIX", ""),
     )

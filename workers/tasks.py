@@ -368,7 +368,10 @@ def finalize_job(self: Task, job_id: str) -> str:
 
 @app.task(name=REAP_EXPIRED_LEASES)
 def reap_expired_leases() -> list[str]:
-    """Re-enqueue ``advance_job`` for every job with a running stage whose lease expired.
+    """Re-enqueue ``advance_job`` for every job with a running stage whose lease expired, and
+    for every running job stalled between stages for ``stall_seconds`` (the worker that
+    finished its last stage died before queueing the next: without this, the job would wait
+    for the broker to redeliver that task, ``visibility_timeout`` later).
 
     Each expired lease is re-enqueued once (a Redis ``SET NX`` keyed by the stage and its
     lease's expiry, when the broker is Redis), so reaper runs that pile up while the queue is
@@ -406,6 +409,19 @@ def reap_expired_leases() -> list[str]:
             attempts=state.attempts,
         )
         log.warning("job %s: epoch %d %s re-queued", key.job_id, key.epoch, key.stage.value)
+    idle = config().stall_seconds
+    for job_id, last in store.stalled_jobs(idle):
+        if job_id in requeued or not _first_time(f"cotune:stalled:{job_id}:{last.timestamp():.6f}"):
+            continue
+        enqueue_advance(job_id)
+        requeued.append(job_id)
+        _event(
+            store,
+            job_id,
+            f"no progress for {idle:.0f} s between stages (its next task was lost); queued again",
+            "warning",
+        )
+        log.warning("job %s: stalled between stages; re-queued", job_id)
     return requeued
 
 

@@ -611,6 +611,36 @@ class JobStore:
             ).all()
         return [StageKey(job_id, epoch, Stage(stage)) for job_id, epoch, stage in rows]
 
+    def stalled_jobs(
+        self, idle_seconds: float, now: datetime | None = None
+    ) -> list[tuple[str, datetime]]:
+        """Running jobs with no stage running and nothing done for ``idle_seconds`` (no stage
+        claimed or finished, no status change): the message for their next stage was lost, as
+        when a worker dies between finishing a stage and queueing the next. Returns each job id
+        with its last activity."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=idle_seconds)
+        stalled = []
+        with self._sessions() as s:
+            jobs = s.execute(
+                select(Job.id, Job.updated_at).where(
+                    Job.status == JobStatus.running.value, Job.updated_at < cutoff
+                )
+            ).all()
+            for job_id, updated_at in jobs:
+                rows = s.execute(
+                    select(StageRow.status, StageRow.started_at, StageRow.finished_at).where(
+                        StageRow.job_id == job_id
+                    )
+                ).all()
+                if any(status == StageStatus.running.value for status, _, _ in rows):
+                    continue  # a lease covers it: expired_stages() handles a lost worker
+                times = [t for _, *pair in rows for t in pair if t is not None]
+                last = max([updated_at, *times])
+                if last < cutoff:
+                    stalled.append((job_id, last))
+        return stalled
+
     def stage_states(self, job_id: str) -> list[StageState]:
         """The job's stage rows (status, lease, attempts), by epoch then in loop order."""
         with self._sessions() as s:
