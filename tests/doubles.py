@@ -265,3 +265,14 @@ class FakeTrainer:
             trained_tokens=10 * len(sft_rows) + 20 * len(dpo_pairs),
             seconds=0.0,
         )
+
+
+def scripted_context_options(*, with_judge: bool = True) -> dict[str, Any]:
+    """``ThreadDispatcher(context_options=...)`` for API tests: the scripted engine, a judge
+    that proposes the right query, and the fake trainer (logic doubles, named as such)."""
+    options: dict[str, Any] = {"engines": {"tiny": ScriptedEngine()}, "trainer": FakeTrainer()}
+    if with_judge:
+        options["judge"] = ScriptedJudge(
+            lambda key, gold, i: [critique("query", f"color of {key}", "search the key")]
+        )
+    return options

@@ -957,7 +957,7 @@ def test_the_thread_dispatcher_runs_a_job_end_to_end(
     """The real ``ThreadDispatcher``: files materialised, models resolved, the loop run with
     the scripted engine, judge and trainer (test doubles), the result exported; then the
     job's views and downloads over HTTP."""
-    from doubles import FakeTrainer, ScriptedEngine, ScriptedJudge, critique
+    from doubles import scripted_context_options
 
     store = JobStore(settings.database_url)
     artifacts = ArtifactStore(settings.artifacts)
@@ -967,13 +967,7 @@ def test_the_thread_dispatcher_runs_a_job_end_to_end(
         AccountStore(store),
         artifacts,
         settings,
-        context_options={
-            "engines": {"tiny": ScriptedEngine()},
-            "judge": ScriptedJudge(
-                lambda key, gold, i: [critique("query", f"color of {key}", "search the key")]
-            ),
-            "trainer": FakeTrainer(),
-        },
+        context_options=scripted_context_options(),
         on_stage_done=stage_seconds.append,
     )
     app = create_app(settings, dispatcher=dispatcher)
@@ -1014,7 +1008,7 @@ def test_a_restarted_embedded_server_resumes_unfinished_jobs(
     """``ThreadDispatcher.recover``: a job left running (its baseline stage still leased by the
     dead process on this host) is re-queued and finished by the next process. On SQLite, as
     ``cotune serve --embedded`` runs by default."""
-    from doubles import FakeTrainer, ScriptedEngine
+    from doubles import scripted_context_options
 
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'embedded.db'}",
@@ -1046,7 +1040,7 @@ def test_a_restarted_embedded_server_resumes_unfinished_jobs(
         AccountStore(store),
         ArtifactStore(settings.artifacts),
         settings,
-        context_options={"engines": {"tiny": ScriptedEngine()}, "trainer": FakeTrainer()},
+        context_options=scripted_context_options(with_judge=False),
     )
     try:
         assert store.claim_stage(job_id, 0, Stage.baseline, dispatcher.owner, 600)

@@ -268,7 +268,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 def served(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The app under uvicorn on a free port, with one job run to ``succeeded`` through it."""
     import uvicorn
-    from doubles import FakeTrainer, ScriptedEngine, ScriptedJudge, critique
+    from doubles import scripted_context_options
 
     store = JobStore(settings.database_url)
     dispatcher = ThreadDispatcher(
@@ -276,13 +276,7 @@ def served(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         AccountStore(store),
         ArtifactStore(settings.artifacts),
         settings,
-        context_options={
-            "engines": {"tiny": ScriptedEngine()},
-            "judge": ScriptedJudge(
-                lambda key, gold, i: [critique("query", f"color of {key}", "search the key")]
-            ),
-            "trainer": FakeTrainer(),
-        },
+        context_options=scripted_context_options(),
     )
     app = create_app(settings, dispatcher=dispatcher)
     _, key = app.state.cotune.accounts.create_key("acme", name="dashboard")

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from e2e import check_downloads, cli, serving, start_api, stop, write_job_folder
+from e2e import PROCESS_ENV, check_downloads, cli, serving, start_api, stop, write_job_folder
 
 
 def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -20,12 +20,7 @@ def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) 
         "COTUNE_DATABASE_URL": f"sqlite:///{tmp_path / 'cotune.db'}",
         "COTUNE_ARTIFACTS": str(tmp_path / "artifacts"),
         "COTUNE_WORKDIR": str(tmp_path / "work"),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "OMP_NUM_THREADS": "2",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
+        **PROCESS_ENV,
     }
     created = json.loads(cli(env, "keys", "create", "--tenant", "acme"))
     server, url = start_api(env, tmp_path / "api.log", "--embedded")

@@ -26,7 +26,16 @@ from typing import Any
 
 import pytest
 from conftest import fresh_pg_database
-from e2e import JOB, JOB_TIMEOUT, check_downloads, cli, start_api, stop, write_job_folder
+from e2e import (
+    JOB,
+    JOB_TIMEOUT,
+    PROCESS_ENV,
+    check_downloads,
+    cli,
+    start_api,
+    stop,
+    write_job_folder,
+)
 
 from cotune.jobspec import parse_job
 from cotune.records import JobReport, Stage
@@ -219,12 +228,7 @@ def cluster(
         "COTUNE_LEASE_SECONDS": str(LEASE_SECONDS),
         "COTUNE_REAPER_INTERVAL": str(REAPER_INTERVAL),
         "COTUNE_STALL_SECONDS": str(STALL_SECONDS),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "OMP_NUM_THREADS": "2",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
+        **PROCESS_ENV,
     }
     client = create_app(
         WorkerConfig(broker_url=REDIS_URL, database_url=pg_url, broker_key_prefix=broker_prefix)
