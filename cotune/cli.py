@@ -256,7 +256,9 @@ def _add_client_commands(sub: Any) -> None:
     submit = client_parser("submit", "upload a job's local files and submit it to a server")
     submit.add_argument("job", type=Path, help="job spec (YAML or JSON), as for `cotune run`")
     submit.add_argument("--wait", action="store_true", help="follow its events until it ends")
-    submit.add_argument("--quote", action="store_true", help="print what it would cost instead")
+    submit.add_argument(
+        "--quote", action="store_true", help="upload its files, then print its price; no job"
+    )
     submit.set_defaults(handler=cmd_submit)
 
     status = client_parser("status", "a job's status and results (or list your jobs)")

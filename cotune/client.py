@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
 import uuid
@@ -39,6 +40,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,59}$")
 SPLITS = ("train", "val", "test")
+RETRY_STATUSES = frozenset({502, 503, 504})
+# Downloads stream: no limit on the whole, but a server silent for this long is given up on.
+DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0)
 
 Job = dict[str, Any]
 Progress = Callable[[dict[str, Any]], None]
@@ -233,25 +237,32 @@ class Client:
         if not follow:
             yield from self._pages(f"/v1/jobs/{job_id}/events", after=after)
             return
-        last, failures = after, 0
+        last, state = after, {"failures": 0}
         while True:
-            # A stream that drops, or ends without its ``done`` event, is resumed after the
-            # last event received.
+            # A stream that drops, ends without its ``done`` event, or meets a 502/503/504 (the
+            # API restarting) is resumed after the last event received; six failures in a row
+            # without the stream opening give up.
             error = "the stream ended early"
             try:
-                for event in self._stream(job_id, last):
+                for event in self._stream(job_id, last, state):
                     if event is None:
                         return
-                    last, failures = event["id"], 0
+                    last = event["id"]
                     yield event
             except httpx.TransportError as err:
                 error = str(err)
-            failures += 1
-            if failures > 5:
+            except ApiError as err:
+                if err.status not in RETRY_STATUSES:
+                    raise
+                error = str(err)
+            state["failures"] += 1
+            if state["failures"] > 5:
                 raise CotuneError(f"lost the event stream of {job_id}: {error}")
-            time.sleep(min(5.0, 0.5 * failures))
+            time.sleep(min(5.0, 0.5 * state["failures"]))
 
-    def _stream(self, job_id: str, after: str | None) -> Iterator[dict[str, Any] | None]:
+    def _stream(
+        self, job_id: str, after: str | None, state: dict[str, int]
+    ) -> Iterator[dict[str, Any] | None]:
         params = {"stream": "true", **({"after": after} if after else {})}
         with self._http.stream(
             "GET",
@@ -263,6 +274,7 @@ class Client:
             if response.status_code >= 400:
                 response.read()
                 _raise_for_error(response)
+            state["failures"] = 0  # the stream is open: a later drop is a new failure
             kind, lines = "message", []
             for line in response.iter_lines():
                 if line.startswith("event:"):
@@ -322,26 +334,32 @@ class Client:
         return self._download(f"/v1/jobs/{job_id}/bundle", Path(dest), extract)
 
     def _download(self, path: str, dest: Path, extract: bool) -> Path:
-        archive = dest if not extract else dest / ".download.tar.gz"
-        archive.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if extract:
+            dest.mkdir(parents=True, exist_ok=True)
+        archive = dest if not extract else dest / f".cotune-{uuid.uuid4().hex[:8]}.tar.gz"
         partial = archive.with_name(archive.name + ".partial")
-        with self._http.stream("GET", path, headers=self._headers, timeout=None) as response:
-            if response.status_code >= 400:
-                response.read()
-                _raise_for_error(response)
-            with open(partial, "wb") as out:
-                for chunk in response.iter_bytes(1 << 20):
-                    out.write(chunk)
-        partial.replace(archive)
+        try:
+            with self._http.stream(
+                "GET", path, headers=self._headers, timeout=DOWNLOAD_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                with open(partial, "wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+            partial.replace(archive)
+        except httpx.HTTPError as err:
+            raise CotuneError(f"GET {self.base_url}{path}: {err}") from None
+        finally:
+            partial.unlink(missing_ok=True)
         if not extract:
             return archive
         try:
-            with tarfile.open(archive, "r:gz") as tar:
-                top = {m.name.split("/", 1)[0] for m in tar.getmembers()}
-                tar.extractall(dest, filter="data")  # refuses links and paths outside dest
+            return _extract(archive, dest)
         finally:
             archive.unlink(missing_ok=True)
-        return dest / top.pop() if len(top) == 1 else dest
 
     # -- pagination -----------------------------------------------------------------------
 
@@ -362,6 +380,36 @@ class Client:
             if not page.get("has_more") or not page["data"]:
                 return
             after = page["data"][-1]["id"]
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    """Extract a downloaded archive of one top folder (an adapter or a bundle) into
+    ``dest/<top>``; refuses anything but plain files and folders under that one top folder,
+    and a ``dest/<top>`` that already exists (a download never overwrites)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = tar.getmembers()
+        tops = {m.name.split("/", 1)[0] for m in members}
+        if len(tops) != 1:
+            raise CotuneError(f"the download holds {len(tops)} top folders, expected one")
+        top = tops.pop()
+        for m in members:
+            parts = m.name.split("/")
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts:
+                raise CotuneError(f"the download holds an unsafe entry {m.name!r}; not extracted")
+        if top in ("", ".", "..") or not members[0].name:
+            raise CotuneError("the download's top folder has no name; not extracted")
+        target = dest / top
+        if target.exists():
+            raise CotuneError(f"{target} already exists; remove it or choose another --out")
+        scratch = dest / f".{top}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            for m in members:
+                m.mode = 0o755 if m.isdir() else 0o644
+            tar.extractall(scratch, members=members)  # checked above: files and folders only
+            (scratch / top).replace(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 def _raise_for_error(response: httpx.Response) -> None:

@@ -586,7 +586,7 @@ def epoch_record(ctx: JobContext, epoch: int) -> EpochRecord:
     components = []
     for component in ctx.job.system.trainable_components:
         mine = [c for c in candidates if c.component == component.name]
-        blamed = {c.trace_id for c in mine if c.accepted}
+        blamed = {c.trace_id for c in mine if c.verified}
         info = trained["components"].get(component.name, {})
         counts = synthesized["counts"].get(component.name, {})
         components.append(
@@ -595,7 +595,7 @@ def epoch_record(ctx: JobContext, epoch: int) -> EpochRecord:
                 component=component.name,
                 blame_rate=round(len(blamed) / failed, 4),
                 candidates_proposed=len(mine),
-                candidates_verified=sum(c.accepted for c in mine),
+                candidates_verified=sum(c.verified for c in mine),
                 samples=counts.get("samples", 0),
                 pairs=counts.get("pairs", 0),
                 trained=bool(info.get("trained")),

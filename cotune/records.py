@@ -92,6 +92,20 @@ class Candidate(BaseModel):
     accepted: bool
     critique: str | None = None
 
+    @property
+    def verified(self) -> bool:
+        """Replaying with it raised the score: above the original trace's (one replay) or
+        the mean of the seeded replays of the unmodified span. ``accepted`` is the same unless
+        the job turned verification off (``loop.verify_by_replay: false``)."""
+        if not self.replay_scores:
+            return False
+        reference = (
+            sum(self.baseline_scores) / len(self.baseline_scores)
+            if self.baseline_scores
+            else self.original_score
+        )
+        return sum(self.replay_scores) / len(self.replay_scores) > reference
+
 
 class JobReport(BaseModel):
     """``metrics.json``: everything a dashboard or a benchmark needs about a finished job."""

@@ -152,26 +152,20 @@ def verify(
         scores = [run[i].score or 0.0 for run in corrected_runs]
         original = proposal.trace.score or 0.0
         base = [run[i].score or 0.0 for run in baseline_runs] or [original]
-        reference = original if replays == 1 else _mean(base)
-        accepted = _mean(scores) > reference or not require_gain
-        candidates.append(
-            Candidate(
-                epoch=epoch,
-                trace_id=proposal.trace.trace_id,
-                example_id=proposal.trace.example_id,
-                component=proposal.span_id,
-                source=proposal.source,
-                proposed_output=proposal.output,
-                original_output=proposal.trace.span(proposal.span_id).output,
-                original_score=original,
-                replay_scores=scores,
-                baseline_scores=base if replays > 1 else [],
-                accepted=accepted,
-                critique=proposal.critique,
-            )
+        candidate = Candidate(
+            epoch=epoch,
+            trace_id=proposal.trace.trace_id,
+            example_id=proposal.trace.example_id,
+            component=proposal.span_id,
+            source=proposal.source,
+            proposed_output=proposal.output,
+            original_output=proposal.trace.span(proposal.span_id).output,
+            original_score=original,
+            replay_scores=scores,
+            baseline_scores=base if replays > 1 else [],
+            accepted=False,
+            critique=proposal.critique,
         )
+        candidate.accepted = candidate.verified or not require_gain
+        candidates.append(candidate)
     return candidates, {i: corrected_runs[0][i] for i in range(len(proposals))}
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0

@@ -160,3 +160,69 @@ def test_an_unreachable_server_is_a_clear_error() -> None:
     with Client(url, api_key="ct_x", timeout=5) as sdk, pytest.raises(CotuneError) as err:
         sdk.get("job-1")
     assert str(err.value).startswith(f"GET {url}/v1/jobs/job-1: ")
+
+
+def test_a_dropped_event_stream_resumes_after_the_last_event() -> None:
+    """A scripted server (httpx.MockTransport, a double named as such): the first stream
+    drops after one event, the next answers 503 (the API restarting), then the rest."""
+    import httpx
+
+    def sse(*events: str, done: bool = False) -> bytes:
+        body = "".join(f"id: {e}\nevent: event\ndata: {json.dumps(ev(e))}\n\n" for e in events)
+        return (body + ('event: done\ndata: {"status": "succeeded"}\n\n' if done else "")).encode()
+
+    def ev(event_id: str) -> dict[str, Any]:
+        return {"id": event_id, "message": f"m{event_id}", "created_at": 0, "level": "info"}
+
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params.get("after"))
+        assert request.headers["authorization"] == "Bearer ct_k"
+        if len(seen) == 1:
+            return httpx.Response(200, content=sse("1"))  # ends without "done"
+        if len(seen) == 2:
+            return httpx.Response(503, json={"error": {"code": "unavailable", "message": "x"}})
+        return httpx.Response(200, content=sse("2", "3", done=True))
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://scripted")
+    with Client("http://scripted", api_key="ct_k", http=http) as sdk:
+        assert [e["id"] for e in sdk.events("job-1", follow=True)] == ["1", "2", "3"]
+    assert seen == [None, "1", "1"]
+
+
+def test_a_download_with_an_unsafe_entry_is_refused(tmp_path: Path) -> None:
+    import io
+
+    from cotune.client import _extract
+
+    def archive(*entries: tuple[str, bytes | None], link: str | None = None) -> Path:
+        path = tmp_path / f"a{len(list(tmp_path.glob('*.tar.gz')))}.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = link or "/etc/passwd"
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for bad, why in [
+        (archive(("answer/x", b"1"), ("answer/../../evil", b"2")), "unsafe entry"),
+        (archive(("answer/x", b"1"), ("answer/link", None)), "unsafe entry"),
+        (archive(("answer/x", b"1"), ("query/x", b"2")), "2 top folders"),
+    ]:
+        with pytest.raises(CotuneError, match=why):
+            _extract(bad, out)
+    assert list(out.iterdir()) == []
+    good = archive(("answer/adapter_config.json", b"{}"))
+    assert _extract(good, out) == out / "answer"
+    assert (out / "answer" / "adapter_config.json").read_text() == "{}"
+    with pytest.raises(CotuneError, match="already exists"):
+        _extract(good, out)
+    assert [p.name for p in out.iterdir()] == ["answer"]  # no scratch folder left behind

@@ -27,7 +27,7 @@ def test_embedded_server_runs_the_cli_job(tiny_model_dir: Path, tmp_path: Path) 
     try:
         client_env = {**env, "COTUNE_API_URL": url, "COTUNE_API_KEY": created["key"]}
         job_file = write_job_folder(tmp_path / "job")
-        out = cli(client_env, "submit", str(job_file), "--wait")
+        out = cli(client_env, "submit", str(job_file), "--wait", timeout=900)
         lines = out.splitlines()
         job_id = lines[0]
         assert "files validated; queued" in out, out

@@ -236,6 +236,7 @@ def test_verify_accepts_only_the_candidates_that_raise_the_score(
     # and every candidate accepted.
     unverified, _ = verify(runtime, proposals, epoch=1, replays=replays, seed=5, require_gain=False)
     assert all(c.accepted for c in unverified)
+    assert [c.verified for c in unverified] == [c.accepted for c in candidates]
     assert [c.replay_scores for c in unverified] == [c.replay_scores for c in candidates]
 
 

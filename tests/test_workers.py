@@ -344,7 +344,7 @@ def test_cli_submits_follows_and_downloads_through_the_api(
         search = next(c for c in stored.spec["system"]["components"] if c["name"] == "search")
         assert search["args"]["corpus"].startswith("file-")
 
-        logs = cli(env, "logs", "-f", job_id)
+        logs = cli(env, "logs", "-f", job_id, timeout=900)  # the whole job runs meanwhile
         record = cluster.store.get_job(job_id)
         assert record is not None and record.status == JobStatus.succeeded, (
             f"{record and record.error}\n{cluster.log_tail()}"
@@ -521,6 +521,18 @@ def test_app_configuration() -> None:
         assert conf.task_routes[task] == {"queue": "cpu"}
     reaper = conf.beat_schedule["reap-expired-leases"]
     assert reaper["task"] == "cotune.reap_expired_leases" and reaper["options"]["queue"] == "cpu"
+
+
+def test_a_pending_message_is_found_in_queued_and_unacked_forms() -> None:
+    import base64
+
+    from workers.tasks import _mentions
+
+    body = base64.b64encode(json.dumps([["job-7"], {}, {}]).encode()).decode()
+    queued = json.dumps({"body": body, "headers": {"argsrepr": "['job-7']"}}).encode()
+    unacked = json.dumps([{"body": body, "headers": {}}, "gpu", "gpu"]).encode()
+    assert _mentions(queued, b"job-7") and _mentions(unacked, b"job-7")
+    assert not _mentions(unacked, b"job-8") and not _mentions(b"not json", b"job-8")
 
 
 def test_worker_arguments() -> None:

@@ -32,7 +32,9 @@ artifact store must be shared by the API and every worker (a shared volume or ``
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import os
 import shutil
 import socket
@@ -410,8 +412,15 @@ def reap_expired_leases() -> list[str]:
         )
         log.warning("job %s: epoch %d %s re-queued", key.job_id, key.epoch, key.stage.value)
     idle = config().stall_seconds
+    # Only with a Redis broker, whose queues can be read: a job waiting behind other jobs'
+    # stages is then told apart from one whose message is gone.
     for job_id, last in store.stalled_jobs(idle):
-        if job_id in requeued or not _first_time(f"cotune:stalled:{job_id}:{last.timestamp():.6f}"):
+        if job_id in requeued or _message_pending(job_id) is not False:
+            continue  # its message waits in a queue or a worker holds it (or we cannot tell)
+        time.sleep(0.5)  # a worker may have been between taking it and recording it unacked
+        if _message_pending(job_id) is not False:
+            continue
+        if not _first_time(f"cotune:stalled:{job_id}:{last.timestamp():.6f}"):
             continue
         enqueue_advance(job_id)
         requeued.append(job_id)
@@ -423,6 +432,34 @@ def reap_expired_leases() -> list[str]:
         )
         log.warning("job %s: stalled between stages; re-queued", job_id)
     return requeued
+
+
+def _message_pending(job_id: str) -> bool | None:
+    """Whether a message for ``job_id`` waits in the gpu or cpu queue or is held (unacked) by a
+    worker; None when the broker is not Redis and its queues cannot be read. A job whose stage
+    is queued behind other jobs' work is not stalled, only waiting."""
+    cfg = config()
+    client = _redis(cfg.broker_url)
+    if client is None:
+        return None
+    needle = job_id.encode()
+    queued = [client.lrange(cfg.broker_key_prefix + q, 0, -1) for q in (GPU_QUEUE, CPU_QUEUE)]
+    held = client.hvals(cfg.broker_key_prefix + "unacked")
+    return any(_mentions(raw, needle) for raws in [*queued, held] for raw in raws)
+
+
+def _mentions(raw: bytes, needle: bytes) -> bool:
+    """A kombu message (or an unacked ``[message, exchange, routing key]``) naming ``needle``
+    in its headers' ``argsrepr`` or in its base64 body's arguments."""
+    if needle in raw:
+        return True
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
+        return needle in base64.b64decode(message.get("body", ""))
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def _first_time(token: str) -> bool:

@@ -163,7 +163,7 @@ class ArtifactStore:
         return bool(self._fresh().isfile(self._path(key)))
 
     def size(self, key: str) -> int:
-        return int(self.fs.size(self._path(key)))
+        return int(self._fresh().size(self._path(key)))
 
     def sha256(self, key: str) -> str:
         """The hex SHA-256 of a file's content."""

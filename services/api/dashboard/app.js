@@ -90,11 +90,19 @@
     document.getElementById("key-state").textContent = apiKey ? "key saved" : "no key";
   }
 
+  function safeDecode(text) {
+    try {
+      return decodeURIComponent(text);
+    } catch (_err) {
+      return text; // a malformed escape: take it as written rather than break the page
+    }
+  }
+
   function currentRoute() {
     let route = "/jobs";
     let key = null;
     for (const part of location.hash.replace(/^#/, "").split("&")) {
-      if (part.startsWith("key=")) key = decodeURIComponent(part.slice(4));
+      if (part.startsWith("key=")) key = safeDecode(part.slice(4));
       else if (part.startsWith("/")) route = part;
     }
     if (key !== null) {
@@ -114,7 +122,7 @@
     view.replaceChildren();
     const match = currentRoute().match(/^\/jobs\/([^/?&]+)$/);
     try {
-      if (match) await jobPage(view, decodeURIComponent(match[1]), signal);
+      if (match) await jobPage(view, safeDecode(match[1]), signal);
       else await jobList(view, signal);
     } catch (err) {
       showError(err);
