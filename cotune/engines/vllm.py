@@ -141,7 +141,9 @@ class VLLMEngine:
         return SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
-            seed=request.seed,
+            # Greedy decoding needs no seed, and a seeded request takes vLLM's slower
+            # per-request-generator sampling path.
+            seed=request.seed if request.temperature > 0 else None,
             structured_outputs=structured,
         )
 
@@ -151,10 +153,12 @@ class VLLMEngine:
         if not requests:
             return []
         started = time.perf_counter()
+        params = [self._sampling(r) for r in requests]
         try:
             outputs = self._llm.chat(
                 [r.messages for r in requests],
-                sampling_params=[self._sampling(r) for r in requests],
+                # One SamplingParams for a uniform batch, as a plain vllm.LLM.chat call does.
+                sampling_params=params[0] if all(p == params[0] for p in params) else params,
                 lora_request=self.lora_request(adapter),
                 use_tqdm=False,
             )
