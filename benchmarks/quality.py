@@ -26,7 +26,9 @@ ran is kept beside it as ``variant.json`` and must match); an interrupted varian
 its last finished stage. The report compares the variants on the test items they share: paired
 bootstrap 95 % intervals of the score difference against base and against bootstrap, and
 McNemar's exact test on exact match; plus wall time, engine calls, judge calls and trained
-tokens. It writes ``<out>/quality.md`` and ``<out>/quality.png``.
+tokens. It writes ``<out>/quality.md`` and one plot per task, ``<out>/quality-<task>.png``.
+A run of some tasks rewrites only their sections of ``quality.md`` and keeps the others as they
+were (each section says when and by which command it was made).
 
     python benchmarks/data.py                       # once: fetch the data, build the splits
     python benchmarks/quality.py                    # both tasks, every variant (hours on CPU)
@@ -34,8 +36,8 @@ tokens. It writes ``<out>/quality.md`` and ``<out>/quality.png``.
     python benchmarks/quality.py --tasks object-count --variants base,bootstrap,full
     python benchmarks/quality.py --tiny --model-path DIR --train 8 --val 6 --test 8  # tests
 
-``--quick`` and ``--tiny`` write ``runs-quick/`` + ``quality-quick.md`` (``-tiny``) instead, so
-they never mix with the full run's results.
+``--quick`` and ``--tiny`` write ``runs-quick/`` + ``quality-quick.md`` and
+``quality-quick-<task>.png`` (``-tiny``) instead, so they never mix with the full run's results.
 """
 
 from __future__ import annotations
@@ -454,7 +456,9 @@ def describe_judge(job: dict[str, Any]) -> str:
     return f"`{judge['model']}` ({judge.get('engine') or 'registry model'})"
 
 
-def task_section(task: Task, results: dict[str, VariantResult]) -> list[str]:
+def task_section(
+    task: Task, results: dict[str, VariantResult], *, produced: str, plot_name: str
+) -> list[str]:
     metrics = task.metrics
     primary = task.job["system"].get("metric", "exact_match")
     base, boot = results.get("base"), results.get("bootstrap")
@@ -466,6 +470,8 @@ def task_section(task: Task, results: dict[str, VariantResult]) -> list[str]:
     }
     lines = [
         f"## {task.name}",
+        "",
+        produced,
         "",
         f"System metric `{primary}` (pass threshold "
         f"{task.job['system'].get('pass_threshold', 1.0)}); splits train {sizes.get('train')}, "
@@ -536,24 +542,38 @@ def task_section(task: Task, results: dict[str, VariantResult]) -> list[str]:
                 + ", ".join(f"{v} {s:.3f}" for v, s in rerun.items())
                 + (" — equal to base." if same else " — NOT equal to base: check determinism."),
             ]
-    return [*lines, ""]
+    return [*lines, "", f"![{task.name}: test scores per variant]({plot_name})", ""]
+
+
+def kept_sections(text: str) -> dict[str, list[str]]:
+    """The ``## <task>`` sections of an earlier report, by task, each line as it was."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), [])
+        if current is not None:
+            current.append(line)
+    return sections
 
 
 def write_report(
     tasks: list[Task],
     results: dict[str, dict[str, VariantResult]],
     md: Path,
-    png: Path,
     command: Sequence[str] = (),
 ) -> str:
+    """Write ``md`` with a section per task of this run, keeping the sections an earlier run
+    wrote for other tasks, and one plot per task of this run beside it."""
     import torch
 
+    produced = (
+        f"Run {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}, by "
+        f"`{' '.join(['python benchmarks/quality.py', *command])}`."
+    )
     header = [
         "# cotune quality benchmark",
-        "",
-        f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}. "
-        f"Produced by `{' '.join(['python benchmarks/quality.py', *command])}`.",
         "",
         "Every component is the same base model with one LoRA adapter each; the judge is that "
         "same small model (no larger judge on a CPU). Data: `python benchmarks/data.py` "
@@ -565,42 +585,46 @@ def write_report(
         + ". The no-verify ablation is the loop's `verify_by_replay: false`.",
         "",
     ]
-    body: list[str] = []
+    sections = kept_sections(md.read_text(encoding="utf-8")) if md.exists() else {}
+    md.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         if results.get(task.name):
-            body += task_section(task, results[task.name])
-    text = "\n".join(header + body)
-    md.parent.mkdir(parents=True, exist_ok=True)
+            png = md.with_name(f"{md.stem}-{task.name}.png")
+            plot(task, results[task.name], png)
+            sections[task.name] = task_section(
+                task, results[task.name], produced=produced, plot_name=png.name
+            )
+    order = [*TASKS, *sorted(set(sections) - set(TASKS))]
+    body = [line for name in order for line in sections.get(name, [])]
+    text = "\n".join(header + body).rstrip("\n")
     md.write_text(text + "\n")
-    plot(tasks, results, png)
     return text
 
 
-def plot(tasks: list[Task], results: dict[str, dict[str, VariantResult]], path: Path) -> None:
+def plot(task: Task, results: dict[str, VariantResult], path: Path) -> None:
+    """A bar per variant: its mean test score with a bootstrap 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [t for t in tasks if results.get(t.name)]
-    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(5 * max(len(shown), 1), 4))
-    axes = list(axes) if hasattr(axes, "__len__") else [axes]
-    for ax, task in zip(axes, shown, strict=False):
-        metric = task.job["system"].get("metric", "exact_match")
-        names: list[str] = []
-        means: list[float] = []
-        errors: list[list[float]] = [[], []]
-        for variant, result in results[task.name].items():
-            values = [s[metric] for s in result.scores.values()]
-            low, high = bootstrap_interval(values)
-            mean = _mean(values)
-            names.append(variant)
-            means.append(mean)
-            errors[0].append(max(mean - low, 0.0))
-            errors[1].append(max(high - mean, 0.0))
-        ax.bar(names, means, yerr=errors, capsize=4, color="#4878a8")
-        ax.set(title=f"{task.name} (test, n={len(values)})", ylabel=f"{metric} (95 % CI)")
-        ax.tick_params(axis="x", rotation=30)
+    metric = task.job["system"].get("metric", "exact_match")
+    names: list[str] = []
+    means: list[float] = []
+    errors: list[list[float]] = [[], []]
+    n = 0
+    for variant, result in results.items():
+        values = [s[metric] for s in result.scores.values()]
+        low, high = bootstrap_interval(values)
+        mean, n = _mean(values), len(values)
+        names.append(variant)
+        means.append(mean)
+        errors[0].append(max(mean - low, 0.0))
+        errors[1].append(max(high - mean, 0.0))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar(names, means, yerr=errors, capsize=4, color="#4878a8")
+    ax.set(title=f"{task.name} (test, n={n})", ylabel=f"{metric} (95 % CI)")
+    ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -661,10 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v in VARIANTS  # every finished variant, in a fixed order
             if (r := load_result(runs / task.name / v, v, task.metrics)) is not None
         }
-    md, png = args.out / f"quality{suffix}.md", args.out / f"quality{suffix}.png"
+    md = args.out / f"quality{suffix}.md"
     command = list(sys.argv[1:] if argv is None else argv)
-    print(write_report(loaded, results, md, png, command))
-    print(f"report: {md}\nplot: {png}", file=sys.stderr)
+    print(write_report(loaded, results, md, command))
+    print(f"report: {md} (plots beside it)", file=sys.stderr)
     return 0
 
 

@@ -29,6 +29,17 @@ FIRST_PASSAGE = re.compile(r"^1\. the color of (\w+) is (\w+)\.", re.MULTILINE)
 GOLD = re.compile(r"^Gold answer\(s\) \(metric [^)]*\): (.+)$", re.MULTILINE)
 
 
+def stub_registry_model(home: Path, name: str = "tiny") -> Path:
+    """A registry model folder under ``COTUNE_HOME`` that resolves but is never loaded (the
+    runs that use it have scripted engines): empty config and tokenizer, an empty safetensors."""
+    model = home / "models" / name
+    model.mkdir(parents=True)
+    for file in ("config.json", "tokenizer.json"):
+        (model / file).write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    return model
+
+
 def question_key(text: str) -> str:
     """The key a tiny-kb question (or a prompt holding one) asks about."""
     match = QUESTION.search(text)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import fresh_pg_database
+from doubles import stub_registry_model
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -58,11 +59,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``COTUNE_HOME`` with a registry model ``tiny`` that resolves (never loaded: the run
     uses scripted engines) and the hosted judge's key in the server's environment."""
     home = tmp_path_factory.mktemp("cotune-home")
-    model = home / "models" / "tiny"
-    model.mkdir(parents=True)
-    for name in ("config.json", "tokenizer.json"):
-        (model / name).write_text("{}")
-    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    stub_registry_model(home)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COTUNE_HOME", str(home))
         mp.setenv(JUDGE_ENV, SECRET)

@@ -236,9 +236,15 @@ def test_quality_benchmark_runs_on_the_tiny_model(
         str(tmp_path),
         "--no-progress",
     ]
+    # A section an earlier run wrote for another task is kept as it was.
+    earlier = "# old header\n\n## object-count\n\nRun 2026-01-01 by `an earlier command`.\n\n"
+    (tmp_path / "quality-tiny.md").write_text(earlier)
     assert quality.main(argv) == 0
     text = (tmp_path / "quality-tiny.md").read_text()
     assert "## tiny-kb" in text and "same small model" in text
+    assert "## object-count\n\nRun 2026-01-01 by `an earlier command`." in text
+    assert "# old header" not in text
+    assert "by `python benchmarks/quality.py --tiny" in text
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| variant | exact"))
     header = lines[start].split(" | ")
@@ -260,7 +266,8 @@ def test_quality_benchmark_runs_on_the_tiny_model(
     p_value, discordant = full[4].split(" (")
     assert 0.0 <= float(p_value) <= 1.0 and discordant.rstrip(")").count("/") == 1
     assert "| engine calls |" in text and "| trained tokens |" in text
-    assert (tmp_path / "quality-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "quality-tiny-tiny-kb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](quality-tiny-tiny-kb.png)" in text
     runs = tmp_path / "runs-tiny" / "tiny-kb"
     assert len((runs / "full" / "traces" / "test.jsonl").read_text().splitlines()) == 8
     full_metrics = json.loads((runs / "full" / "metrics.json").read_text())

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import fresh_pg_database
+from doubles import stub_registry_model
 from fastapi.testclient import TestClient
 from test_api import tiny_spec
 
@@ -247,11 +248,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A fresh PostgreSQL database and a ``COTUNE_HOME`` with a registry model ``tiny`` that
     resolves (never loaded: the run uses the scripted engine)."""
     home = tmp_path_factory.mktemp("cotune-home")
-    model = home / "models" / "tiny"
-    model.mkdir(parents=True)
-    for name in ("config.json", "tokenizer.json"):
-        (model / name).write_text("{}")
-    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    stub_registry_model(home)
     root = tmp_path_factory.mktemp("dashboard")
     with fresh_pg_database("cotune_dash") as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv("COTUNE_HOME", str(home))
