@@ -11,6 +11,10 @@
 3. Loop overhead: one epoch of ``cotune run`` on the same system (judge = the same model):
    the epoch's stage seconds minus the seconds spent inside engine calls and trainers, as a
    share; and how many times the job loaded a base model (vLLM engines, HF copies for training).
+4. Adapters (CPU): the rollout's prompts through raw ``vllm.LLM.chat`` with one LoRA adapter
+   (rank 16, every linear layer, random weights), with vLLM's own PyTorch LoRA ops and with
+   cotune's grouped ops (``cotune/engines/vllm_cpu_lora.py``), and how many greedy outputs the
+   two give alike. ``--no-adapters`` skips it; on a GPU it is skipped (Triton kernels there).
 
     python benchmarks/speed.py                     # kb-qa on SmolLM2-135M (prepare it first)
     python benchmarks/speed.py --tiny --limit 16   # the tiny test model, seconds
@@ -43,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=2, help="training part: epochs")
     parser.add_argument("--no-training", action="store_true", help="skip the training part")
     parser.add_argument("--no-loop", action="store_true", help="skip the loop-overhead part")
+    parser.add_argument("--no-adapters", action="store_true", help="skip the adapter part")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(min(os.cpu_count() or 2, 16))
     system, examples = _load(args)
-    rows, traces = rollout_speed(system, examples, hf_batch=args.hf_batch)
+    rows, traces, engine, batches = rollout_speed(system, examples, hf_batch=args.hf_batch)
     tables = [format_table(rows, system.name, len(examples))]
     print(tables[-1], flush=True)
+    if not args.no_adapters and not torch.cuda.is_available():
+        tables.append(format_adapters(adapter_speed(engine, batches), system.name))
+        print("\n" + tables[-1], flush=True)
     if not args.no_training:
         from speed_train import format_training, training_speed
 
@@ -89,7 +97,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 
 def rollout_speed(
     system: Any, examples: list[Any], hf_batch: int = 32
-) -> tuple[list[dict[str, Any]], list[Any]]:
+) -> tuple[list[dict[str, Any]], list[Any], Any, list[Any]]:
+    """Rows of the rollout table, cotune's traces, the engine and the raw prompt batches."""
     from cotune.runtime import open_runtime
 
     runtime = open_runtime(system)
@@ -106,29 +115,82 @@ def rollout_speed(
     engine = next(iter(runtime.engines.values()))
     vllm_s, vllm_tokens = _raw_vllm(engine, batches)
     hf_s, hf_tokens = _raw_hf(engine.model_id, batches, hf_batch)
-    return [
-        {
-            "engine": "cotune runtime (vLLM, whole system)",
-            "seconds": cotune_s,
-            "tokens": cotune_tokens,
-        },
-        {"engine": "raw vllm.LLM.chat", "seconds": vllm_s, "tokens": vllm_tokens},
-        {"engine": f"raw HF generate (batch {hf_batch})", "seconds": hf_s, "tokens": hf_tokens},
-    ], traces
+    return (
+        [
+            {
+                "engine": "cotune runtime (vLLM, whole system)",
+                "seconds": cotune_s,
+                "tokens": cotune_tokens,
+            },
+            {"engine": "raw vllm.LLM.chat", "seconds": vllm_s, "tokens": vllm_tokens},
+            {"engine": f"raw HF generate (batch {hf_batch})", "seconds": hf_s, "tokens": hf_tokens},
+        ],
+        traces,
+        engine,
+        batches,
+    )
 
 
-def _raw_vllm(engine: Any, batches: list[Any]) -> tuple[float, int]:
+def adapter_speed(engine: Any, batches: list[Any]) -> list[dict[str, Any]]:
+    """The raw vLLM pass again with a LoRA adapter: vLLM's own CPU ops, then cotune's."""
+    import tempfile
+
+    from cotune.engines import vllm_cpu_lora
+
+    adapter = _random_adapter(engine.model_id, Path(tempfile.mkdtemp(prefix="speed-lora-")))
+    lora = engine.lora_request(str(adapter))
+    rows: list[dict[str, Any]] = []
+    outputs: list[list[Any]] = []
+    try:
+        for name, grouped in (("vLLM's PyTorch LoRA ops", False), ("cotune grouped ops", True)):
+            vllm_cpu_lora.install() if grouped else vllm_cpu_lora.uninstall()
+            seconds, tokens, texts = _raw_vllm(engine, batches, lora=lora, keep=True)
+            rows.append({"engine": f"raw vllm.LLM.chat + adapter, {name}", "seconds": seconds,
+                         "tokens": tokens})  # fmt: skip
+            outputs.append(texts)
+    finally:
+        vllm_cpu_lora.install()
+    same = sum(a == b for a, b in zip(*outputs, strict=True))
+    rows[-1]["same_outputs"] = f"{same} of {len(outputs[0])}"
+    return rows
+
+
+def _random_adapter(model_path: str, folder: Path) -> Path:
+    """A rank-16 LoRA on every linear layer with small random A and B (so it changes the
+    outputs a little, as a trained one does), saved for vLLM."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.05)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def _raw_vllm(engine: Any, batches: list[Any], *, lora: Any = None, keep: bool = False) -> Any:
+    """Seconds and completion tokens of the batches through ``llm.chat`` (and, with ``keep``,
+    every output's token ids)."""
     from vllm import SamplingParams
 
     llm = engine.llm
-    llm.chat(batches[0][0][1][:2], SamplingParams(max_tokens=4), use_tqdm=False)
-    tokens, started = 0, time.perf_counter()
+    warm = SamplingParams(max_tokens=4)
+    llm.chat(batches[0][0][1][:2], warm, use_tqdm=False, lora_request=lora)
+    tokens, kept, started = 0, [], time.perf_counter()
     for level in batches:
         for component, prompts in level:
             params = SamplingParams(max_tokens=component.max_tokens, temperature=0.0)
-            outputs = llm.chat(prompts, params, use_tqdm=False)
+            outputs = llm.chat(prompts, params, use_tqdm=False, lora_request=lora)
             tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-    return time.perf_counter() - started, tokens
+            kept += [list(o.outputs[0].token_ids) for o in outputs]
+    seconds = time.perf_counter() - started
+    return (seconds, tokens, kept) if keep else (seconds, tokens)
 
 
 def _raw_hf(model_path: str, batches: list[Any], batch_size: int) -> tuple[float, int]:
@@ -179,6 +241,24 @@ def format_table(rows: list[dict[str, Any]], system: str, n: int) -> str:
         lines.append(
             f"| {r['engine']} | {r['seconds']:.2f} | {r['tokens']} | {rate:.1f} | "
             f"{rate / fastest_raw:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def format_adapters(rows: list[dict[str, Any]], system: str) -> str:
+    base = rows[0]["tokens"] / rows[0]["seconds"]
+    lines = [
+        f"Adapter rollout speed (CPU), {system}, the prompts above, one random rank-16 LoRA on "
+        "every linear layer, greedy",
+        "",
+        "| engine | seconds | completion tokens | tokens/s | vs vLLM's ops | same outputs |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        rate = r["tokens"] / r["seconds"]
+        lines.append(
+            f"| {r['engine']} | {r['seconds']:.2f} | {r['tokens']} | {rate:.1f} | "
+            f"{rate / base:.2f}x | {r.get('same_outputs', '-')} |"
         )
     return "\n".join(lines)
 

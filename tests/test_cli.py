@@ -107,7 +107,12 @@ def test_speed_benchmark_prints_its_table(
     table = out.read_text()
     assert "cotune runtime" in table and "raw vllm.LLM.chat" in table and "raw HF generate" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "x |" in line]
-    assert len(rows) == 5  # three engines, then cotune's trainer and plain TRL's
+    assert len(rows) == 7  # three engines, the adapter's two op sets, cotune's trainer, TRL's
+    grouped = next(line for line in rows if "cotune grouped ops" in line)
+    same, total = grouped.split("|")[-2].strip().split(" of ")
+    assert int(total) == 8 * 2  # 8 examples, two LLM components
+    assert int(same) >= 12  # the same function: only float rounding may flip a greedy token
+    assert "vLLM's PyTorch LoRA ops" in table
     assert "cotune train_adapter (SFT, answer)" in table and "plain TRL SFTTrainer" in table
     epoch = next(line for line in table.splitlines() if line.startswith("| **epoch**"))
     seconds, engines, trainers = (float(c) for c in epoch.split("|")[2:5])

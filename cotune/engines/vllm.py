@@ -26,6 +26,7 @@ class VLLMSettings:
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     enable_prefix_caching: bool = False  # off: runs that compare outputs must be reproducible
+    grouped_cpu_lora_ops: bool = True  # CPU: one matmul per adapter (engines/vllm_cpu_lora.py)
 
 
 def on_gpu() -> bool:
@@ -81,6 +82,11 @@ class VLLMEngine:
         if not gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from vllm import LLM
+
+        if not gpu and self.settings.grouped_cpu_lora_ops:
+            from cotune.engines import vllm_cpu_lora
+
+            vllm_cpu_lora.install()
 
         s = self.settings
         kwargs: dict[str, Any] = dict(
