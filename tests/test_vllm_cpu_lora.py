@@ -90,3 +90,19 @@ def test_the_engine_installs_them_once_and_uninstall_restores(vllm_engine: Any) 
         assert all(getattr(punica_cpu, name) is getattr(grouped, name) for name in grouped.OPS)
     finally:
         grouped.install()
+
+
+def test_the_ops_benchmark_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import speed_lora_ops
+    finally:
+        sys.path.pop(0)
+    assert speed_lora_ops.main(["--tokens", "16", "--repeat", "1"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+    assert float(cells[4]) < 1e-3  # the same products, up to float rounding
