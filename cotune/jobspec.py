@@ -99,6 +99,13 @@ class TrainConfig(_Strict):
         default=None, gt=0.0, lt=1.0, description="defaults to learning_rate / 2"
     )
     max_length: int = Field(default=1024, ge=32, le=32_768)
+    micro_batch_tokens: int = Field(
+        default=2048,
+        ge=32,
+        le=1_048_576,
+        description="padded tokens per forward pass: a step's batch_size rows go through in "
+        "micro-batches of at most this many tokens, gradients accumulated (one row at least)",
+    )
     qlora: bool = Field(default=False, description="4-bit base (bitsandbytes; GPU only)")
 
 

@@ -162,7 +162,10 @@ def _train(
     result.trained_tokens += config.epochs * sum(
         len(ids) for ids in trainer.train_dataset["input_ids"]
     )
-    say(f"sft: {len(trainer.train_dataset)} rows, {config.epochs} epoch(s)")
+    say(
+        f"sft: {len(trainer.train_dataset)} rows, {config.epochs} epoch(s), "
+        f"{trainer.args.per_device_train_batch_size} row(s) per pass"
+    )
     trainer.train()
     result.sft_steps = int(trainer.state.global_step)
 
@@ -195,7 +198,10 @@ def _train(
         sft_dir.rename(final)
     else:
         result.trained_tokens += config.epochs * _dpo_tokens(dpo.train_dataset, config)
-        say(f"dpo: {len(dpo.train_dataset)} pairs, {config.epochs} epoch(s)")
+        say(
+            f"dpo: {len(dpo.train_dataset)} pairs, {config.epochs} epoch(s), "
+            f"{dpo.args.per_device_train_batch_size} pair(s) per pass"
+        )
         dpo.train()
         result.dpo_steps = int(dpo.state.global_step)
         _export_adapter(dpo.accelerator.unwrap_model(dpo.model), final)
@@ -342,14 +348,41 @@ def _lora_config(config: TrainConfig) -> Any:
     )
 
 
+def rows_per_pass(config: TrainConfig, longest: int, sequences_per_row: int = 1) -> int:
+    """Rows per forward pass: the largest divisor of ``batch_size`` whose padded tokens fit
+    ``micro_batch_tokens`` (at least one). Activations grow with rows x length (and attention
+    with length squared): eight 800-token rows took 19 GiB in one SFT pass of SmolLM2-135M on a
+    CPU. A divisor keeps every step at ``batch_size`` rows, as without accumulation."""
+    padded = min(longest, config.max_length) * sequences_per_row
+    fitting = [
+        rows
+        for rows in range(1, config.batch_size + 1)
+        if config.batch_size % rows == 0 and rows * padded <= config.micro_batch_tokens
+    ]
+    return max(fitting, default=1)
+
+
+def _longest_conversation(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> int:
+    """Tokens of the longest conversation, as the chat template renders it."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
 def _trainer_args(
-    config: TrainConfig, run_dir: Path, *, seed: int, gpu: bool, learning_rate: float
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    seed: int,
+    gpu: bool,
+    learning_rate: float,
+    per_pass: int,
 ) -> dict[str, Any]:
     """Arguments shared by SFTConfig and DPOConfig."""
     return dict(
         output_dir=str(run_dir),
         num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=per_pass,
+        gradient_accumulation_steps=config.batch_size // per_pass,
         learning_rate=learning_rate,
         max_length=config.max_length,
         seed=seed,
@@ -395,8 +428,19 @@ def _sft_trainer(
             for row in rows
         ]
     )
+    longest = _longest_conversation(
+        tokenizer,
+        [[*row.messages, {"role": "assistant", "content": row.completion}] for row in rows],
+    )
     args = SFTConfig(
-        **_trainer_args(config, run_dir, seed=seed, gpu=gpu, learning_rate=config.learning_rate),
+        **_trainer_args(
+            config,
+            run_dir,
+            seed=seed,
+            gpu=gpu,
+            learning_rate=config.learning_rate,
+            per_pass=rows_per_pass(config, longest),
+        ),
         completion_only_loss=True,  # explicit: loss on completion tokens only
         assistant_only_loss=False,  # needs {% generation %} markers; the completion mask suffices
         packing=False,
@@ -468,8 +512,23 @@ def _dpo_trainer(
         ]
     )
     learning_rate = config.dpo_learning_rate or config.learning_rate / 2
+    longest = _longest_conversation(
+        tokenizer,
+        [
+            [*pair.messages, {"role": "assistant", "content": answer}]
+            for pair in pairs
+            for answer in (pair.chosen, pair.rejected)
+        ],
+    )
     args = DPOConfig(
-        **_trainer_args(config, run_dir, seed=seed, gpu=gpu, learning_rate=learning_rate),
+        **_trainer_args(
+            config,
+            run_dir,
+            seed=seed,
+            gpu=gpu,
+            learning_rate=learning_rate,
+            per_pass=rows_per_pass(config, longest, sequences_per_row=2),
+        ),
         beta=config.dpo_beta,
     )
     # No ref_model and no peft_config: TRL copies the loaded `default` adapter into a frozen

@@ -20,6 +20,7 @@ from cotune.training import (
     TrainResult,
     adapter_weights,
     completion_mask_preview,
+    rows_per_pass,
     train_adapter,
 )
 
@@ -217,3 +218,45 @@ def test_same_seed_same_rows_same_weights(
     assert sorted(first) == sorted(second)
     for name in first:
         torch.testing.assert_close(second[name], first[name], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "longest", "sequences", "expected"),
+    [
+        (8, 100, 1, 8),  # short rows: the whole batch in one pass
+        (8, 900, 1, 2),  # squad-rag's answer rows: 2 x 900 fits 2048, 4 x 900 does not
+        (8, 900, 2, 1),  # DPO: chosen and rejected of a pair go through together
+        (6, 600, 1, 3),  # a divisor of the batch: every step still sees 6 rows
+        (8, 5000, 1, 1),  # a row over the budget goes alone
+    ],
+)
+def test_rows_per_pass_fits_the_token_budget(
+    batch_size: int, longest: int, sequences: int, expected: int
+) -> None:
+    config = TrainConfig(batch_size=batch_size, micro_batch_tokens=2048, max_length=4096)
+    assert rows_per_pass(config, longest, sequences) == expected
+
+
+def test_rows_per_pass_counts_rows_truncated_to_max_length() -> None:
+    config = TrainConfig(batch_size=8, micro_batch_tokens=2048, max_length=256)
+    assert rows_per_pass(config, 5000) == 8
+
+
+def test_micro_batches_train_like_the_whole_batch(
+    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """One row per pass with gradient accumulation: the same steps, losses and weights as the
+    whole batch in one pass, up to float summation order."""
+    import torch
+
+    messages: list[str] = []
+    config = CONFIG.model_copy(update={"micro_batch_tokens": 32})
+    result = train_adapter(
+        tiny_model_dir, ROWS, [], config, tmp_path / "adapter", seed=0, progress=messages.append
+    )
+    assert any("1 row(s) per pass" in m for m in messages), messages
+    assert result.sft_steps == sft_adapter.sft_steps
+    assert result.sft_losses == pytest.approx(sft_adapter.sft_losses, abs=1e-3)
+    first, second = adapter_weights(sft_adapter.adapter_dir), adapter_weights(result.adapter_dir)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=1e-3, rtol=0)
