@@ -4,6 +4,8 @@
    rendered prompts with the same settings (greedy, each component's max_tokens). cotune runs
    the whole system (its engine calls plus the bm25 tool); the raw engines get the prompts
    cotune rendered, one batch per component level. Completion tokens per second of wall time.
+   cotune and raw vLLM share one engine and take turns, ``--rounds`` times each (the median is
+   reported), so neither gains from running on shapes the other has just warmed up.
 2. Training: cotune's ``train_adapter`` (SFT only) vs a plain TRL ``SFTTrainer`` script with
    the same LoRA, batch, epochs, learning rate and precision, on the same rows (the answer
    writer's spans of the rollout above), each from loading the base model to the adapter
@@ -26,6 +28,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny test model and task")
     parser.add_argument("--limit", type=int, default=32, help="examples (the batch size)")
     parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="rollout: alternating runs each")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/speed.md")
     parser.add_argument("--train-epochs", type=int, default=2, help="training part: epochs")
     parser.add_argument("--no-training", action="store_true", help="skip the training part")
@@ -54,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(min(os.cpu_count() or 2, 16))
     system, examples = _load(args)
-    rows, traces, engine, batches = rollout_speed(system, examples, hf_batch=args.hf_batch)
-    tables = [format_table(rows, system.name, len(examples))]
+    rows, traces, engine, batches = rollout_speed(
+        system, examples, hf_batch=args.hf_batch, rounds=args.rounds
+    )
+    tables = [format_table(rows, system.name, len(examples), args.rounds)]
     print(tables[-1], flush=True)
     if not args.no_adapters and not torch.cuda.is_available():
         tables.append(format_adapters(adapter_speed(engine, batches), system.name))
@@ -96,24 +102,29 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 
 
 def rollout_speed(
-    system: Any, examples: list[Any], hf_batch: int = 32
+    system: Any, examples: list[Any], hf_batch: int = 32, rounds: int = 3
 ) -> tuple[list[dict[str, Any]], list[Any], Any, list[Any]]:
     """Rows of the rollout table, cotune's traces, the engine and the raw prompt batches."""
     from cotune.runtime import open_runtime
 
     runtime = open_runtime(system)
     runtime.run(examples[:2])  # warm-up: compile paths, bm25 index
-    started = time.perf_counter()
-    traces = runtime.run(examples)
-    cotune_s = time.perf_counter() - started
-    cotune_tokens = sum(s.completion_tokens for t in traces for s in t.spans)
-
-    levels = [[c for c in level if c.kind == "llm"] for level in system.levels()]
-    batches = [
-        [(c, [t.span(c.name).messages for t in traces]) for c in level] for level in levels if level
-    ]
     engine = next(iter(runtime.engines.values()))
-    vllm_s, vllm_tokens = _raw_vllm(engine, batches)
+    levels = [[c for c in level if c.kind == "llm"] for level in system.levels()]
+    cotune_times, vllm_times = [], []
+    for _ in range(max(rounds, 1)):
+        started = time.perf_counter()
+        traces = runtime.run(examples)
+        cotune_times.append(time.perf_counter() - started)
+        batches = [
+            [(c, [t.span(c.name).messages for t in traces]) for c in level]
+            for level in levels
+            if level
+        ]
+        vllm_s, vllm_tokens = _raw_vllm(engine, batches)
+        vllm_times.append(vllm_s)
+    cotune_s, vllm_s = statistics.median(cotune_times), statistics.median(vllm_times)
+    cotune_tokens = sum(s.completion_tokens for t in traces for s in t.spans)
     hf_s, hf_tokens = _raw_hf(engine.model_id, batches, hf_batch)
     return (
         [
@@ -226,10 +237,11 @@ def _raw_hf(model_path: str, batches: list[Any], batch_size: int) -> tuple[float
     return time.perf_counter() - started, tokens
 
 
-def format_table(rows: list[dict[str, Any]], system: str, n: int) -> str:
+def format_table(rows: list[dict[str, Any]], system: str, n: int, rounds: int) -> str:
     fastest_raw = max(r["tokens"] / r["seconds"] for r in rows[1:])
     lines = [
-        f"Rollout speed, {system}, {n} examples, greedy; "
+        f"Rollout speed, {system}, {n} examples, greedy, cotune and raw vLLM taking turns "
+        f"(median of {rounds} runs each), HF once; "
         f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
         f"python {sys.version.split()[0]}",
         "",

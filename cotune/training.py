@@ -365,6 +365,8 @@ def rows_per_pass(config: TrainConfig, longest: int, sequences_per_row: int = 1)
 def _longest_conversation(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> int:
     """Tokens of the longest conversation, as the chat template renders it."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    if not texts:
+        return 0
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
