@@ -5,6 +5,8 @@ the logic around them, and named as such).
 - ``ScriptedJudge`` answers judge prompts with verdicts built by a rule, without a model.
 - ``FakeTrainer`` stands in for ``cotune.training.train_adapter``: it writes a small PEFT-shaped
   folder and records the rows it was given, without training anything.
+
+Also one setting shared by the tests that start a vLLM server process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from cotune.jobspec import TrainConfig
 from cotune.tiny import COLORS
 from cotune.training import DPOPair, SFTRow, TrainResult
 
+# A deadline, not a speed check: healthy servers pass in under a minute, but on a loaded 2-core
+# machine (CI with other processes) a start took over 180 s. Waiting ends as soon as it is up.
+SERVER_START_SECONDS = 600
 GARBAGE_QUERY = "nothing useful"
 UNKNOWN = "unknown"
 QUESTION = re.compile(r"what is the color of (\w+)\?")

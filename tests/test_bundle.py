@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from doubles import SERVER_START_SECONDS
 
 from cotune.bundle import (
     ADAPTER_FILES,
@@ -34,9 +35,6 @@ from cotune.bundle import (
 from cotune.spec import SystemSpec, load_system, parse_system
 from cotune.tiny import ANSWER_PROMPT, QUERY_PROMPT, make_world
 
-# A deadline, not a speed check: healthy servers pass in under a minute, but on a loaded 2-core
-# machine (CI with other processes) a start took over 180 s. Waiting ends as soon as it is up.
-SERVER_START_SECONDS = 600
 COMPONENTS = ("answer", "query")
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from doubles import SERVER_START_SECONDS
 
 from cotune.engines.base import GenerationRequest, InferenceEngine
 from cotune.engines.openai import OpenAIEngine
@@ -29,9 +30,6 @@ from cotune.errors import EngineError
 from cotune.tiny import ANSWER_PROMPT, QUERY_PROMPT, make_world
 
 API_KEY = "sk-secret-test"
-# A deadline, not a speed check: healthy servers pass in under a minute, but on a loaded 2-core
-# machine (CI with other processes) a start took over 180 s. Waiting ends as soon as it is up.
-SERVER_START_SECONDS = 600
 
 
 def chat(text: str) -> list[dict[str, str]]:
