@@ -3,10 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo demo-tiny test lint typecheck unit
+.PHONY: setup setup-test demo demo-tiny test lint typecheck unit
 
+# .venv only: the demo installs nothing else.
 setup:
 	./scripts/setup.sh
+
+# The test suite's one system package (chromium, for the dashboard tests).
+setup-test:
+	./scripts/setup-test.sh
 
 demo: setup
 	$(VENV)/bin/cotune demo
@@ -21,7 +26,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-unit: setup
+unit: setup setup-test
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit

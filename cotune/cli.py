@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cotune import console
 from cotune.errors import CotuneError
 
 REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, help="only the first N rows")
+    _add_verbose(ev)
     ev.set_defaults(handler=cmd_eval)
 
     run = sub.add_parser("run", help="run a training job in-process (SQLite + a local folder)")
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output folder (default runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue from the last finished stage")
     run.add_argument("--dry-run", action="store_true", help="print a quote, run nothing")
+    _add_verbose(run)
     run.set_defaults(handler=cmd_run)
 
     serve = sub.add_parser("serve", help="run the HTTP API (with Celery, or --embedded)")
@@ -108,8 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the first run: prepare SmolLM2 and train kb-qa on it")
     demo.add_argument("--tiny", action="store_true", help="a short run on the tiny model")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    _add_verbose(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's, torch's and transformers' output here (default: cotune.log in the "
+        "output folder)",
+    )
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
@@ -148,15 +161,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adapters = find_adapters(args.adapters, system) if args.adapters else {}
     if args.adapters and not adapters:
         raise CotuneError(f"--adapters {args.adapters}: no <component>/adapter_config.json there")
-    runtime = open_runtime(system, engine=args.engine, adapters=adapters)
-    traces = []
-    with tqdm(total=len(examples), desc=f"eval {system.name}", unit="ex") as bar:
-        for start in range(0, len(examples), args.batch_size):
-            batch = runtime.run(examples[start : start + args.batch_size])
-            score_traces(system, batch)
-            traces.extend(batch)
-            bar.update(len(batch))
-            bar.set_postfix(score=f"{mean_score(traces):.3f}")
+    log = None if args.verbose else (args.out or Path("runs") / system.name) / "eval.log"
+    with console.quiet_output(log) as active:
+        if active is not None:
+            console.say(f"library output (vLLM, torch): {active}")
+        runtime = open_runtime(system, engine=args.engine, adapters=adapters)
+        traces = []
+        bar = tqdm(total=len(examples), desc=f"eval {system.name}", unit="ex", file=console.err())
+        with bar:
+            for start in range(0, len(examples), args.batch_size):
+                batch = runtime.run(examples[start : start + args.batch_size])
+                score_traces(system, batch)
+                traces.extend(batch)
+                bar.update(len(batch))
+                bar.set_postfix(score=f"{mean_score(traces):.3f}")
     result = _eval_summary(system.name, system.metric, traces, adapters)
     print(json.dumps(result, indent=2))
     if args.out:
@@ -187,7 +205,9 @@ def _eval_summary(
 def cmd_run(args: argparse.Namespace) -> int:
     from cotune.embedded import run_job_cli
 
-    return run_job_cli(args.job, out=args.out, resume=args.resume, dry_run=args.dry_run)
+    return run_job_cli(
+        args.job, out=args.out, resume=args.resume, dry_run=args.dry_run, verbose=args.verbose
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -380,7 +400,7 @@ def _tar_path(args: argparse.Namespace, what: str) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cotune.embedded import demo
 
-    return demo(tiny=args.tiny, out=args.out)
+    return demo(tiny=args.tiny, out=args.out, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def iter_jsonl(stream: IO[bytes], source: str) -> Iterator[Row]:
             raise DataError(
                 f"not valid JSON: {err.msg} (column {err.colno})", path=source, line=line_no
             ) from None
+        except RecursionError:  # the decoder recurses per level: 100,000 "[" exhaust it
+            raise DataError(
+                "not valid JSON: nested too deeply", path=source, line=line_no
+            ) from None
         if not isinstance(row, dict):
             raise DataError(
                 f"expected a JSON object, got {type(row).__name__}", path=source, line=line_no

@@ -6,19 +6,21 @@ Output folder layout::
     out/adapters/<c>/    the best epoch's adapters out/report.md    tables per epoch/component
     out/metrics.json     the JobReport             out/curves.png   scores and losses
     out/traces/test.jsonl  test traces of the best system
+    out/cotune.log       what vLLM, torch and transformers printed (unless --verbose)
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from cotune import console
 from cotune.errors import CotuneError
 from cotune.jobspec import JobSpec, load_job
 
 JOB_FILE = "job.json"
+LOG_FILE = "cotune.log"
 
 
 def open_output(out: Path, job: JobSpec, *, resume: bool) -> tuple[Any, Any, str]:
@@ -98,7 +100,8 @@ class _Bars:
 
         if self.bar is None or stage != self.stage or done < self.bar.n:
             self.close()
-            self.bar, self.stage = tqdm(total=total, desc=stage, unit="ex", leave=False), stage
+            bar = tqdm(total=total, desc=stage, unit="ex", leave=False, file=console.err())
+            self.bar, self.stage = bar, stage
         self.bar.update(done - self.bar.n)
 
     def done(self, record: Any) -> None:
@@ -113,7 +116,7 @@ class _Bars:
             f"{record.engine_calls} engine calls, {record.completion_tokens} tokens"
             + (f", {record.judge_calls} judge calls" if record.judge_calls else "")
             + (f", {record.trained_tokens} trained tokens" if record.trained_tokens else ""),
-            file=sys.stderr,
+            file=console.err(),
         )
 
     def close(self) -> None:
@@ -122,44 +125,60 @@ class _Bars:
             self.bar = None
 
 
-def run_job_cli(job_path: Path, *, out: Path | None, resume: bool, dry_run: bool) -> int:
+def run_job_cli(
+    job_path: Path, *, out: Path | None, resume: bool, dry_run: bool, verbose: bool = False
+) -> int:
+    """``cotune run``: the job in this process; library output goes to ``OUT/cotune.log``
+    unless ``verbose``."""
     job = load_job(job_path)
     if dry_run:
         from cotune.quote import format_quote, quote_job
 
-        print(format_quote(quote_job(job)))
+        print(format_quote(quote_job(job)), file=console.out())
         return 0
     out = out or Path("runs") / job.system.name
-    report = run_embedded(job, out, resume=resume)
-    from cotune.report import summary_table
+    log = None if verbose else out / LOG_FILE
+    with console.quiet_output(log) as active:
+        if active is not None:
+            console.say(f"library output (vLLM, torch): {active}")
+        report = run_embedded(job, out, resume=resume)
+        from cotune.report import summary_table
 
-    print(summary_table(report))
-    print(f"adapters: {out / 'adapters'}\nreport: {out / 'report.md'}")
+        print(summary_table(report), file=console.out())
+        print(f"adapters: {out / 'adapters'}\nreport: {out / 'report.md'}", file=console.out())
     return 0
 
 
-def demo(*, tiny: bool, out: Path) -> int:
+def demo(*, tiny: bool, out: Path, verbose: bool = False) -> int:
     """The README's first command: a short kb-qa job, on SmolLM2-135M or the tiny model."""
     from cotune.models import prepare_model
 
     examples = Path(__file__).resolve().parents[1] / "examples"
-    if tiny:
-        from cotune.tiny import write_tiny_example
+    with console.quiet_output(None if verbose else out / LOG_FILE):
+        if tiny:
+            from cotune.tiny import write_tiny_example
 
-        model = prepare_model("tiny")
-        folder = write_tiny_example(out / "tiny-kb", model_path=str(model))
-        job_file = folder / "job.yaml"
-        job_file.write_text(
-            "system: system.yaml\n"
-            "data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}\n"
-            "judge: {model: tiny}\n"
-            "loop: {epochs: 2, rollout_batch: 32, samples_per_component: 48, judge_samples: 1}\n"
-            "train: {epochs: 2, batch_size: 8, learning_rate: 5.0e-4}\n"
+            model = prepare_model("tiny", progress=console.say)
+            folder = write_tiny_example(out / "tiny-kb", model_path=str(model))
+            job_file = folder / "job.yaml"
+            # Rates that teach the tiny answer writer its hedged colours (tests/e2e.py TRAIN).
+            job_file.write_text(
+                "system: system.yaml\n"
+                "data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}\n"
+                "judge: {model: tiny}\n"
+                "loop: {epochs: 2, rollout_batch: 32, samples_per_component: 48,"
+                " judge_samples: 1}\n"
+                "train: {epochs: 3, batch_size: 8, learning_rate: 5.0e-3,"
+                " dpo_learning_rate: 1.0e-3}\n"
+            )
+        else:
+            prepare_model("smollm2-135m", progress=console.say)
+            job_file = examples / "kb-qa" / "job.yaml"
+        console.say(f"running {job_file} -> {out / 'run'}")
+        return run_job_cli(
+            job_file,
+            out=out / "run",
+            resume=(out / "run" / JOB_FILE).exists(),
+            dry_run=False,
+            verbose=verbose,
         )
-    else:
-        prepare_model("smollm2-135m")
-        job_file = examples / "kb-qa" / "job.yaml"
-    print(f"running {job_file} -> {out / 'run'}", file=sys.stderr)
-    return run_job_cli(
-        job_file, out=out / "run", resume=(out / "run" / JOB_FILE).exists(), dry_run=False
-    )

@@ -57,6 +57,53 @@ RESULT_PREFIX = "result"
 _CHUNK = 1 << 20
 
 FileLookup = Callable[[str], "FileRecord | None"]
+# Deepest nesting a spec or an uploaded row may have: real specs stay under 10 levels; without a
+# bound a 500-level spec hit Python's recursion limit (a 500) while being copied.
+MAX_JSON_DEPTH = 32
+
+
+def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str] | None:
+    """``(dotted path, what is wrong)`` for the first part of a parsed JSON value that cannot be
+    stored and sent back: a string (or key) holding a lone UTF-16 surrogate (valid JSON escape,
+    not text: it cannot be encoded as UTF-8) or a NUL character (PostgreSQL refuses it), or
+    nesting deeper than ``MAX_JSON_DEPTH``. None when the value is fine."""
+    if depth > MAX_JSON_DEPTH:
+        return path, f"nesting is deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, str):
+        return None if (what := _text_problem(value)) is None else (path, f"the string {what}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (what := _text_problem(key)) is not None:
+                return path, f"a field name {what}"
+            found = json_problem(item, where, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = json_problem(item, f"{path}.{i}" if path else str(i), depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (\\u0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        return f"holds a lone surrogate \\u{code:04x} at position {err.start}, which is not text"
+    return None
+
+
+def _checked_rows(rows: Iterator[tuple[int, Any]], source: str) -> Iterator[tuple[int, Any]]:
+    for line_no, row in rows:
+        problem = json_problem(row)
+        if problem is not None:
+            raise DataError(problem[1], path=source, line=line_no, field=problem[0] or None)
+        yield line_no, row
 
 
 # -- uploads ----------------------------------------------------------------------------------
@@ -109,7 +156,7 @@ def check_upload(
     if purpose == "corpus":
         if is_csv(filename):
             raise DataError("a corpus must be JSONL rows of {id, text, title?}", path=source)
-        passages = parse_corpus(iter_jsonl(lines, source), source=source)
+        passages = parse_corpus(_checked_rows(iter_jsonl(lines, source), source), source=source)
         fields: dict[str, int] = {"id": len(passages), "text": len(passages)}
         titled = sum(1 for p in passages if "title" in p)
         if titled:
@@ -128,7 +175,7 @@ def check_upload(
     counts: dict[str, int] = {}
     seen: dict[str, int] = {}
     n = 0
-    for line_no, row in rows:
+    for line_no, row in _checked_rows(rows, source):
         n += 1
         expected = row.get("expected")
         if expected is not None and not (
@@ -246,6 +293,10 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
     ``materialize``). Raises ``SpecError`` with ``param`` (the API answers 422)."""
     if not isinstance(spec, Mapping):
         raise SpecError("a job spec must be a JSON object")
+    problem = json_problem(spec)
+    if problem is not None:
+        param, what = problem
+        raise SpecError(f"{param or 'the spec'}: {what}", param=param or None)
     spec = copy.deepcopy(dict(spec))
     lookup = _lookup(files, tenant)
 

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     # API
     max_page_size: int = Field(default=100, ge=1, le=10_000)
     events_poll_seconds: float = Field(default=0.5, gt=0)
+    max_streams_per_tenant: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description="open ?stream=true event streams a tenant may hold at once; one more "
+        "answers 429. A waiting stream holds no server thread, only a connection",
+    )
     log_level: str = "INFO"
     log_json: bool = True
 

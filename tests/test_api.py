@@ -341,6 +341,12 @@ def test_upload_is_checked_listed_downloaded_and_deleted(api: Api) -> None:
         ("a.jsonl", b'{"id": "p1", "text": "t"}\n{"id": "p2"}\n', "corpus", 2, "text"),
         ("a.jsonl", b'{"id": "p1", "text": "t", "title": 5}\n', "corpus", 1, "title"),
         ("a.jsonl", b'{"q": "' + b"x" * 5000 + b'"}\n', "data", 1, None),
+        # valid JSON escapes that are not text: a lone surrogate, a NUL (PostgreSQL refuses it)
+        ("a.jsonl", b'{"question": "q"}\n{"question": "a\\ud800"}\n', "data", 2, "question"),
+        ("a.jsonl", b'{"id": "p1", "text": "t\\u0000"}\n', "corpus", 1, "text"),
+        # nested past the decoder's recursion limit, and decodable but past MAX_JSON_DEPTH
+        ("a.jsonl", b'{"q": ' + b"[" * 2000 + b"]" * 2000 + b"}\n", "data", 1, None),
+        ("a.jsonl", b'{"q": ' + b"[" * 40 + b"]" * 40 + b"}\n", "data", 1, "q" + ".0" * 32),
     ],
 )
 def test_a_bad_upload_names_its_line_and_field(
@@ -544,6 +550,64 @@ def test_a_spec_naming_server_things_answers_422(
     assert len(api.dispatcher.dispatched) == before
     if how == "missing field":
         assert tiny_files["train"] in error["message"] and "'context'" in error["message"]
+
+
+def _raw_spec(files: dict[str, str], where: str, escaped: str) -> bytes:
+    """A job spec as JSON text with ``escaped`` (a JSON escape such as ``\\ud800``) spliced into
+    one string: the client sent it that way, Python's json would have refused to write it."""
+    spec = tiny_spec(files)
+    marker = "SPLICE-HERE"
+    if where == "system.name":
+        spec["system"]["name"] = f"kb{marker}"
+    elif where == "system.components.2.prompt":
+        spec["system"]["components"][2]["prompt"] += marker
+    elif where == "loop.<key>":
+        spec["loop"][f"k{marker}"] = 1
+    return json.dumps(spec).replace(marker, escaped).encode()
+
+
+@pytest.mark.parametrize(
+    ("where", "escaped", "what"),
+    [
+        ("system.name", "\\ud800", "lone surrogate \\ud800"),
+        ("system.components.2.prompt", "\\udfff", "lone surrogate \\udfff"),
+        ("system.name", "\\u0000", "NUL character"),
+        ("loop.<key>", "\\ud800", "a field name"),
+    ],
+)
+def test_a_spec_with_text_that_cannot_be_stored_answers_422_and_writes_nothing(
+    api: Api, tiny_files: dict[str, str], where: str, escaped: str, what: str
+) -> None:
+    """Finding 1 of the probe: one lone surrogate made POST /v1/jobs answer 500 after it had
+    created and dispatched the job, and broke the tenant's job list for good."""
+    jobs_before = api.store.count_jobs("acme", list(JobStatus))
+    dispatched = len(api.dispatcher.dispatched)
+    body = _raw_spec(tiny_files, where, escaped)
+    headers = {**api.acme, "content-type": "application/json"}
+    for url in ("/v1/jobs", "/v1/jobs/quote", "/v1/fine_tuning/jobs"):
+        response = api.request("POST", url, content=body, headers=headers)
+        assert response.status_code == 422, (url, response.text)
+        error = response.json()["error"]
+        param = where.removesuffix(".<key>")
+        assert error["code"] == "invalid_spec" and error["param"] == param, error
+        assert what in error["message"], error
+    assert api.store.count_jobs("acme", list(JobStatus)) == jobs_before
+    assert len(api.dispatcher.dispatched) == dispatched
+    assert api.request("GET", "/v1/jobs?limit=100", headers=api.acme).status_code == 200
+
+
+def test_a_spec_nested_too_deeply_answers_422(api: Api, tiny_files: dict[str, str]) -> None:
+    """A spec 600 levels deep reached copy.deepcopy and Python's recursion limit (a 500)."""
+    body = json.dumps(tiny_spec(tiny_files)).replace(
+        '"loop": {', '"loop": {"deep": ' + "[" * 600 + "]" * 600 + ", ", 1
+    )
+    for url in ("/v1/jobs", "/v1/jobs/quote"):
+        response = api.request(
+            "POST", url, content=body, headers={**api.acme, "content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"].startswith("loop.deep.0") and "deeper than" in error["message"]
 
 
 def test_an_allowed_search_host_and_a_hosted_judge_are_accepted(

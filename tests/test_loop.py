@@ -17,7 +17,8 @@ system: system.yaml
 data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}
 judge: {model: tiny, max_tokens: 256}
 loop: {epochs: 2, rollout_batch: 32, samples_per_component: 48, judge_samples: 1, seed: 0}
-train: {epochs: 2, batch_size: 8, learning_rate: 2.0e-3, lora_r: 8, lora_alpha: 16}
+train: {epochs: 3, batch_size: 8, learning_rate: 5.0e-3, dpo_learning_rate: 1.0e-3,
+        lora_r: 8, lora_alpha: 16}
 """
 
 

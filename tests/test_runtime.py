@@ -56,9 +56,18 @@ def test_spans_are_complete(val_traces: list[Trace], runtime: Runtime) -> None:
         assert trace.score in (0.0, 1.0) and trace.passed == (trace.score == 1.0)
 
 
-def test_tiny_model_passes_some_but_not_all(val_traces: list[Trace]) -> None:
-    # The loop needs both passing traces (to bootstrap) and failing ones (to correct).
-    assert 0.2 <= mean_score(val_traces) <= 0.8
+def test_tiny_model_follows_its_rule_under_vllm(val_traces: list[Trace]) -> None:
+    """The base system's score is fixed by how the tiny model is built, not measured: each
+    answer is the rule's (known colour, or the colour hedged), so the val score is the known
+    colours' share of the split, inside the band the loop needs (some traces pass to
+    bootstrap, most fail to correct)."""
+    from cotune.tiny import SCORE_BAND, base_answer, make_world, row_key, rule_score
+
+    world = make_world()
+    rows = [{"question": t.inputs["question"]} for t in val_traces]
+    assert [t.output for t in val_traces] == [base_answer(world, row_key(r)) for r in rows]
+    assert mean_score(val_traces) == rule_score(world, rows)
+    assert SCORE_BAND[0] <= mean_score(val_traces) <= SCORE_BAND[1]
 
 
 def test_replay_reruns_only_downstream_spans(

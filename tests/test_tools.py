@@ -296,6 +296,10 @@ def test_http_search_refuses_hosts_off_the_allow_list(server: str) -> None:
         "http://[::1]/search",
         "http://[::ffff:127.0.0.1]/search",
         "http://0.0.0.0/search",
+        "http://100.100.100.200/latest/meta-data",  # carrier-grade NAT (100.64.0.0/10)
+        "http://[::ffff:100.64.0.1]/search",
+        "http://198.18.0.1/search",  # benchmarking
+        "http://224.0.0.1/search",
     ],
 )
 def test_http_search_refuses_internal_addresses(url: str) -> None:

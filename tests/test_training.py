@@ -6,6 +6,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,6 +138,8 @@ def test_sft_trains_lora_and_writes_only_the_adapter(
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == CONFIG.lora_r and config["lora_alpha"] == CONFIG.lora_alpha
     assert config["peft_type"] == "LORA"
+    # Adapters are downloaded: the base is named, the server's folder is not.
+    assert config["base_model_name_or_path"] == tiny_model_dir.name
 
     # Trained tokens: prompt + completion of every row, every epoch.
     lengths = [len(ids) for ids, _ in completion_mask_preview(tiny_model_dir, ROWS)]
@@ -242,13 +245,98 @@ def test_rows_per_pass_counts_rows_truncated_to_max_length() -> None:
     assert rows_per_pass(config, 5000) == 8
 
 
-def test_micro_batches_train_like_the_whole_batch(
-    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+# Completions of different lengths: averaging each micro-batch's loss and then the passes
+# (instead of dividing by the whole step's completion tokens) would weight rows unequally, and
+# the gradients below would differ by tens of percent, not by rounding.
+MIXED_ROWS = [
+    SFTRow(answer_messages(k), ["blue", "blue i think", "it is blue , i think so"][i % 3])
+    for i, k in enumerate(TRAIN_KEYS[:8])
+]
+# Float32, unit roundoff u = 2**-24 = 6e-8. Both gradients are sums of the same per-token
+# terms, grouped differently (8 rows in one pass vs 8 passes of one row: other matrix shapes,
+# other kernel blocking, another order of the accumulation). A sum of n same-signed terms moves
+# by at most ~n*u of itself; the ~300 completion and padding positions of a step give ~2e-5 of
+# a tensor's scale, and GRAD_RTOL leaves 5x above that. Measured: 6.6e-7 with AVX-512 kernels,
+# 6.1e-7 with AVX2 forced. A normalisation error would weight these rows of 2 to 9
+# completion tokens alike instead of by their tokens: tens of percent apart.
+GRAD_RTOL = 1e-4
+
+
+def _first_step(tiny_model_dir: Path, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """The LoRA gradients of the first optimizer step as ``train_adapter`` builds its SFT
+    trainer (after the step's micro-batches are accumulated and clipped, before AdamW moves
+    anything), the first logged loss, and the rows per pass."""
+    from transformers import TrainerCallback
+
+    from cotune.training import _load_base, _load_tokenizer, _lora_config, _sft_trainer
+
+    seen: dict[str, Any] = {"grads": {}, "losses": []}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            if not seen["grads"]:
+                seen["grads"] = {
+                    name: p.grad.detach().clone()
+                    for name, p in model.named_parameters()
+                    if p.grad is not None
+                }
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if logs and "loss" in logs:
+                seen["losses"].append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            control.should_training_stop = True
+
+    trainer = _sft_trainer(
+        _load_base(tiny_model_dir, config, gpu=False),
+        _load_tokenizer(tiny_model_dir),
+        MIXED_ROWS,
+        config,
+        run_dir,
+        seed=0,
+        gpu=False,
+        peft_config=_lora_config(config),
+        callbacks=[Capture()],
+    )
+    trainer.train()
+    seen["per_pass"] = trainer.args.per_device_train_batch_size
+    seen["accumulation"] = trainer.args.gradient_accumulation_steps
+    return seen
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient(
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """One row per pass with gradient accumulation: the same steps, losses and weights as the
-    whole batch in one pass, up to float summation order."""
+    """What micro-batching claims: one row per pass, accumulated, gives the gradient the whole
+    batch gives in one pass (and the same loss), before any optimizer step. Later steps are
+    not compared weight by weight: AdamW divides by the root of the second moment, so a
+    near-zero gradient whose sign is rounding noise legitimately moves a weight by ~lr."""
     import torch
 
+    config = CONFIG.model_copy(update={"batch_size": 8, "epochs": 1})
+    whole = _first_step(tiny_model_dir, config, tmp_path / "whole")
+    micro = _first_step(
+        tiny_model_dir, config.model_copy(update={"micro_batch_tokens": 32}), tmp_path / "micro"
+    )
+    assert (whole["per_pass"], whole["accumulation"]) == (8, 1)
+    assert (micro["per_pass"], micro["accumulation"]) == (1, 8)
+    assert micro["losses"][0] == pytest.approx(whole["losses"][0], rel=1e-5)
+    assert sorted(micro["grads"]) == sorted(whole["grads"])
+    lora_b = [name for name in whole["grads"] if "lora_B" in name]
+    assert lora_b and all(float(whole["grads"][n].abs().max()) > 0 for n in lora_b)
+    for name, expected in whole["grads"].items():
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(
+            micro["grads"][name], expected, atol=GRAD_RTOL * scale, rtol=0, msg=name
+        )
+
+
+def test_train_adapter_splits_a_step_into_micro_batches(
+    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The whole run with one row per pass: the same number of optimizer steps (each still
+    sees ``batch_size`` rows), the same first loss, and a learned adapter."""
     messages: list[str] = []
     config = CONFIG.model_copy(update={"micro_batch_tokens": 32})
     result = train_adapter(
@@ -256,7 +344,5 @@ def test_micro_batches_train_like_the_whole_batch(
     )
     assert any("1 row(s) per pass" in m for m in messages), messages
     assert result.sft_steps == sft_adapter.sft_steps
-    assert result.sft_losses == pytest.approx(sft_adapter.sft_losses, abs=1e-3)
-    first, second = adapter_weights(sft_adapter.adapter_dir), adapter_weights(result.adapter_dir)
-    for name in first:
-        torch.testing.assert_close(second[name], first[name], atol=1e-3, rtol=0)
+    assert result.sft_losses[0] == pytest.approx(sft_adapter.sft_losses[0], rel=1e-5)
+    assert result.sft_losses[-1] < result.sft_losses[0]

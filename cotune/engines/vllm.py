@@ -22,7 +22,9 @@ class VLLMSettings:
     max_lora_rank: int = 32  # DESIGN: r 16-32; a job asking for more starts a larger engine
     max_loras: int = 4
     max_model_len: int = 4096
-    kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    # CPU only, the default of VLLM_CPU_KVCACHE_SPACE (which overrides it): 1 GiB holds ~23k
+    # tokens of SmolLM2-135M in fp32 and keeps the demo within an 8 GB laptop.
+    kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     enable_prefix_caching: bool = False  # off: runs that compare outputs must be reproducible

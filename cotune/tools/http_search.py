@@ -50,16 +50,13 @@ def check_url(url: str, allowed_hosts: Collection[str], private_hosts: Collectio
 
 
 def _is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Anything not on the public internet: besides private, loopback, link-local, reserved,
+    multicast and unspecified addresses, ``is_global`` also excludes 100.64.0.0/10 (carrier-
+    grade NAT, where some clouds put their metadata service), documentation and benchmarking
+    ranges, which none of the other flags cover."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
-    )
+    return not address.is_global or address.is_multicast
 
 
 def search_http(

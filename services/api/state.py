@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ class ApiState:
     dispatcher: Dispatcher
     metrics: ApiMetrics
     roots: list[str] = field(default_factory=list)
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots())
 
     def __post_init__(self) -> None:
         if not self.roots:
@@ -33,6 +35,50 @@ class ApiState:
     def redact(self, text: str | None) -> str | None:
         """``text`` without server folders, for anything sent over HTTP."""
         return redact(text, self.roots)
+
+
+class StreamSlots:
+    """Open event streams per tenant, so one tenant cannot hold every connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def acquire(self, tenant: str, limit: int) -> StreamSlot | None:
+        """A slot for one more stream of ``tenant``, or None when it holds ``limit``."""
+        with self._lock:
+            if self._open.get(tenant, 0) >= limit:
+                return None
+            self._open[tenant] = self._open.get(tenant, 0) + 1
+        return StreamSlot(self, tenant)
+
+    def open(self, tenant: str) -> int:
+        with self._lock:
+            return self._open.get(tenant, 0)
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            left = self._open.get(tenant, 0) - 1
+            if left > 0:
+                self._open[tenant] = left
+            else:
+                self._open.pop(tenant, None)
+
+
+class StreamSlot:
+    """One held stream; released once, by the stream's end or, if the response never started
+    (the client left first), when the stream's generator is collected."""
+
+    def __init__(self, slots: StreamSlots, tenant: str) -> None:
+        self._slots, self._tenant, self._held = slots, tenant, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots._release(self._tenant)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def get_state(request: Request) -> ApiState:

@@ -10,7 +10,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +38,7 @@ from services.api.schemas import (
     QuoteObject,
     TraceObject,
 )
-from services.api.state import ApiState, get_state
+from services.api.state import ApiState, StreamSlot, get_state
 from services.api.views import (
     checkpoint_object,
     event_id,
@@ -281,7 +281,10 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
     @router.get(
         "/{job_id}/events",
         response_model=ListObject[EventObject],
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            429: {"model": ErrorResponse, "description": "too many open streams"},
+        },
         summary="A job's events, oldest first; ?stream=true for server-sent events" + suffix,
     )
     def list_events(
@@ -296,8 +299,18 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
         own_job(state, tenant, job_id)
         cursor = parse_event_cursor(after or last_event_id)
         if stream:
+            limit = state.settings.max_streams_per_tenant
+            slot = state.streams.acquire(tenant, limit)
+            if slot is None:
+                raise ApiError(
+                    429,
+                    "too_many_streams",
+                    f"you have {limit} event streams open, the most allowed at once; close "
+                    "one, or poll without stream=true",
+                    "stream",
+                )
             return StreamingResponse(
-                _event_stream(state, tenant, job_id, cursor),
+                _event_stream(state, tenant, job_id, cursor, slot),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
@@ -630,32 +643,46 @@ def _trace_object(
     return TraceObject(id=tid, epoch=epoch, stage=stage, spans=spans, **fields)
 
 
-def _event_stream(state: ApiState, tenant: str, job_id: str, cursor: int | None) -> Iterator[bytes]:
+async def _event_stream(
+    state: ApiState, tenant: str, job_id: str, cursor: int | None, slot: StreamSlot
+) -> AsyncIterator[bytes]:
     """Server-sent events until the job is terminal and every event was sent; a comment
-    every 15 s keeps proxies from closing an idle stream."""
+    every 15 s keeps proxies from closing an idle stream. Async: each poll borrows a worker
+    thread for its two queries only, and the wait between polls holds none, so open streams
+    cannot starve the routes (and ``/healthz``) that share the thread pool."""
+    from anyio import sleep, to_thread
+
     poll = state.settings.events_poll_seconds
     last_beat = time.monotonic()
-    yield b"retry: 2000\n\n"
-    while True:
-        record = state.store.get_job(job_id, tenant)
-        events = state.store.events(job_id, after_id=cursor, limit=100)
-        for e in events:
-            cursor = e.id
-            body = event_object(e, state).model_dump_json()
-            yield f"id: {event_id(e)}\nevent: event\ndata: {body}\n\n".encode()
-        if events:
-            continue
-        if record is None:
-            yield b'event: done\ndata: {"status": "deleted"}\n\n'
-            return
-        if record.status in TERMINAL:
-            status = json.dumps({"status": record.status.value, "id": record.id})
-            yield f"event: done\ndata: {status}\n\n".encode()
-            return
-        if time.monotonic() - last_beat > 15:
-            last_beat = time.monotonic()
-            yield b": keepalive\n\n"
-        time.sleep(poll)
+
+    def read(after: int | None) -> tuple[JobRecord | None, list[Any]]:
+        return state.store.get_job(job_id, tenant), state.store.events(
+            job_id, after_id=after, limit=100
+        )
+
+    try:
+        yield b"retry: 2000\n\n"
+        while True:
+            record, events = await to_thread.run_sync(read, cursor)
+            for e in events:
+                cursor = e.id
+                body = event_object(e, state).model_dump_json()
+                yield f"id: {event_id(e)}\nevent: event\ndata: {body}\n\n".encode()
+            if events:
+                continue
+            if record is None:
+                yield b'event: done\ndata: {"status": "deleted"}\n\n'
+                return
+            if record.status in TERMINAL:
+                status = json.dumps({"status": record.status.value, "id": record.id})
+                yield f"event: done\ndata: {status}\n\n".encode()
+                return
+            if time.monotonic() - last_beat > 15:
+                last_beat = time.monotonic()
+                yield b": keepalive\n\n"
+            await sleep(poll)
+    finally:
+        slot.release()
 
 
 __all__ = ["build_router", "own_job"]
