@@ -13,11 +13,14 @@ from pydantic import Field, ValidationError, model_validator
 
 from cotune.errors import SpecError
 from cotune.spec import (
+    Float,
+    Int,
     SystemSpec,
     _Strict,
     load_system,
     parse_system,
     read_mapping,
+    refuse_loader_fields,
     spec_error_from,
 )
 
@@ -33,8 +36,8 @@ class JudgeSpec(_Strict):
     engine: Literal["openai"] | None = None
     url: str | None = None
     api_key_env: str | None = None
-    max_tokens: int = Field(default=384, ge=16, le=8192)
-    temperature: float = Field(
+    max_tokens: Int = Field(default=384, ge=16, le=8192)
+    temperature: Float = Field(
         default=0.7, ge=0.0, le=2.0, description="used when judge_samples > 1; one sample is greedy"
     )
 
@@ -48,18 +51,18 @@ class JudgeSpec(_Strict):
 
 
 class LoopConfig(_Strict):
-    epochs: int = Field(default=3, ge=1, le=100)
-    rollout_batch: int = Field(
+    epochs: Int = Field(default=3, ge=1, le=100)
+    rollout_batch: Int = Field(
         default=36, ge=1, le=100_000, description="train examples rolled out per epoch"
     )
-    samples_per_component: int = Field(
+    samples_per_component: Int = Field(
         default=100, ge=1, le=1_000_000, description="SFT rows to aim for per component"
     )
-    judge_samples: int = Field(default=3, ge=1, le=16, description="K judge samples per trace")
-    replays: int = Field(
+    judge_samples: Int = Field(default=3, ge=1, le=16, description="K judge samples per trace")
+    replays: Int = Field(
         default=1, ge=1, le=16, description="R replays per candidate (1 is enough when greedy)"
     )
-    resample_candidates: int = Field(
+    resample_candidates: Int = Field(
         default=2,
         ge=0,
         le=16,
@@ -76,30 +79,35 @@ class LoopConfig(_Strict):
         "score; false accepts every candidate (an ablation: the replays still run and are "
         "recorded)",
     )
-    candidate_temperature: float = Field(default=0.8, gt=0.0, le=2.0)
-    augment_rollouts: int = Field(
+    candidate_temperature: Float = Field(default=0.8, gt=0.0, le=2.0)
+    augment_rollouts: Int = Field(
         default=2, ge=0, le=16, description="extra sampled rollouts to fill up to N samples"
     )
-    val_limit: int | None = Field(
+    val_limit: Int | None = Field(
         default=None, ge=1, description="evaluate on at most this many val rows"
     )
-    seed: int = 0
+    seed: Int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="seeds rollout sampling, judge samples, shuffling and training",
+    )
 
 
 class TrainConfig(_Strict):
     method: Literal["sft", "sft+dpo"] = "sft+dpo"
-    lora_r: int = Field(default=16, ge=1, le=256)
-    lora_alpha: int = Field(default=32, ge=1, le=1024)
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    learning_rate: float = Field(default=1.0e-4, gt=0.0, lt=1.0)
-    epochs: int = Field(default=2, ge=1, le=100)
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    dpo_beta: float = Field(default=0.1, gt=0.0, le=10.0)
-    dpo_learning_rate: float | None = Field(
+    lora_r: Int = Field(default=16, ge=1, le=256)
+    lora_alpha: Int = Field(default=32, ge=1, le=1024)
+    lora_dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: Float = Field(default=1.0e-4, gt=0.0, lt=1.0)
+    epochs: Int = Field(default=2, ge=1, le=100)
+    batch_size: Int = Field(default=8, ge=1, le=1024)
+    dpo_beta: Float = Field(default=0.1, gt=0.0, le=10.0)
+    dpo_learning_rate: Float | None = Field(
         default=None, gt=0.0, lt=1.0, description="defaults to learning_rate / 2"
     )
-    max_length: int = Field(default=1024, ge=32, le=32_768)
-    micro_batch_tokens: int = Field(
+    max_length: Int = Field(default=1024, ge=32, le=32_768)
+    micro_batch_tokens: Int = Field(
         default=512,
         ge=32,
         le=1_048_576,
@@ -113,8 +121,8 @@ class TrainConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    max_judge_calls: int | None = Field(default=1000, ge=0)
-    max_generated_tokens: int | None = Field(default=2_000_000, ge=0)
+    max_judge_calls: Int | None = Field(default=1000, ge=0)
+    max_generated_tokens: Int | None = Field(default=2_000_000, ge=0)
 
 
 class DataSplits(_Strict):
@@ -152,6 +160,9 @@ class JobSpec(_Strict):
 
 def parse_job(data: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
     """Validate a job mapping; ``system`` may be inline or a path relative to ``base_dir``."""
+    refuse_loader_fields(data)
+    if isinstance(data.get("system"), dict):
+        refuse_loader_fields(data["system"], "system.")
     data = dict(data)
     system = data.get("system")
     if isinstance(system, str):

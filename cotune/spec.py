@@ -10,20 +10,51 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cotune.errors import SpecError
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 COMPONENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 TOOL_KINDS = ("bm25", "http_search", "python")
+NAME_MAX = 255  # system and component names are stored in varchar(255) columns
+# Set by the loader from where a file was read; a spec that sets it is refused (unknown field).
+LOADER_ONLY = ("base_dir",)
+
+
+def _not_a_bool(value: Any) -> Any:
+    """pydantic reads JSON ``true`` as 1 for an int field; a count or a rate is never a bool."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def refuse_loader_fields(data: Any, where: str = "") -> None:
+    """``base_dir`` is the loader's, not the user's: refuse it as the unknown field it is."""
+    if isinstance(data, dict):
+        for key in LOADER_ONLY:
+            if key in data:
+                param = f"{where}{key}"
+                raise SpecError(f"{param}: unknown field", param=param)
 
 
 class ModelRef(_Strict):
@@ -46,7 +77,7 @@ class JsonOutput(_Strict):
 
 
 class Component(_Strict):
-    name: str = Field(pattern=COMPONENT_NAME)
+    name: str = Field(pattern=COMPONENT_NAME, max_length=NAME_MAX)
     kind: Literal["llm", "tool"]
     reads: list[str] = Field(min_length=1)
     writes: str = Field(pattern=IDENTIFIER)
@@ -56,8 +87,8 @@ class Component(_Strict):
     system: str | None = None
     trainable: bool | None = None
     output: Literal["text"] | JsonOutput = "text"
-    max_tokens: int = Field(default=64, ge=1, le=8192)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: Int = Field(default=64, ge=1, le=8192)
+    temperature: Float = Field(default=0.0, ge=0.0, le=2.0)
     # tool components
     tool: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
@@ -84,7 +115,7 @@ class Component(_Strict):
 
 
 class SystemSpec(_Strict):
-    name: str = Field(pattern=COMPONENT_NAME)
+    name: str = Field(pattern=COMPONENT_NAME, max_length=NAME_MAX)
     description: str = ""
     inputs: list[str] = Field(min_length=1)
     output: str
@@ -422,6 +453,7 @@ def _describe(loc: list[Any], err: ValidationError) -> str:
 
 
 def parse_system(data: dict[str, Any], base_dir: Path | None = None) -> SystemSpec:
+    refuse_loader_fields(data)
     try:
         system = SystemSpec.model_validate(data)
     except ValidationError as err:

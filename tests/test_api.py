@@ -610,6 +610,33 @@ def test_a_spec_nested_too_deeply_answers_422(api: Api, tiny_files: dict[str, st
         assert error["param"].startswith("loop.deep.0") and "deeper than" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "param"),
+    [
+        ("/v1/jobs/job-%00", {}, 404, None),
+        ("/v1/fine_tuning/jobs/%00/events", {}, 404, None),
+        ("/v1/files/file-%00x", {}, 404, None),
+        ("/v1/jobs?after=job-%00", {}, 404, None),
+        ("/v1/files?after=%00", {}, 404, None),
+        ("/v1/jobs/{done}/events?after=ftevent-%00", {}, 422, "after"),
+        ("/v1/jobs/{done}/events?after=ftevent-%C2%B2", {}, 422, "after"),  # "²" isdigit()
+        ("/v1/jobs/{done}/events?after=ftevent-99999999999999999999999", {}, 422, "after"),
+        ("/v1/jobs/{done}/events", {"Last-Event-ID": "ftevent-99999999999999999999"}, 422, None),
+        ("/v1/jobs/{done}/events", {"Last-Event-ID": ""}, 200, None),  # an EventSource's first
+    ],
+)
+def test_ids_and_cursors_that_match_nothing_answer_4xx_not_500(
+    api: Api, done_job: str, path: str, headers: dict[str, str], status: int, param: str | None
+) -> None:
+    """Finding 4 of the probe: a NUL reached PostgreSQL (500), "²" reached int() (500), a
+    cursor past bigint reached the database (500; as Last-Event-ID the stream died)."""
+    response = api.request("GET", path.format(done=done_job), headers={**api.acme, **headers})
+    assert response.status_code == status, response.text
+    if status == 422:
+        expected = param or "Last-Event-ID"
+        assert response.json()["error"]["param"] == expected, response.text
+
+
 def test_an_allowed_search_host_and_a_hosted_judge_are_accepted(
     api: Api, tiny_files: dict[str, str]
 ) -> None:

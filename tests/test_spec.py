@@ -316,3 +316,52 @@ def test_downstream() -> None:
     assert system.downstream("answer") == []
     with pytest.raises(KeyError, match="no component 'nope'"):
         system.downstream("nope")
+
+
+# -- values the probe found accepted (finding 7) and a name longer than its column (finding 4) --
+
+
+def job(**extra: Any) -> dict[str, Any]:
+    return {"system": base(), "data": {"train": "t.jsonl", "val": "v.jsonl"}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "param", "said"),
+    [
+        (lambda j: j.update(loop={"seed": 10**40}), "loop.seed", "less than or equal"),
+        (lambda j: j.update(loop={"seed": 1e40}), "loop.seed", None),
+        (lambda j: j.update(loop={"seed": -1}), "loop.seed", "greater than or equal"),
+        (lambda j: j.update(loop={"epochs": True}), "loop.epochs", "got true"),
+        (lambda j: j.update(train={"learning_rate": True}), "train.learning_rate", "got true"),
+        (lambda j: j.update(budget={"max_judge_calls": False}), "budget.max_judge_calls", None),
+        (lambda j: j.update(base_dir="/etc"), "base_dir", "unknown field"),
+        (lambda j: j["system"].update(base_dir="/etc"), "system.base_dir", "unknown field"),
+        (lambda j: j["system"].update(name="s" * 256), "system.name", "255"),
+        (
+            lambda j: comp(j["system"], "answer").update(max_tokens=True),
+            "system.components.answer.max_tokens",
+            "got true",
+        ),
+    ],
+)
+def test_a_job_value_the_loop_cannot_use_is_refused_naming_it(
+    mutate: Callable[[dict[str, Any]], Any], param: str, said: str | None
+) -> None:
+    from cotune.jobspec import parse_job
+
+    spec = job()
+    mutate(spec)
+    with pytest.raises(SpecError) as info:
+        parse_job(spec)
+    assert info.value.param == param, info.value
+    if said is not None:
+        assert said in str(info.value), info.value
+
+
+def test_the_largest_seed_and_a_255_character_name_are_accepted() -> None:
+    from cotune.jobspec import parse_job
+
+    spec = job(loop={"seed": 2**31 - 1})
+    spec["system"]["name"] = "s" * 255
+    parsed = parse_job(spec)
+    assert parsed.loop.seed == 2**31 - 1 and len(parsed.system.name) == 255

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cotune.errors import CotuneError
 from cotune.store.jobs import JobStore, make_engine
-from cotune.store.models import ApiKey, FileRow, Job, Tenant, utcnow
+from cotune.store.models import ApiKey, FileRow, Job, Tenant, matchable, utcnow
 
 TENANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 KEY_PREFIX = "ct_"
@@ -326,6 +326,8 @@ class AccountStore:
 
     def get_file(self, file_id: str, tenant: str | None = None) -> FileRecord | None:
         """The file, or None if there is none (or it belongs to another tenant)."""
+        if not matchable(file_id):
+            return None
         q = select(FileRow).where(FileRow.id == file_id)
         if tenant is not None:
             q = q.where(FileRow.tenant_id == tenant)
@@ -352,6 +354,8 @@ class AccountStore:
             q = q.where(FileRow.purpose == purpose)
         with self._sessions() as s:
             if after is not None:
+                if not matchable(after):
+                    raise LookupError(f"no file {after!r}")
                 cq = select(FileRow.created_at).where(FileRow.id == after)
                 if tenant is not None:
                     cq = cq.where(FileRow.tenant_id == tenant)

@@ -62,6 +62,7 @@ from cotune.store.models import (
     EventRow,
     Job,
     StageRow,
+    matchable,
     utcnow,
 )
 from cotune.store.status import (
@@ -293,6 +294,8 @@ class JobStore:
 
     def get_job(self, job_id: str, tenant_id: str | None = None) -> JobRecord | None:
         """The job, or None if there is none (or it belongs to another tenant)."""
+        if not matchable(job_id):
+            return None
         with self._sessions() as s:
             q = select(Job).where(Job.id == job_id)
             if tenant_id is not None:
@@ -312,6 +315,8 @@ class JobStore:
             if tenant_id is not None:
                 q = q.where(Job.tenant_id == tenant_id)
             if after is not None:
+                if not matchable(after):
+                    raise JobNotFound(after)
                 cq = select(Job.created_at).where(Job.id == after)
                 if tenant_id is not None:
                     cq = cq.where(Job.tenant_id == tenant_id)

@@ -36,6 +36,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+
+def matchable(key: str) -> bool:
+    """Whether ``key`` can name a row at all. PostgreSQL's text types refuse NUL (the query
+    fails instead of matching nothing), and no id, key or cursor cotune issues holds one, so a
+    lookup by such a key answers "none" without asking the database."""
+    return "\x00" not in key
+
+
 # Stable constraint names, so later migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -134,14 +134,20 @@ def event_id(event: StoredEvent) -> str:
     return f"ftevent-{event.id}"
 
 
-def parse_event_cursor(after: str | None) -> int | None:
-    if after is None:
+MAX_EVENT_ID = 2**63 - 1  # events.id is a bigint
+
+
+def parse_event_cursor(after: str | None, param: str = "after") -> int | None:
+    """``ftevent-<n>`` -> n. Empty means none (an EventSource sends an empty Last-Event-ID
+    before its first event); anything else that is not an id cotune issued answers 422."""
+    if not after:
         return None
     raw = after.removeprefix("ftevent-")
-    if not raw.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_EVENT_ID:
         from services.api.errors import ApiError
 
-        raise ApiError(422, "invalid_request", f"after: {after!r} is not an event id", "after")
+        raise ApiError(422, "invalid_request", f"{param}: {after!r} is not an event id", param)
     return int(raw)
 
 

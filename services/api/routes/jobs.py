@@ -297,7 +297,11 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> Any:
         own_job(state, tenant, job_id)
-        cursor = parse_event_cursor(after or last_event_id)
+        cursor = (
+            parse_event_cursor(after)
+            if after
+            else parse_event_cursor(last_event_id, "Last-Event-ID")
+        )
         if stream:
             limit = state.settings.max_streams_per_tenant
             slot = state.streams.acquire(tenant, limit)
