@@ -148,6 +148,24 @@ class Settings(BaseSettings):
     # API
     max_page_size: int = Field(default=100, ge=1, le=10_000)
     events_poll_seconds: float = Field(default=0.5, gt=0)
+    rate_limit_per_minute: int = Field(
+        default=1200,
+        ge=1,
+        description="requests one API key may make per minute on average (per API process); "
+        "more answer 429 with Retry-After",
+    )
+    rate_limit_burst: int = Field(
+        default=120, ge=1, description="requests one API key may make at once"
+    )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="failed authentications one client address may make per minute on average "
+        "once its burst is spent; meanwhile its authentications answer 429",
+    )
+    auth_failure_burst: int = Field(
+        default=20, ge=1, description="failed authentications one client address may make at once"
+    )
     max_streams_per_tenant: int = Field(
         default=8,
         ge=1,

@@ -6,12 +6,14 @@ tenant scopes every query; the key itself is never logged or echoed.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from services.api.errors import ApiError
+from services.api.limits import key_fingerprint, retry_after
+from services.api.schemas import ErrorResponse
 from services.api.state import ApiState, get_state
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `cotune keys create`")
@@ -27,7 +29,8 @@ def current_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_key: Annotated[str | None, Depends(api_key_header)],
 ) -> str:
-    """The caller's tenant, or 401."""
+    """The caller's tenant, or 401; 429 while the key is over its rate or the client's
+    address has failed to authenticate too often (``services.api.limits``)."""
     key = credentials.credentials if credentials is not None else header_key
     if not key:
         raise ApiError(
@@ -36,13 +39,41 @@ def current_tenant(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers=_CHALLENGE,
         )
+    limits = state.limits
+    assert limits is not None
+    address = request.client.host if request.client is not None else "unknown"
+    wait = limits.auth_failures.wait(address)
+    if wait is not None:
+        raise _too_many("auth_backoff", "too many failed authentications from your address", wait)
     tenant = state.accounts.verify_key(key)
     if tenant is None:
+        limits.auth_failures.take(address)
         raise ApiError(
             401, "invalid_api_key", "the API key is unknown or revoked", headers=_CHALLENGE
         )
+    wait = limits.requests.take(key_fingerprint(key))
+    if wait is not None:
+        raise _too_many("rate_limited", "this API key is over its request rate", wait)
     request.scope[TENANT_SCOPE_KEY] = tenant
     return tenant
+
+
+def _too_many(code: str, what: str, wait: float) -> ApiError:
+    after = retry_after(wait)
+    return ApiError(429, code, f"{what}; retry after {after} s", headers={"Retry-After": after})
+
+
+# Documented on every key-authenticated route.
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorResponse,
+        "description": "over the key's request rate, or too many failed authentications from "
+        "the client's address",
+        "headers": {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+        },
+    }
+}
 
 
 Tenant = Annotated[str, Depends(current_tenant)]

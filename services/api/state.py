@@ -12,6 +12,7 @@ from cotune.service import Dispatcher, redact, server_roots
 from cotune.settings import Settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
+from services.api.limits import RateLimits
 
 if TYPE_CHECKING:
     from services.api.metrics import ApiMetrics
@@ -27,8 +28,17 @@ class ApiState:
     metrics: ApiMetrics
     roots: list[str] = field(default_factory=list)
     streams: StreamSlots = field(default_factory=lambda: StreamSlots())
+    limits: RateLimits | None = None
 
     def __post_init__(self) -> None:
+        if self.limits is None:
+            s = self.settings
+            self.limits = RateLimits(
+                s.rate_limit_per_minute,
+                s.rate_limit_burst,
+                s.auth_failures_per_minute,
+                s.auth_failure_burst,
+            )
         if not self.roots:
             self.roots = server_roots(self.settings, self.artifacts)
 

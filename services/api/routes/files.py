@@ -20,14 +20,14 @@ from starlette.datastructures import UploadFile
 from cotune.errors import DataError
 from cotune.service import check_upload, file_ids
 from cotune.store.accounts import PURPOSES, new_file_id
-from services.api.auth import Tenant
+from services.api.auth import RATE_LIMITED, Tenant
 from services.api.errors import ApiError, not_found
 from services.api.schemas import DeletedObject, ErrorResponse, FileObject, ListObject
 from services.api.state import ApiState, get_state
 from services.api.views import file_object
 
 log = logging.getLogger("cotune.api")
-router = APIRouter(tags=["files"], responses={404: {"model": ErrorResponse}})
+router = APIRouter(tags=["files"], responses={404: {"model": ErrorResponse}, **RATE_LIMITED})
 State = Annotated[ApiState, Depends(get_state)]
 IdempotencyKey = Annotated[
     str | None,

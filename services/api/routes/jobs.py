@@ -24,7 +24,7 @@ from cotune.service import check_job_for_http, split_rows
 from cotune.spec import SystemSpec, parse_system
 from cotune.store import IllegalTransition, JobNotFound, JobRecord, JobStatus
 from cotune.store.status import TERMINAL
-from services.api.auth import Tenant
+from services.api.auth import RATE_LIMITED, Tenant
 from services.api.errors import ApiError
 from services.api.schemas import (
     CheckpointObject,
@@ -150,7 +150,7 @@ def _tar_stream(build: Any, scratch: Path) -> Iterator[bytes]:
 
 def build_router(*, openai_alias: bool = False) -> APIRouter:
     """The job routes; ``openai_alias``: the copy under ``/v1/fine_tuning/jobs``."""
-    router = APIRouter(responses={404: {"model": ErrorResponse}})
+    router = APIRouter(responses={404: {"model": ErrorResponse}, **RATE_LIMITED})
     suffix = " (OpenAI-compatible path)" if openai_alias else ""
 
     # -- creating -------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from cotune.models import REGISTRY
-from services.api.auth import Tenant
+from services.api.auth import RATE_LIMITED, Tenant
 from services.api.schemas import ListObject, ModelObject
 from services.api.state import ApiState, get_state
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=RATE_LIMITED)
 
 
 @router.get("/v1/models", response_model=ListObject[ModelObject], summary="Models jobs may name")
