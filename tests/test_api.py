@@ -619,8 +619,9 @@ def test_a_spec_nested_too_deeply_answers_422(api: Api, tiny_files: dict[str, st
         ("/v1/jobs/job-%00", {}, 404, None),
         ("/v1/fine_tuning/jobs/%00/events", {}, 404, None),
         ("/v1/files/file-%00x", {}, 404, None),
-        ("/v1/jobs?after=job-%00", {}, 404, None),
-        ("/v1/files?after=%00", {}, 404, None),
+        ("/v1/jobs?after=job-%00", {}, 404, "after"),
+        ("/v1/jobs?after=job-nope", {}, 404, "after"),  # finding 10: param was null
+        ("/v1/files?after=%00", {}, 404, "after"),
         ("/v1/jobs/{done}/events?after=ftevent-%00", {}, 422, "after"),
         ("/v1/jobs/{done}/events?after=ftevent-%C2%B2", {}, 422, "after"),  # "²" isdigit()
         ("/v1/jobs/{done}/events?after=ftevent-99999999999999999999999", {}, 422, "after"),
@@ -638,6 +639,30 @@ def test_ids_and_cursors_that_match_nothing_answer_4xx_not_500(
     if status == 422:
         expected = param or "Last-Event-ID"
         assert response.json()["error"]["param"] == expected, response.text
+    elif status == 404:
+        assert response.json()["error"]["param"] == param, response.text
+
+
+def test_a_body_that_is_not_json_names_the_body(api: Api) -> None:
+    """Finding 10: the error's param was the character offset ("11")."""
+    response = api.request(
+        "POST",
+        "/v1/jobs",
+        content=b'{"system": {nope',
+        headers={**api.acme, "content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "body"
+
+
+def test_a_database_error_does_not_carry_the_values_it_was_given(api: Api) -> None:
+    """Finding 9: a 256-character name's error was logged with the whole spec (SQL
+    parameters); a secret in a spec would have landed in the log. (Short, so that SQLAlchemy's
+    own truncation of long values would not hide it.)"""
+    secret = f"sk-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(Exception) as raised:
+        api.store.create_job("n" * 300, {"key": secret}, tenant_id="acme")
+    assert "value too long" in str(raised.value) and secret not in str(raised.value)
 
 
 def test_an_allowed_search_host_and_a_hosted_judge_are_accepted(

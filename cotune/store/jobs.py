@@ -171,7 +171,9 @@ def _to_datetime(ts: float | None) -> datetime:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for a store URL: SQLite gets WAL, a busy timeout, foreign keys and threads."""
+    """An engine for a store URL: SQLite gets WAL, a busy timeout, foreign keys and threads.
+    ``hide_parameters``: a database error's message (which is logged) names the statement, not
+    the values bound to it, which are users' specs and data and may hold secrets."""
     u = make_url(url)
     backend = u.get_backend_name()
     if backend == "sqlite":
@@ -183,7 +185,7 @@ def make_engine(url: str) -> Engine:
             # One shared connection, or each checkout would see its own empty database.
             # Fine for a single thread (tests); use a file for anything concurrent.
             kwargs["poolclass"] = StaticPool
-        engine = create_engine(url, **kwargs)
+        engine = create_engine(url, hide_parameters=True, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -197,7 +199,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if backend == "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     raise ValueError(
         f"unsupported job store URL {u.render_as_string(hide_password=True)!r}: "
         "use sqlite:///path.db or postgresql+psycopg://..."

@@ -110,7 +110,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _loc_param(first.get("loc", ()))
+        # A body that is not JSON at all: its loc is the character offset, not a field.
+        json_invalid = first.get("type") == "json_invalid"
+        param = "body" if json_invalid else _loc_param(first.get("loc", ()))
         message = str(first.get("msg", "invalid request"))
         if param:
             message = f"{param}: {message}"

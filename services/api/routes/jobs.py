@@ -230,7 +230,10 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
     def list_jobs(
         tenant: Tenant, state: State, after: After = None, limit: Limit = 20
     ) -> ListObject[JobObject]:
-        page = state.store.list_jobs(tenant, after=after, limit=_page_limit(state, limit))
+        try:
+            page = state.store.list_jobs(tenant, after=after, limit=_page_limit(state, limit))
+        except JobNotFound:
+            raise ApiError(404, "not_found", f"after: you have no job {after!r}", "after") from None
         data = [job_object(r, state) for r in page.data]
         return ListObject[JobObject](
             data=data,
