@@ -89,3 +89,42 @@ def test_token_buckets_refill_at_their_rate() -> None:
     assert buckets.take("k") is None and buckets.take("k") == pytest.approx(2.0)
     assert buckets.take("other") is None  # its own bucket
     assert [retry_after(s) for s in (0.01, 1.0, 1.2)] == ["1", "1", "2"]
+
+
+# -- finding 9: one JSON log record per server error; a client that left is not a server error
+
+
+def test_an_unexpected_error_is_logged_once_and_never_reaches_the_server(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    client, _ = _client(pg_url, tmp_path)
+    app = client.app
+
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    def gone() -> None:
+        raise ClientDisconnect()
+
+    app.add_api_route("/boom", boom)  # type: ignore[attr-defined]
+    app.add_api_route("/gone", gone)  # type: ignore[attr-defined]
+    # raise_server_exceptions=True: an exception re-raised past the app (which uvicorn then
+    # logs a second time, as a plain traceback) would fail this request instead of answering.
+    with TestClient(app, raise_server_exceptions=True) as strict, caplog.at_level(logging.INFO):
+        response = strict.get("/boom")
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal_error"
+        assert "a bug" not in response.text
+        # Nothing is sent to a client that left (the test client says so).
+        with pytest.raises(AssertionError, match="did not receive any response"):
+            strict.get("/gone")
+        metrics = strict.get("/metrics").text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["unhandled error on GET /boom: RuntimeError"]
+    assert errors[0].exc_info is not None  # the traceback goes into the one JSON record
+    assert 'route="/boom",status="500"' in metrics
+    assert 'route="/gone",status="499"' in metrics and 'route="/gone",status="500"' not in metrics

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cotune.service import Dispatcher, ThreadDispatcher
@@ -108,8 +109,31 @@ class ServiceMiddleware:
                     raise ApiError(413, *self._too_large_text(scope, limit))
             return message
 
+        started_response = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started_response
+            started_response = started_response or message["type"] == "http.response.start"
+            await send_wrapper(message)
+
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, receive_wrapper, send_tracked)
+        except ClientDisconnect:
+            status_holder["status"] = CLIENT_CLOSED  # not a server error
+        except Exception as exc:
+            # Logged here, once and as JSON; swallowed, so that the server's own error log does
+            # not print it again as a plain traceback.
+            log.error(
+                "unhandled error on %s %s: %s",
+                scope["method"],
+                scope["path"],
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
+            status_holder["status"] = 500
+            if not started_response:
+                await _internal_error(send_wrapper)
         finally:
             self._record(scope, started, request_id, status_holder["status"])
 
@@ -161,6 +185,26 @@ class ServiceMiddleware:
                 "file_id": path_params.get("file_id"),
             },
         )
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted apart from the server's errors
+
+
+async def _internal_error(send: Send) -> None:
+    import json
+
+    body = json.dumps(error_body("internal_error", "internal error; see the server's log"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 def _default_dispatcher(
