@@ -127,7 +127,7 @@ class Chromium:
     NUL-terminated JSON: commands on its fd 3, answers on its fd 4), with a fresh profile."""
 
     def __init__(self, profile: Path) -> None:
-        assert Path(CHROMIUM).exists(), "chromium is missing: run scripts/setup.sh as root"
+        assert Path(CHROMIUM).exists(), "chromium is missing: run scripts/setup-test.sh as root"
         commands, self._to_browser = os.pipe()
         self._from_browser, answers = os.pipe()
         flags = [
