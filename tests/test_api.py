@@ -1171,3 +1171,12 @@ def test_a_restarted_embedded_server_resumes_unfinished_jobs(
     finally:
         dispatcher.shutdown(wait=True)
         store.close()
+
+
+def test_405_names_every_method_the_path_serves(api: Api, done_job: str) -> None:
+    """Finding 10: ``Allow: GET`` was sent for a path that DELETE serves too."""
+    response = api.request("PUT", f"/v1/jobs/{done_job}", headers=api.acme)
+    assert response.status_code == 405
+    allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+    assert {"GET", "DELETE"} <= allowed and "PUT" not in allowed
+    assert response.json()["error"]["code"] == "method_not_allowed"

@@ -86,6 +86,19 @@ def _loc_param(loc: Any) -> str | None:
     return ".".join(parts) or None
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at this request's path."""
+    from starlette.routing import Match, Route
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+            if match != Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
 def _clean(request: Request, text: str) -> str:
     """``text`` without server folders (the app's ``ApiState.redact``)."""
     state = getattr(request.app.state, "cotune", None)
@@ -105,7 +118,11 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, ApiError):
             return error_response(exc.status_code, exc.code, exc.message, exc.param, exc.headers)
         code = _CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the first route that matched the path; others may serve it too.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), None, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
