@@ -133,7 +133,9 @@ class ServiceMiddleware:
             )
             status_holder["status"] = 500
             if not started_response:
-                await _internal_error(send_wrapper)
+                await send_error(
+                    send_wrapper, 500, "internal_error", "internal error; see the server's log"
+                )
         finally:
             self._record(scope, started, request_id, status_holder["status"])
 
@@ -144,22 +146,8 @@ class ServiceMiddleware:
         return "request_too_large", f"the request body is larger than the limit of {limit} bytes"
 
     async def _too_large(self, scope: Scope, send: Send, limit: int) -> None:
-        import json
-
         code, message = self._too_large_text(scope, limit)
-        body = json.dumps(error_body(code, message)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, code, message, close=True)
 
     def _record(self, scope: Scope, started: float, request_id: str, status: int) -> None:
         seconds = time.perf_counter() - started
@@ -190,21 +178,18 @@ class ServiceMiddleware:
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted apart from the server's errors
 
 
-async def _internal_error(send: Send) -> None:
+async def send_error(
+    send: Send, status: int, code: str, message: str, *, close: bool = False
+) -> None:
+    """An error response written straight to ASGI, for the middleware (outside FastAPI)."""
     import json
 
-    body = json.dumps(error_body("internal_error", "internal error; see the server's log"))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 500,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _default_dispatcher(
