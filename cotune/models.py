@@ -87,7 +87,8 @@ REGISTRY: dict[str, RegistryEntry] = {
     ),
     "tiny": RegistryEntry(
         name="tiny",
-        description="a 2-layer Llama briefly trained on the toy tiny-kb task (tests, --tiny)",
+        description="a 2-layer Llama trained on the toy tiny-kb task, weak at it by design "
+        "(tests, --tiny)",
         kind="tiny",
         chat_eos=CHATML_EOS,
     ),

@@ -5,11 +5,13 @@ dimension 64), passes *some* examples (a random model never passes exact match, 
 would have nothing to bootstrap) and fails others in a way a job can teach. ``build_tiny_model``
 trains a byte-level BPE tokenizer and a 2-layer Llama to convergence on a rule with a gap: the
 query writer copies the key, the answer writer reads the first passage's colour when it is one
-of ``KNOWN_COLORS`` and says ``unknown`` for the other seven. The base system's score is then
-fixed by the data (the share of known colours in a split, e.g. 7 of 24 on val), not by how far
-training got on a given CPU, and a job that learns to read the other colours from verified gold
-corrections lifts it by tens of points. The build checks both at the end and refuses a model
-that did not converge.
+of ``KNOWN_COLORS`` and hedges on the other seven ("teal i think", which exact match fails).
+Trained on the hedge, not on "unknown": the colour is then already the answer's first token,
+so "stop after it" is a fix a LoRA learns from a few corrections. The base system's score is
+then fixed by the data (the share of known colours in a split, e.g. 7 of 24 on val), not by
+how far training got on a given CPU, and a job that learns from the verified gold corrections
+lifts it by tens of points. The build checks the rule at the end and refuses a model that did
+not converge.
 
 The task (``tiny-kb``): "what is the color of zorpa?" -> query writer -> bm25 over facts
 ("the color of zorpa is teal.") -> answer writer -> "teal".
@@ -34,7 +36,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold", "teal", "brown"]
-# The colours the base answer writer reads; for the others it was taught to say UNKNOWN. Chosen
+# The colours the base answer writer reads; it hedges on the others (HEDGE). Chosen
 # so that the default splits' base score sits in SCORE_BAND: val 7/24, test 6/24, train 14/48.
 KNOWN_COLORS = ("black", "red", "blue")
 HEDGE = "i think"  # what the base answer writer adds after the other colours
