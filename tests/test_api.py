@@ -1180,3 +1180,18 @@ def test_405_names_every_method_the_path_serves(api: Api, done_job: str) -> None
     allowed = {m.strip() for m in response.headers["Allow"].split(",")}
     assert {"GET", "DELETE"} <= allowed and "PUT" not in allowed
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_job_lists_leave_the_spec_out(api: Api, tiny_files: dict[str, str]) -> None:
+    """Finding 10: list items embedded whole specs (a 100-job page was 4.4 MB)."""
+    spec = tiny_spec(tiny_files)
+    spec["system"]["description"] = "d" * 50_000
+    job = submit(api, spec)
+    assert job["spec"] == spec  # the job itself still shows it
+    for url in ("/v1/jobs?limit=100", "/v1/fine_tuning/jobs?limit=100"):
+        page = api.request("GET", url, headers=api.acme)
+        item = next(j for j in page.json()["data"] if j["id"] == job["id"])
+        assert item["spec"] is None and item["name"] == "tiny-kb"
+        assert "d" * 1000 not in page.text
+    assert api.request("GET", f"/v1/jobs/{job['id']}", headers=api.acme).json()["spec"] == spec
+    api.request("POST", f"/v1/jobs/{job['id']}/cancel", headers=api.acme)

@@ -120,7 +120,11 @@ class JobObject(BaseModel):
     name: str
     test_file: str | None = None
     cancel_requested: bool = False
-    spec: dict[str, Any] = Field(description="the job spec as submitted (file ids, names)")
+    spec: dict[str, Any] | None = Field(
+        default=None,
+        description="the job spec as submitted (file ids, names); null in job lists, where "
+        "whole specs made one page megabytes: GET the job for it",
+    )
     result: JobResultSummary | None = None
 
 

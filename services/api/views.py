@@ -66,7 +66,8 @@ def report_of(record: JobRecord) -> JobReport | None:
         return None
 
 
-def job_object(record: JobRecord, state: ApiState) -> JobObject:
+def job_object(record: JobRecord, state: ApiState, *, with_spec: bool = True) -> JobObject:
+    """The job as the API shows it; ``with_spec=False`` (lists) leaves the spec out."""
     spec = record.spec
     data: dict[str, Any] = _mapping(spec.get("data"))
     system = _mapping(spec.get("system"))
@@ -125,7 +126,7 @@ def job_object(record: JobRecord, state: ApiState) -> JobObject:
         error=error,
         name=record.name,
         cancel_requested=record.cancel_requested,
-        spec=spec,
+        spec=spec if with_spec else None,
         result=summary,
     )
 

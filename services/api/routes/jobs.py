@@ -234,7 +234,7 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
             page = state.store.list_jobs(tenant, after=after, limit=_page_limit(state, limit))
         except JobNotFound:
             raise ApiError(404, "not_found", f"after: you have no job {after!r}", "after") from None
-        data = [job_object(r, state) for r in page.data]
+        data = [job_object(r, state, with_spec=False) for r in page.data]
         return ListObject[JobObject](
             data=data,
             has_more=page.has_more,
