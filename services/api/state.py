@@ -51,7 +51,8 @@ class StreamSlots:
     """Open event streams per tenant, so one tenant cannot hold every connection."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a slot's __del__ may run (garbage collection) while this thread holds it.
+        self._lock = threading.RLock()
         self._open: dict[str, int] = {}
 
     def acquire(self, tenant: str, limit: int) -> StreamSlot | None:
