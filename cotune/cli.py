@@ -162,9 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.adapters and not adapters:
         raise CotuneError(f"--adapters {args.adapters}: no <component>/adapter_config.json there")
     log = None if args.verbose else (args.out or Path("runs") / system.name) / "eval.log"
-    with console.quiet_output(log) as active:
-        if active is not None:
-            console.say(f"library output (vLLM, torch): {active}")
+    with console.quiet_output(log, announce=True):
         runtime = open_runtime(system, engine=args.engine, adapters=adapters)
         traces = []
         bar = tqdm(total=len(examples), desc=f"eval {system.name}", unit="ex", file=console.err())

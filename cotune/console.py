@@ -53,13 +53,16 @@ _active: list[Path] = []
 
 
 @contextlib.contextmanager
-def quiet_output(log_path: Path | None) -> Iterator[Path | None]:
+def quiet_output(log_path: Path | None, *, announce: bool = False) -> Iterator[Path | None]:
     """Send everything written to descriptors 1 and 2 to ``log_path`` (appended) until the
     block ends; :func:`out` and :func:`err` keep writing to the terminal. ``None``: no change.
-    Yields the log in effect (an enclosing block's, when nested). On an error the user is told
-    where the library output went."""
+    Yields the log in effect (an enclosing block's, when nested); ``announce`` tells the user
+    where it is. On an error the user is told where the library output went."""
     if log_path is None or _streams:
-        yield _active[0] if _active else None
+        active = _active[0] if _active else None
+        if announce and active is not None:
+            say(f"library output (vLLM, torch): {active}")
+        yield active
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -74,6 +77,8 @@ def quiet_output(log_path: Path | None) -> Iterator[Path | None]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
+            if announce:
+                say(f"library output (vLLM, torch): {log_path}")
             yield log_path
         except BaseException:
             failed = True

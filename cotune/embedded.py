@@ -138,9 +138,7 @@ def run_job_cli(
         return 0
     out = out or Path("runs") / job.system.name
     log = None if verbose else out / LOG_FILE
-    with console.quiet_output(log) as active:
-        if active is not None:
-            console.say(f"library output (vLLM, torch): {active}")
+    with console.quiet_output(log, announce=True):
         report = run_embedded(job, out, resume=resume)
         from cotune.report import summary_table
 

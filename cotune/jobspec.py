@@ -160,9 +160,7 @@ class JobSpec(_Strict):
 
 def parse_job(data: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
     """Validate a job mapping; ``system`` may be inline or a path relative to ``base_dir``."""
-    refuse_loader_fields(data)
-    if isinstance(data.get("system"), dict):
-        refuse_loader_fields(data["system"], "system.")
+    refuse_loader_fields(data)  # an inline system's is refused by parse_system
     data = dict(data)
     system = data.get("system")
     if isinstance(system, str):

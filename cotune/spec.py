@@ -48,13 +48,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def refuse_loader_fields(data: Any, where: str = "") -> None:
+def refuse_loader_fields(data: Any) -> None:
     """``base_dir`` is the loader's, not the user's: refuse it as the unknown field it is."""
     if isinstance(data, dict):
         for key in LOADER_ONLY:
             if key in data:
-                param = f"{where}{key}"
-                raise SpecError(f"{param}: unknown field", param=param)
+                raise SpecError(f"{key}: unknown field", param=key)
 
 
 class ModelRef(_Strict):

@@ -184,11 +184,13 @@ def _training_chats(world: TinyWorld, rng: random.Random, n: int) -> list[list[d
 
 
 def answer_prompt(world: TinyWorld, key: str, rng: random.Random) -> str:
-    """The answer writer's prompt: the fact about ``key`` first, then two others."""
+    """The answer writer's prompt: the fact about ``key`` first, then two others, rendered as
+    the runtime renders bm25's passages."""
+    from cotune.runtime import render_value
+
     others = rng.sample([k for k in world.facts if k != key], 2)
     passages = [f"the color of {k} is {world.facts[k]}." for k in [key, *others]]
-    rendered = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(passages))  # as render_value
-    return ANSWER_PROMPT.format(passages=rendered, question=world.question(key))
+    return ANSWER_PROMPT.format(passages=render_value(passages), question=world.question(key))
 
 
 def build_tiny_model(

@@ -3,6 +3,8 @@ the logic around them, and named as such).
 
 - ``ScriptedEngine`` answers the tiny-kb prompts by rule, without a model.
 - ``ScriptedJudge`` answers judge prompts with verdicts built by a rule, without a model.
+- ``RecordingDispatcher`` stands in for the service's ``Dispatcher``: it records and queues
+  each job and runs nothing.
 - ``FakeTrainer`` stands in for ``cotune.training.train_adapter``: it writes a small PEFT-shaped
   folder and records the rows it was given, without training anything.
 
@@ -21,6 +23,7 @@ from typing import Any
 
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
 from cotune.jobspec import TrainConfig
+from cotune.store import JobStatus
 from cotune.tiny import COLORS
 from cotune.training import DPOPair, SFTRow, TrainResult
 
@@ -32,6 +35,23 @@ UNKNOWN = "unknown"
 QUESTION = re.compile(r"what is the color of (\w+)\?")
 FIRST_PASSAGE = re.compile(r"^1\. the color of (\w+) is (\w+)\.", re.MULTILINE)
 GOLD = re.compile(r"^Gold answer\(s\) \(metric [^)]*\): (.+)$", re.MULTILINE)
+
+
+class RecordingDispatcher:
+    """Test double for a ``Dispatcher``: records each dispatched job and moves it to
+    ``queued``, as a real one does once the job's files are materialised. Runs nothing."""
+
+    def __init__(self) -> None:
+        self.store: Any = None
+        self.dispatched: list[str] = []
+
+    def dispatch(self, job_id: str) -> None:
+        assert self.store is not None, "set .store to the app's JobStore first"
+        self.dispatched.append(job_id)
+        self.store.transition(job_id, JobStatus.queued)
+
+    def queue_depth(self) -> int | None:
+        return None
 
 
 def stub_registry_model(home: Path, name: str = "tiny") -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import fresh_pg_database
-from doubles import stub_registry_model
+from doubles import RecordingDispatcher, stub_registry_model
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -87,23 +87,6 @@ def settings(pg_url: str, env: Path, tmp_path_factory: pytest.TempPathFactory) -
         auth_failure_burst=10_000,
         migrate_on_start=False,
     )
-
-
-class RecordingDispatcher:
-    """Test double for a ``Dispatcher``: records each dispatched job and moves it to
-    ``queued``, as a real one does once the job's files are materialised. Runs nothing."""
-
-    def __init__(self) -> None:
-        self.store: JobStore | None = None
-        self.dispatched: list[str] = []
-
-    def dispatch(self, job_id: str) -> None:
-        assert self.store is not None
-        self.dispatched.append(job_id)
-        self.store.transition(job_id, JobStatus.queued)
-
-    def queue_depth(self) -> int | None:
-        return None
 
 
 @dataclass

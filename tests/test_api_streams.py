@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import fresh_pg_database
-from doubles import stub_registry_model
+from doubles import RecordingDispatcher, stub_registry_model
 from e2e import free_port
 
 from cotune.settings import Settings
@@ -29,20 +29,6 @@ from services.api.app import create_app
 # More than anyio's default thread pool (40 tokens), which serves every sync route.
 STREAMS = 48
 DEADLINE = 60.0  # how long a request may take before the test calls it stuck (not a speed check)
-
-
-class Parked:
-    """Test double for a ``Dispatcher``: queues the job and runs nothing, so the job never
-    ends and its event streams stay open."""
-
-    def __init__(self) -> None:
-        self.store: Any = None
-
-    def dispatch(self, job_id: str) -> None:
-        self.store.transition(job_id, JobStatus.queued)
-
-    def queue_depth(self) -> int | None:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             max_streams_per_tenant=STREAMS,
             migrate_on_start=False,
         )
-        dispatcher = Parked()
+        dispatcher = RecordingDispatcher()  # queues, runs nothing: jobs never end
         app = create_app(settings, dispatcher=dispatcher)
         dispatcher.store = app.state.cotune.store
         state = app.state.cotune

@@ -40,7 +40,6 @@ def current_tenant(
             headers=_CHALLENGE,
         )
     limits = state.limits
-    assert limits is not None
     address = request.client.host if request.client is not None else "unknown"
     wait = limits.auth_failures.wait(address)
     if wait is not None:

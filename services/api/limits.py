@@ -18,7 +18,12 @@ import hashlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cotune.settings import Settings
 
 
 @dataclass
@@ -31,7 +36,9 @@ class TokenBuckets:
     """``take(key)``: None when allowed, else the seconds to wait. Thread-safe; forgets buckets
     that refilled completely, so memory stays bounded by the active keys."""
 
-    def __init__(self, burst: int, per_minute: float, clock: object = time.monotonic) -> None:
+    def __init__(
+        self, burst: int, per_minute: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.burst = float(burst)
         self.rate = per_minute / 60.0
         self._clock = clock
@@ -69,7 +76,7 @@ class TokenBuckets:
             return None if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / self.rate
 
     def _now(self) -> float:
-        return float(self._clock())  # type: ignore[operator]
+        return self._clock()
 
     def _forget_full(self, now: float) -> None:
         for key in [
@@ -89,10 +96,14 @@ def key_fingerprint(key: str) -> str:
 
 
 class RateLimits:
-    """The API's two limiters, built from Settings."""
+    """The API's two limiters: requests per key, failed authentications per address."""
 
-    def __init__(
-        self, per_minute: int, burst: int, auth_failures_per_minute: int, auth_failure_burst: int
-    ) -> None:
-        self.requests = TokenBuckets(burst, per_minute)
-        self.auth_failures = TokenBuckets(auth_failure_burst, auth_failures_per_minute)
+    def __init__(self, requests: TokenBuckets, auth_failures: TokenBuckets) -> None:
+        self.requests, self.auth_failures = requests, auth_failures
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimits:
+        return cls(
+            TokenBuckets(settings.rate_limit_burst, settings.rate_limit_per_minute),
+            TokenBuckets(settings.auth_failure_burst, settings.auth_failures_per_minute),
+        )

@@ -28,17 +28,10 @@ class ApiState:
     metrics: ApiMetrics
     roots: list[str] = field(default_factory=list)
     streams: StreamSlots = field(default_factory=lambda: StreamSlots())
-    limits: RateLimits | None = None
+    limits: RateLimits = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.limits is None:
-            s = self.settings
-            self.limits = RateLimits(
-                s.rate_limit_per_minute,
-                s.rate_limit_burst,
-                s.auth_failures_per_minute,
-                s.auth_failure_burst,
-            )
+        self.limits = RateLimits.from_settings(self.settings)
         if not self.roots:
             self.roots = server_roots(self.settings, self.artifacts)
 
