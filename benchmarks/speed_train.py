@@ -151,7 +151,6 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
     from cotune.jobspec import parse_job
     from cotune.loop import JobContext, run_job
     from cotune.records import Stage
-    from cotune.store import JobStatus
 
     folder = Path(system_path).resolve().parent
     alias = next(iter(_system_models(system_path)))
@@ -201,7 +200,6 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="cotune-speed-loop-") as scratch:
         store, artifacts, job_id = open_output(Path(scratch), job, resume=False)
-        store.transition(job_id, JobStatus.running)
         ctx = JobContext(
             job_id=job_id,
             job=job,

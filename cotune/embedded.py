@@ -12,24 +12,58 @@ Output folder layout::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cotune import console
 from cotune.errors import CotuneError
+from cotune.jobs.lifecycle import Lifecycle, Step
 from cotune.jobspec import JobSpec, load_job
+
+if TYPE_CHECKING:
+    from cotune.loop import JobContext
+    from cotune.records import JobReport
+    from cotune.settings import Settings
+    from cotune.store import ArtifactStore, JobStore
 
 JOB_FILE = "job.json"
 LOG_FILE = "cotune.log"
 
 
-def open_output(out: Path, job: JobSpec, *, resume: bool) -> tuple[Any, Any, str]:
-    from cotune.store import ArtifactStore, JobStatus, JobStore, migrate
+OWNER = "embedded"
+
+
+def local_settings(out: Path) -> Settings:
+    """An output folder's settings: a SQLite job store and a local artifact store in it."""
+    from cotune.settings import Settings
+
+    return Settings(
+        # A local run: the server's production checks on unsafe defaults do not apply.
+        environment="development",
+        database_url=f"sqlite:///{(out / 'cotune.db').resolve()}",
+        artifacts=str((out / "artifacts").resolve()),
+        workdir=str((out / "work").resolve()),
+    )
+
+
+def local_lifecycle(out: Path) -> Lifecycle:
+    """The lifecycle over an output folder's stores (created and migrated on first use)."""
+    from cotune.store import ArtifactStore, JobStore, migrate
 
     out.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{(out / 'cotune.db').resolve()}"
-    migrate(url)
-    store, artifacts = JobStore(url), ArtifactStore(str((out / "artifacts").resolve()))
+    settings = local_settings(out)
+    migrate(settings.database_url)
+    return Lifecycle(JobStore(settings.database_url), ArtifactStore(settings.artifacts), settings)
+
+
+def open_output(out: Path, job: JobSpec, *, resume: bool) -> tuple[JobStore, ArtifactStore, str]:
+    """The output folder's stores and the job they hold: a new one (``validating_files``), or
+    with ``resume`` the one the folder already holds."""
+    from cotune.store import JobStatus
+
+    life = local_lifecycle(out)
+    store = life.store
     marker = out / JOB_FILE
     if marker.exists():
         job_id = json.loads(marker.read_text())["job_id"]
@@ -45,47 +79,58 @@ def open_output(out: Path, job: JobSpec, *, resume: bool) -> tuple[Any, Any, str
         if status in (JobStatus.succeeded, JobStatus.cancelled):
             raise CotuneError(f"job {job_id} in {out} is already {status}")
         if status == JobStatus.failed:
-            store.transition(job_id, JobStatus.queued)
+            life.resume(job_id)
     else:
         if resume:
             raise CotuneError(f"--resume: {out} holds no job to resume")
-        job_id = store.create_job(job.system.name, job.model_dump(mode="json"))
+        job_id = life.create(job.system.name, job.model_dump(mode="json"))
         marker.write_text(json.dumps({"job_id": job_id}))
-    return store, artifacts, job_id
+    return store, life.artifacts, job_id
 
 
-def run_embedded(job: JobSpec, out: Path, *, resume: bool = False, progress: bool = True) -> Any:
-    """Run ``job`` to the end in this process; return its JobReport."""
-    from cotune.loop import JobContext, copy_adapters, run_job
-    from cotune.report import write_outputs
-    from cotune.store import JobStatus
-
+def run_embedded(
+    job: JobSpec,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    context_options: Mapping[str, Any] | None = None,
+) -> JobReport:
+    """Run ``job`` to the end in this process through the one lifecycle (validate, queue,
+    run every stage, finalize into ``out``); return its JobReport. ``context_options``: extra
+    ``JobContext`` fields (tests pass scripted engines and a trainer)."""
     store, artifacts, job_id = open_output(out, job, resume=resume)
+    life = Lifecycle(store, artifacts, local_settings(out))
     bars = _Bars() if progress else None
-    ctx = JobContext(
-        job_id=job_id,
-        job=job,
-        store=store,
-        artifacts=artifacts,
-        progress=bars.update if bars else None,
-        on_stage_done=bars.done if bars else None,
-    )
-    record = store.get_job(job_id)
-    if record is not None and record.status != JobStatus.running:
-        store.transition(job_id, JobStatus.running)
+    options = dict(context_options or {})
+    if bars is not None:
+        options.update(progress=bars.update, on_stage_done=bars.done)
+    life.context_options = options
+
+    def export(ctx: JobContext, report: JobReport) -> None:
+        from cotune.loop import copy_adapters
+        from cotune.report import write_outputs
+
+        report.adapters = copy_adapters(ctx, report.adapters, out / "adapters")
+        write_outputs(ctx, report, out)
+
     try:
-        report = run_job(ctx)
-    except BaseException as err:
-        store.transition(job_id, JobStatus.failed, error=f"{type(err).__name__}: {err}")
+        done = life.validate(job_id, OWNER, check_models=True, job=job)
+        if done.error is None:
+            done = life.advance(job_id, OWNER, job=job)
+    except BaseException as err:  # Ctrl-C too: the job is failed, and --resume carries it on
+        life.fail(job_id, OWNER, err)
         raise
     finally:
         if bars:
             bars.close()
-    report.adapters = copy_adapters(ctx, report.adapters, out / "adapters")
-    write_outputs(ctx, report, out)
-    store.set_result(job_id, report.model_dump(mode="json"))
-    store.transition(job_id, JobStatus.succeeded)
-    return report
+    if done.step == Step.finished:
+        done = life.finalize(job_id, OWNER, done=done, export=export)
+    if done.error is not None:
+        raise done.error
+    if done.step != Step.succeeded or done.report is None:
+        raise CotuneError(f"job {job_id} did not finish: {done.step.value}")
+    return done.report
 
 
 class _Bars:

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         default=None, description="redis://... (Celery); None: no broker"
     )
+    broker_key_prefix: str = Field(
+        default="",
+        description="a prefix for every Redis key of the broker: several deployments (or test "
+        "runs) can share one Redis database without taking each other's messages",
+    )
     artifacts: str = Field(
         default_factory=default_artifacts,
         description="the artifact store's root: a local folder (shared by every worker) or s3://",

@@ -31,8 +31,9 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from cotune.jobs.materialize import materialize
+from cotune.jobs.threads import ThreadDispatcher
 from cotune.records import ComponentEpochRecord, EpochRecord, Event, JobReport, Stage, StageRecord
-from cotune.service import ThreadDispatcher, materialize
 from cotune.settings import HostedJudge, Settings
 from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore

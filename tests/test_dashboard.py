@@ -39,8 +39,8 @@ from doubles import stub_registry_model
 from fastapi.testclient import TestClient
 from test_api import tiny_spec
 
+from cotune.jobs.threads import ThreadDispatcher
 from cotune.records import Event
-from cotune.service import ThreadDispatcher
 from cotune.settings import Settings
 from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore

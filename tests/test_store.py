@@ -255,7 +255,10 @@ def test_transitions_table() -> None:
         JobStatus.queued,
     }
     assert {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled} == TERMINAL
-    assert all(not TRANSITIONS[s] for s in TERMINAL)
+    # Succeeded and cancelled are final; a failed job has one way out, its owner resuming it
+    # (``cotune run --resume``, through ``Lifecycle.resume``): no runner picks it up.
+    assert not TRANSITIONS[JobStatus.succeeded] and not TRANSITIONS[JobStatus.cancelled]
+    assert TRANSITIONS[JobStatus.failed] == {JobStatus.queued}
     assert [s.value for s in JobStatus] == [
         "validating_files",
         "queued",
@@ -296,6 +299,19 @@ def test_transition_legal_and_illegal(store: JobStore) -> None:
                 assert store.get_job(job_id).status == src  # type: ignore[union-attr]
     with pytest.raises(JobNotFound):
         store.transition("job-missing", JobStatus.running)
+
+
+def test_a_transition_from_an_expected_status_only(store: JobStore) -> None:
+    """``only_from``: a step that read one status must not move a job someone else moved
+    meanwhile (a late validation must not revive a job that failed in between)."""
+    job_id = _job(store, status=JobStatus.validating_files)
+    store.transition(job_id, JobStatus.failed, error="boom")
+    with pytest.raises(IllegalTransition):
+        store.transition(job_id, JobStatus.queued, only_from=JobStatus.validating_files)
+    assert store.get_job(job_id).status == JobStatus.failed  # type: ignore[union-attr]
+    assert store.transition(job_id, JobStatus.queued, only_from=JobStatus.failed).status == (
+        JobStatus.queued
+    )
 
 
 def test_transition_cas_race(store: JobStore) -> None:

@@ -167,7 +167,7 @@ class Cluster:
 
     def submit(self, spec: dict[str, Any]) -> str:
         """Create the job as queued and send its first task, as the API would."""
-        from workers.app import ADVANCE_JOB, GPU_QUEUE
+        from cotune.jobs.queues import ADVANCE_JOB, GPU_QUEUE
 
         job_id = self.store.create_job("tiny-kb", spec)
         self.client.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
@@ -209,7 +209,8 @@ def cluster(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    from workers.app import WorkerConfig, create_app
+    from cotune.settings import Settings
+    from workers.app import create_app
 
     folder = tmp_path_factory.mktemp("workers")
     artifacts_root = folder / "artifacts"
@@ -231,7 +232,7 @@ def cluster(
         **PROCESS_ENV,
     }
     client = create_app(
-        WorkerConfig(broker_url=REDIS_URL, database_url=pg_url, broker_key_prefix=broker_prefix)
+        Settings(broker_url=REDIS_URL, database_url=pg_url, broker_key_prefix=broker_prefix)
     )
     store = JobStore(pg_url)
     c = Cluster(env, store, ArtifactStore(str(artifacts_root)), folder, client)
@@ -275,7 +276,7 @@ def _states(cluster: Cluster, job_id: str) -> dict[tuple[int, Stage], Any]:
 def test_job_succeeds_and_a_duplicate_message_does_nothing_twice(
     cluster: Cluster, spec: dict[str, Any]
 ) -> None:
-    from workers.app import ADVANCE_JOB, GPU_QUEUE
+    from cotune.jobs.queues import ADVANCE_JOB, GPU_QUEUE
 
     cluster.ensure_worker()
     started = time.monotonic()
@@ -408,8 +409,8 @@ def _upload(cluster: Cluster, tenant: str, path: Path, purpose: str) -> str:
     """What ``POST /v1/files`` stores: the bytes in the artifact store and a file row."""
     import hashlib
 
-    from cotune.service import check_upload
     from cotune.store.accounts import AccountStore, new_file_id
+    from services.api.uploads import check_upload
 
     data = path.read_bytes()
     with open(path, "rb") as stream:
@@ -460,7 +461,8 @@ def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
     it on the cpu queue (its files materialised from the artifact store), then it runs until
     it is cancelled while training, and the worker, told to stop at the same moment, finishes
     that stage first."""
-    from workers.tasks import CeleryDispatcher
+    from services.api.dispatch import CeleryDispatcher
+    from workers.app import app_settings
 
     tenant = "acme"
     spec = json.loads(json.dumps(small_spec))
@@ -471,7 +473,7 @@ def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
     job_id = cluster.store.create_job(
         "tiny-kb", spec, tenant_id=tenant, status=JobStatus.validating_files
     )
-    dispatcher = CeleryDispatcher(cluster.client)
+    dispatcher = CeleryDispatcher(app_settings(cluster.client))
     worker = cluster.ensure_worker()
     dispatcher.dispatch(job_id)
     dispatcher.dispatch(job_id)  # idempotent
@@ -505,9 +507,10 @@ def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
 
 
 def test_app_configuration() -> None:
-    from workers.app import WorkerConfig, create_app
+    from cotune.settings import Settings
+    from workers.app import create_app
 
-    conf = create_app(WorkerConfig(broker_url="redis://127.0.0.1:6379/15")).conf
+    conf = create_app(Settings(broker_url="redis://127.0.0.1:6379/15")).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"

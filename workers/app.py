@@ -24,10 +24,11 @@ and exits. Give it a grace period longer than the longest stage (Kubernetes
 ``terminationGracePeriodSeconds``); a second SIGTERM, SIGQUIT or SIGKILL stops it at once and
 the lease + reaper path above takes over.
 
-Settings come from ``cotune.settings.get_settings()`` (``COTUNE_BROKER_URL``,
-``COTUNE_DATABASE_URL``, ``COTUNE_ARTIFACTS``, ``COTUNE_LEASE_SECONDS``,
-``COTUNE_REAPER_INTERVAL``, ``COTUNE_VISIBILITY_TIMEOUT``, ``COTUNE_WORKDIR``) plus
-``COTUNE_BROKER_KEY_PREFIX`` (a prefix for every broker key in Redis).
+Settings come from ``cotune.settings.Settings``, the one settings class of the API and the
+workers (``COTUNE_BROKER_URL``, ``COTUNE_BROKER_KEY_PREFIX``, ``COTUNE_DATABASE_URL``,
+``COTUNE_ARTIFACTS``, ``COTUNE_LEASE_SECONDS``, ``COTUNE_REAPER_INTERVAL``,
+``COTUNE_STALL_SECONDS``, ``COTUNE_VISIBILITY_TIMEOUT``, ``COTUNE_WORKDIR``). Queue and task
+names are ``cotune.jobs.queues``: the API sends tasks by name, without importing this package.
 
 Start a worker with ``celery -A workers.app worker -Q gpu,cpu --pool solo`` or
 ``workers.main.run_worker``; beat with ``celery -A workers.app beat``.
@@ -36,90 +37,37 @@ Start a worker with ``celery -A workers.app worker -Q gpu,cpu --pool solo`` or
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+
+from cotune.jobs.queues import (
+    ADVANCE_JOB,
+    CPU_QUEUE,
+    FINALIZE_JOB,
+    GPU_QUEUE,
+    QUEUES,
+    REAP_EXPIRED_LEASES,
+    VALIDATE_JOB,
+    message_conf,
+)
+from cotune.settings import Settings
 
 # vLLM inside the worker process: no engine subprocess (see DESIGN.md §7). Set before any
 # import of vllm; an explicit value in the environment wins.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-GPU_QUEUE = "gpu"
-CPU_QUEUE = "cpu"
-QUEUES = (GPU_QUEUE, CPU_QUEUE)
 
-ADVANCE_JOB = "cotune.advance_job"
-FINALIZE_JOB = "cotune.finalize_job"
-REAP_EXPIRED_LEASES = "cotune.reap_expired_leases"
-VALIDATE_JOB = "cotune.validate_job"
-
-ROUTES = {
-    VALIDATE_JOB: {"queue": CPU_QUEUE},
-    ADVANCE_JOB: {"queue": GPU_QUEUE},
-    FINALIZE_JOB: {"queue": CPU_QUEUE},
-    REAP_EXPIRED_LEASES: {"queue": CPU_QUEUE},
-}
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the workers need from the service's settings."""
-
-    broker_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/cotune"
-    artifacts: str = "./artifacts"
-    lease_seconds: float = 600.0
-    # How often beat runs the reaper; a dead worker's stage restarts within
-    # lease_seconds + reaper_interval (plus the time its queue is busy).
-    reaper_interval: float = 30.0
-    # A running job idle this long between stages lost its next message: re-queued.
-    stall_seconds: float = 300.0
-    # Redis redelivers an unacknowledged message after this long; longer than any stage.
-    visibility_timeout: float = 6 * 3600.0
-    # A prefix for every Redis key of the broker: several deployments (or test runs) can
-    # share one Redis database without taking each other's messages.
-    broker_key_prefix: str = ""
-
-
-def worker_config() -> WorkerConfig:
-    """The workers' settings, from ``cotune.settings.get_settings()`` (``COTUNE_*`` variables)
-    and ``COTUNE_BROKER_KEY_PREFIX``."""
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for ``settings`` (the environment's, ``cotune.settings.get_settings()``,
+    by default): the workers' one source of configuration."""
     from cotune.settings import get_settings
 
-    settings = get_settings()
-    base = WorkerConfig()
-    return WorkerConfig(
-        broker_url=settings.broker_url or base.broker_url,
-        database_url=settings.database_url,
-        artifacts=settings.artifacts,
-        lease_seconds=settings.lease_seconds,
-        reaper_interval=settings.reaper_interval,
-        stall_seconds=settings.stall_seconds,
-        visibility_timeout=settings.visibility_timeout,
-        broker_key_prefix=os.environ.get("COTUNE_BROKER_KEY_PREFIX", ""),
-    )
-
-
-def create_app(config: WorkerConfig | None = None) -> Celery:
-    """A Celery app for ``config`` (the environment's settings by default)."""
-    config = config or worker_config()
-    transport: dict[str, Any] = {"visibility_timeout": config.visibility_timeout}
-    if config.broker_key_prefix:
-        transport["global_keyprefix"] = config.broker_key_prefix
+    settings = settings or get_settings()
     app = Celery("cotune", include=["workers.tasks"])
     app.conf.update(
-        broker_url=config.broker_url,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options=transport,
-        # JSON only: a message never unpickles anything.
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
+        **message_conf(settings),
         # Tasks report through the job store, not a result backend.
         task_ignore_result=True,
         # Delivery: see the module docstring.
@@ -134,23 +82,37 @@ def create_app(config: WorkerConfig | None = None) -> Celery:
         task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
         task_default_queue=CPU_QUEUE,
         task_create_missing_queues=False,
-        task_routes=ROUTES,
         beat_schedule={
             "reap-expired-leases": {
                 "task": REAP_EXPIRED_LEASES,
-                "schedule": config.reaper_interval,
+                "schedule": settings.reaper_interval,
                 # A reaper message still queued after one interval is stale: drop it.
-                "options": {"queue": CPU_QUEUE, "expires": config.reaper_interval},
+                "options": {"queue": CPU_QUEUE, "expires": settings.reaper_interval},
             }
         },
     )
-    app.conf["cotune"] = config
+    app.conf["cotune"] = settings
     return app
 
 
-def app_config(app: Celery) -> WorkerConfig:
-    config = app.conf.get("cotune")
-    return config if isinstance(config, WorkerConfig) else worker_config()
+def app_settings(app: Celery) -> Settings:
+    """The settings ``app`` was built from."""
+    from cotune.settings import get_settings
+
+    settings = app.conf.get("cotune")
+    return settings if isinstance(settings, Settings) else get_settings()
 
 
 app = create_app()
+
+__all__ = [
+    "ADVANCE_JOB",
+    "CPU_QUEUE",
+    "FINALIZE_JOB",
+    "GPU_QUEUE",
+    "REAP_EXPIRED_LEASES",
+    "VALIDATE_JOB",
+    "app",
+    "app_settings",
+    "create_app",
+]

@@ -1,11 +1,14 @@
-"""Thin Celery tasks over ``cotune.loop``: ids in, everything else from the stores.
+"""Thin Celery tasks over the one job lifecycle (``cotune.jobs.lifecycle``): ids in,
+everything else from the stores; each task calls one lifecycle step and enqueues what its
+``Step`` says comes next.
 
 ``advance_job(job_id)`` (queue ``gpu``) runs exactly one new stage of a job and enqueues
 itself again: ``run_job`` with ``stage_limit=1`` loads every finished stage from the store, runs
 the next one under a lease (``claim_stage`` + heartbeats) and raises ``StagePause`` before the
 one after. When ``run_job`` returns, every stage is done and ``finalize_job(job_id)`` (queue
 ``cpu``) writes the report, metrics and the best adapters under ``<job_id>/result/`` in the
-artifact store (``cotune.service.export_job_result``, the layout the embedded server writes),
+artifact store (``cotune.jobs.results.export_job_result``, the layout the embedded server
+writes),
 stores the report as the job's result and moves the job to ``succeeded``.
 
 Between two stages a task checks ``cancel_requested`` and moves the job to ``cancelled``. A
@@ -19,15 +22,14 @@ whose lease expired (their worker died) and re-enqueues ``advance_job`` for thei
 task takes the stage over (``attempts`` + 1).
 
 Job specs: each task rebuilds the ``JobSpec`` from the stored spec with
-``cotune.service.load_record_spec``. A job without a tenant (created by the CLI/embedded path,
+``Lifecycle.load_spec``. A job without a tenant (created by the CLI/embedded path,
 ``submit_job``) holds absolute local paths (``local_spec``): every worker must be able to read
 them. A tenant's job (over HTTP) names file ids: the worker materialises them from the artifact
 store into ``<settings.work_dir()>/<job_id>/`` (kept between tasks, checked by SHA-256), so the
 artifact store must be shared by the API and every worker (a shared volume or ``s3://``).
 
-``CeleryDispatcher`` is the ``cotune.service.Dispatcher`` the API uses with a broker:
-``dispatch(job_id)`` sends ``validate_job`` (``validating_files`` -> ``queued``, then
-``advance_job``).
+The API sends ``validate_job`` by name (``services/api/dispatch.py``); it imports nothing
+from here.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import base64
 import functools
 import json
 import os
-import shutil
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -44,23 +45,22 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task
 from celery.utils.log import get_task_logger
 
-from workers.app import (
+from cotune.jobs.lifecycle import Lifecycle, Step
+from cotune.jobs.queues import (
     ADVANCE_JOB,
     CPU_QUEUE,
     FINALIZE_JOB,
     GPU_QUEUE,
     REAP_EXPIRED_LEASES,
     VALIDATE_JOB,
-    WorkerConfig,
-    app,
-    app_config,
+    broker_url,
 )
+from workers.app import app, app_settings
 
 if TYPE_CHECKING:
     from cotune.jobspec import JobSpec
-    from cotune.loop import JobContext
     from cotune.settings import Settings
-    from cotune.store import ArtifactStore, JobRecord, JobStore
+    from cotune.store import ArtifactStore, JobStore
     from cotune.store.accounts import AccountStore
 
 log = get_task_logger(__name__)
@@ -69,14 +69,9 @@ log = get_task_logger(__name__)
 # --------------------------------------------------------------------------- per-process state
 
 
-def config() -> WorkerConfig:
-    return app_config(app)
-
-
 def settings() -> Settings:
-    from cotune.settings import get_settings
-
-    return get_settings()
+    """This worker's settings: the ones its Celery app was built from."""
+    return app_settings(app)
 
 
 @functools.cache
@@ -88,7 +83,7 @@ def _stores(database_url: str, artifacts_root: str) -> tuple[JobStore, ArtifactS
 
 def stores() -> tuple[JobStore, ArtifactStore]:
     """This process's job store and artifact store (one connection pool per process)."""
-    cfg = config()
+    cfg = settings()
     return _stores(cfg.database_url, cfg.artifacts)
 
 
@@ -128,22 +123,6 @@ def local_spec(job: JobSpec) -> dict[str, Any]:
     return spec
 
 
-def load_job_spec(record: JobRecord) -> JobSpec:
-    """The stored job's runnable spec (module doc: local paths, or an HTTP job's files
-    materialised into this worker's work folder)."""
-    from cotune.service import load_record_spec
-
-    _, artifacts = stores()
-    accounts = _accounts(config().database_url) if record.tenant_id is not None else None
-    return load_record_spec(record, accounts, artifacts, settings())
-
-
-def _drop_workdir(job_id: str) -> None:
-    """Remove this machine's copy of a finished job's files (other machines keep theirs
-    until their own cleanup; they are only caches of the artifact store)."""
-    shutil.rmtree(settings().work_dir() / job_id, ignore_errors=True)
-
-
 def submit_job(job: JobSpec, *, name: str | None = None) -> str:
     """Store a locally loaded ``job`` (absolute paths, no tenant) as ``queued`` and enqueue
     its first task; returns its id (the CLI's path to a Celery deployment)."""
@@ -161,119 +140,15 @@ def enqueue_finalize(job_id: str) -> None:
     app.send_task(FINALIZE_JOB, args=[job_id], queue=CPU_QUEUE)
 
 
-def _context(job_id: str, job: JobSpec, owner: str, stage_limit: int) -> JobContext:
-    from cotune.loop import JobContext
+# --------------------------------------------------------------------------- tasks
+
+
+def lifecycle() -> Lifecycle:
+    """This process's view of the one job lifecycle (``cotune.jobs.lifecycle``)."""
+    from cotune.jobs.lifecycle import Lifecycle
 
     store, artifacts = stores()
-    return JobContext(
-        job_id=job_id,
-        job=job,
-        store=store,
-        artifacts=artifacts,
-        owner=owner,
-        lease_seconds=config().lease_seconds,
-        stage_limit=stage_limit,
-    )
-
-
-# --------------------------------------------------------------------------- status helpers
-
-
-def _event(store: JobStore, job_id: str, message: str, level: str = "info", **data: Any) -> None:
-    from cotune.errors import CotuneError
-    from cotune.records import Event
-
-    try:
-        store.add_event(
-            job_id, Event(level=level, message=message, data=data, created_at=time.time())
-        )
-    except CotuneError as err:  # the job was deleted meanwhile
-        log.info("job %s: event not stored: %s", job_id, err)
-
-
-def _try_transition(store: JobStore, job_id: str, to: str, error: str | None = None) -> bool:
-    """Move the job to ``to``; False (and no error) if someone else already moved it."""
-    from cotune.store import IllegalTransition, JobNotFound, JobStatus
-
-    try:
-        store.transition(job_id, JobStatus(to), error=error)
-    except (IllegalTransition, JobNotFound) as err:
-        log.info("job %s: not moved to %s (%s)", job_id, to, err)
-        return False
-    return True
-
-
-def _cancel(store: JobStore, job_id: str) -> None:
-    if _try_transition(store, job_id, "cancelled"):
-        _event(store, job_id, "cancelled between stages", "warning")
-    _drop_workdir(job_id)
-
-
-def _public(err: BaseException) -> str:
-    """The error as the API may show it: server folders replaced by ``<server>``."""
-    from cotune.service import redact, server_roots
-
-    text = f"{type(err).__name__}: {err}"
-    return redact(text, server_roots(settings(), stores()[1])) or text
-
-
-def _fail(store: JobStore, job_id: str, owner: str, err: BaseException) -> None:
-    """Fail the stage this owner was running (if any) and the job, with the error."""
-    from cotune.store import StageStatus
-
-    message = _public(err)
-    for state in store.stage_states(job_id):
-        if state.status == StageStatus.running and state.lease_owner == owner:
-            store.fail_stage(job_id, state.epoch, state.stage, owner, message)
-    if _try_transition(store, job_id, "failed", error=message):
-        _event(store, job_id, f"failed: {message}", "error")
-    _drop_workdir(job_id)
-
-
-def _held_elsewhere(store: JobStore, job_id: str, owner: str) -> bool:
-    """Whether a stage of the job runs under another owner's live lease."""
-    from datetime import UTC, datetime
-
-    from cotune.store import StageStatus
-
-    now = datetime.now(UTC)
-    return any(
-        s.status == StageStatus.running
-        and s.lease_owner != owner
-        and s.lease_expires_at is not None
-        and s.lease_expires_at > now
-        for s in store.stage_states(job_id)
-    )
-
-
-def _ready(store: JobStore, job_id: str, what: str) -> JobRecord | None:
-    """The job if a task should work on it now (running, after moving it from queued);
-    None if it is missing, terminal, not yet validated, or cancelled here."""
-    from cotune.store import JobStatus
-    from cotune.store.status import TERMINAL
-
-    record = store.get_job(job_id)
-    if record is None:
-        log.warning("%s %s: no such job", what, job_id)
-        return None
-    if record.status in TERMINAL:
-        log.info("%s %s: already %s", what, job_id, record.status.value)
-        return None
-    if record.status == JobStatus.validating_files:
-        log.warning("%s %s: its files are not validated yet (validate_job queues it)", what, job_id)
-        return None
-    if record.cancel_requested:
-        _cancel(store, job_id)
-        return None
-    if record.status == JobStatus.queued and _try_transition(store, job_id, "running"):
-        _event(store, job_id, "running")
-    record = store.get_job(job_id)
-    if record is None or record.status != JobStatus.running:
-        return None
-    return record
-
-
-# --------------------------------------------------------------------------- tasks
+    return Lifecycle(store, artifacts, settings(), accounts=_accounts(settings().database_url))
 
 
 @app.task(name=VALIDATE_JOB, bind=True)
@@ -281,91 +156,34 @@ def validate_job(self: Task, job_id: str) -> str:
     """``validating_files`` -> ``queued``: the job's files materialise (present, SHA-256 as
     uploaded), then its first ``advance_job`` is sent. Models are checked where they run
     (the gpu worker's first stage fails the job, naming the model, if one is missing)."""
-    from cotune.store import JobStatus
-
-    store, _ = stores()
-    record = store.get_job(job_id)
-    if record is None or record.status != JobStatus.validating_files:
-        return "skipped"
-    try:
-        load_job_spec(record)
-    except Exception as err:
-        _fail(store, job_id, _owner(self), err)
-        return "failed"
-    if not _try_transition(store, job_id, "queued"):
-        return "skipped"  # cancelled meanwhile, or a duplicate message won
-    _event(store, job_id, "files validated; queued")
-    enqueue_advance(job_id)
-    return "queued"
+    step = lifecycle().validate(job_id, _owner(self)).step
+    if step == Step.queued:
+        enqueue_advance(job_id)
+    return step.value
 
 
 @app.task(name=ADVANCE_JOB, bind=True)
 def advance_job(self: Task, job_id: str) -> str:
     """Run the job's next stage (one), then enqueue the next task or the finalizer."""
-    from cotune.loop import JobCancelled, StagePause, run_job
-
-    store, _ = stores()
-    record = _ready(store, job_id, "advance_job")
-    if record is None:
-        return "skipped"
-    owner = _owner(self)
-    try:
-        job = load_job_spec(record)
-    except Exception as err:
-        _fail(store, job_id, owner, err)
-        raise
-    try:
-        run_job(_context(job_id, job, owner, stage_limit=1))
-    except StagePause as pause:
-        if store.cancel_requested(job_id):
-            _cancel(store, job_id)
-            return "cancelled"
-        log.info("job %s: next is epoch %d %s", job_id, pause.epoch, pause.stage.value)
+    done = lifecycle().advance(job_id, _owner(self), stage_limit=1)
+    if done.step == Step.paused:
         enqueue_advance(job_id)
-        return "paused"
-    except JobCancelled:
-        _cancel(store, job_id)
-        return "cancelled"
-    except Exception as err:
-        if isinstance(err, RuntimeError) and _held_elsewhere(store, job_id, owner):
-            # A duplicate message: the holder's own task chain carries the job on.
-            log.info("job %s: next stage held by another worker; nothing to do", job_id)
-            return "held"
-        _fail(store, job_id, owner, err)
-        raise
-    enqueue_finalize(job_id)
-    return "finished"
+    elif done.step == Step.finished:
+        enqueue_finalize(job_id)
+    elif done.error is not None:
+        raise done.error
+    return done.step.value
 
 
 @app.task(name=FINALIZE_JOB, bind=True)
 def finalize_job(self: Task, job_id: str) -> str:
     """Write report, metrics and the best adapters under ``<job_id>/result/``; succeed."""
-    from cotune.loop import StagePause, run_job
-    from cotune.service import export_job_result
-
-    store, _ = stores()
-    record = _ready(store, job_id, "finalize_job")
-    if record is None:
-        return "skipped"
-    owner = _owner(self)
-    try:
-        # stage_limit=0: every stage must be done already; the report is rebuilt from them
-        # (no engine, no data: only stored outputs are read).
-        ctx = _context(job_id, load_job_spec(record), owner, stage_limit=0)
-        try:
-            report = run_job(ctx)
-        except StagePause:
-            enqueue_advance(job_id)  # not finished after all: carry on
-            return "not finished"
-        export_job_result(ctx, report)
-        store.set_result(job_id, report.model_dump(mode="json"))
-    except Exception as err:
-        _fail(store, job_id, owner, err)
-        raise
-    if _try_transition(store, job_id, "succeeded"):
-        _event(store, job_id, "succeeded")
-    _drop_workdir(job_id)
-    return "succeeded"
+    done = lifecycle().finalize(job_id, _owner(self))
+    if done.step == Step.paused:
+        enqueue_advance(job_id)  # not finished after all: carry on
+    elif done.error is not None:
+        raise done.error
+    return done.step.value
 
 
 @app.task(name=REAP_EXPIRED_LEASES)
@@ -401,8 +219,7 @@ def reap_expired_leases() -> list[str]:
             continue
         enqueue_advance(key.job_id)
         requeued.append(key.job_id)
-        _event(
-            store,
+        lifecycle().event(
             key.job_id,
             f"epoch {key.epoch} {key.stage.value}: its worker's lease expired; re-queued",
             "warning",
@@ -411,7 +228,7 @@ def reap_expired_leases() -> list[str]:
             attempts=state.attempts,
         )
         log.warning("job %s: epoch %d %s re-queued", key.job_id, key.epoch, key.stage.value)
-    idle = config().stall_seconds
+    idle = settings().stall_seconds
     # Only with a Redis broker, whose queues can be read: a job waiting behind other jobs'
     # stages is then told apart from one whose message is gone.
     for job_id, last in store.stalled_jobs(idle):
@@ -424,8 +241,7 @@ def reap_expired_leases() -> list[str]:
             continue
         enqueue_advance(job_id)
         requeued.append(job_id)
-        _event(
-            store,
+        lifecycle().event(
             job_id,
             f"no progress for {idle:.0f} s between stages (its next task was lost); queued again",
             "warning",
@@ -438,8 +254,8 @@ def _message_pending(job_id: str) -> bool | None:
     """Whether a message for ``job_id`` waits in the gpu or cpu queue or is held (unacked) by a
     worker; None when the broker is not Redis and its queues cannot be read. A job whose stage
     is queued behind other jobs' work is not stalled, only waiting."""
-    cfg = config()
-    client = _redis(cfg.broker_url)
+    cfg = settings()
+    client = _redis(broker_url(cfg))
     if client is None:
         return None
     needle = job_id.encode()
@@ -465,8 +281,8 @@ def _mentions(raw: bytes, needle: bytes) -> bool:
 def _first_time(token: str) -> bool:
     """True the first time ``token`` is seen (within ``visibility_timeout``), via Redis;
     always True with another broker (duplicates are then harmless, only wasteful)."""
-    cfg = config()
-    client = _redis(cfg.broker_url)
+    cfg = settings()
+    client = _redis(broker_url(cfg))
     if client is None:
         return True
     ttl = max(int(cfg.visibility_timeout), 60)
@@ -480,32 +296,3 @@ def _redis(url: str) -> Any:
     import redis
 
     return redis.Redis.from_url(url)
-
-
-# --------------------------------------------------------------------------- the API's side
-
-
-class CeleryDispatcher:
-    """``cotune.service.Dispatcher`` over Celery, for ``services.api.create_app(dispatcher=)``
-    when a broker is configured: ``dispatch`` sends ``validate_job`` (idempotent: a duplicate
-    finds the job no longer ``validating_files``); ``queue_depth`` counts the messages waiting
-    in the ``gpu`` queue (one per job that waits for its next stage), None if unknown."""
-
-    def __init__(self, celery: Celery | None = None) -> None:
-        self.app = celery or app
-
-    def dispatch(self, job_id: str) -> None:
-        self.app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
-
-    def queue_depth(self) -> int | None:
-        cfg = app_config(self.app)
-        client = _redis(cfg.broker_url)
-        if client is None:
-            return None
-        try:
-            return int(client.llen(cfg.broker_key_prefix + GPU_QUEUE))
-        except Exception:  # the broker is down: the metric says unknown
-            return None
-
-    def shutdown(self, wait: bool = False) -> None:
-        return None

@@ -350,8 +350,16 @@ class JobStore:
         with self._sessions() as s:
             return int(s.scalar(q) or 0)
 
-    def transition(self, job_id: str, to: JobStatus, *, error: str | None = None) -> JobRecord:
-        """Move a job to ``to`` if the table allows it from its current status, atomically.
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        error: str | None = None,
+        only_from: JobStatus | None = None,
+    ) -> JobRecord:
+        """Move a job to ``to`` if the table allows it from its current status (and that
+        status is ``only_from``, when given), atomically.
 
         Raises ``IllegalTransition`` (from the status it found) or ``JobNotFound``.
         """
@@ -362,7 +370,7 @@ class JobStore:
                 if seen is None:
                     raise JobNotFound(job_id)
                 current = JobStatus(seen)
-                if to not in TRANSITIONS[current]:
+                if to not in TRANSITIONS[current] or only_from not in (None, current):
                     raise IllegalTransition(current, to, job_id)
                 values: dict[str, Any] = {"status": to.value, "updated_at": utcnow()}
                 if error is not None:

@@ -27,11 +27,16 @@ TRANSITIONS: dict[JobStatus, set[JobStatus]] = {
         JobStatus.queued,
     },
     JobStatus.succeeded: set(),
-    JobStatus.failed: set(),
+    # failed -> queued: only its owner resuming it (``cotune run --resume``); no API route and
+    # no worker makes this move.
+    JobStatus.failed: {JobStatus.queued},
     JobStatus.cancelled: set(),
 }
 
-TERMINAL: frozenset[JobStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+# A job no runner works on any more (a failed one stays failed unless its owner resumes it).
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+)
 
 
 def can_transition(from_status: JobStatus | str, to_status: JobStatus | str) -> bool:

@@ -15,7 +15,8 @@ Routes (OpenAPI docs at ``/docs``, the schema at ``/openapi.json``):
   its assets at ``/dashboard/static/{name}``; ``GET /`` redirects there.
 
 ``cotune serve [--embedded]`` calls ``serve()``: without a broker, jobs run in this process's
-threads (``cotune.service.ThreadDispatcher``).
+threads (``cotune.jobs.threads.ThreadDispatcher``); with one, the Celery workers run them
+(``services/api/dispatch.py`` sends tasks by name).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cotune.service import Dispatcher, ThreadDispatcher
+from cotune.jobs.threads import Dispatcher, ThreadDispatcher
 from cotune.settings import Settings, get_settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
@@ -200,10 +201,9 @@ def _default_dispatcher(
     metrics: ApiMetrics,
 ) -> Dispatcher:
     if settings.broker_url:
-        raise RuntimeError(
-            "COTUNE_BROKER_URL is set: pass the Celery dispatcher as create_app(dispatcher=...)"
-            " (without a broker, jobs run in this process's threads)"
-        )
+        from services.api.dispatch import CeleryDispatcher
+
+        return CeleryDispatcher(settings)
     return ThreadDispatcher(
         store, accounts, artifacts, settings, on_stage_done=metrics.observe_stage
     )
@@ -222,7 +222,7 @@ def _sqlite_folder(url: str) -> None:
 
 def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None = None) -> FastAPI:
     """The API over the settings' database and artifact store; jobs go to ``dispatcher``
-    (default: a ``ThreadDispatcher`` when there is no broker)."""
+    (default: the Celery workers when the settings name a broker, else a ``ThreadDispatcher``)."""
     from services.api.routes import dashboard, files, jobs, models, ops
 
     settings = settings or get_settings()
@@ -298,12 +298,7 @@ def serve(
     settings = settings or get_settings()
     if embedded and settings.broker_url:
         raise RuntimeError("--embedded runs jobs in-process: unset COTUNE_BROKER_URL")
-    dispatcher = None
-    if not embedded and settings.broker_url:
-        from workers.tasks import CeleryDispatcher
-
-        dispatcher = CeleryDispatcher()
-    app = create_app(settings, dispatcher=dispatcher)
+    app = create_app(settings)
     if embedded:
         dispatcher = app.state.cotune.dispatcher
         if isinstance(dispatcher, ThreadDispatcher):

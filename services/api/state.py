@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from cotune.service import Dispatcher, redact, server_roots
+from cotune.jobs.lifecycle import Lifecycle
+from cotune.jobs.results import redact, server_roots
+from cotune.jobs.threads import Dispatcher
 from cotune.settings import Settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
@@ -34,6 +36,11 @@ class ApiState:
         self.limits = RateLimits.from_settings(self.settings)
         if not self.roots:
             self.roots = server_roots(self.settings, self.artifacts)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The one job lifecycle (creating and cancelling jobs go through it here too)."""
+        return Lifecycle(self.store, self.artifacts, self.settings, accounts=self.accounts)
 
     def redact(self, text: str | None) -> str | None:
         """``text`` without server folders, for anything sent over HTTP."""

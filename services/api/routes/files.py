@@ -18,12 +18,13 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from cotune.errors import DataError
-from cotune.service import check_upload, file_ids
 from cotune.store.accounts import PURPOSES, new_file_id
 from services.api.auth import RATE_LIMITED, Tenant
 from services.api.errors import ApiError, not_found
+from services.api.policy import file_ids
 from services.api.schemas import DeletedObject, ErrorResponse, FileObject, ListObject
 from services.api.state import ApiState, get_state
+from services.api.uploads import check_upload
 from services.api.views import file_object
 
 log = logging.getLogger("cotune.api")

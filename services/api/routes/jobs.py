@@ -4,7 +4,6 @@ answers 404 exactly like a missing one."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -19,13 +18,13 @@ from fastapi.responses import StreamingResponse
 
 from cotune.errors import CotuneError
 from cotune.quote import quote_job
-from cotune.records import EPOCH_STAGES, Event, JobReport, Stage
-from cotune.service import check_job_for_http, split_rows
+from cotune.records import EPOCH_STAGES, JobReport, Stage
 from cotune.spec import SystemSpec, parse_system
 from cotune.store import IllegalTransition, JobNotFound, JobRecord, JobStatus
 from cotune.store.status import TERMINAL
 from services.api.auth import RATE_LIMITED, Tenant
 from services.api.errors import ApiError
+from services.api.policy import check_job_for_http, split_rows
 from services.api.schemas import (
     CheckpointObject,
     ComponentObject,
@@ -105,12 +104,6 @@ def own_job(state: ApiState, tenant: str, job_id: str) -> JobRecord:
     return record
 
 
-def _event(state: ApiState, job_id: str, message: str, level: str = "info", **data: Any) -> None:
-    state.store.add_event(
-        job_id, Event(level=level, message=message, data=data, created_at=time.time())
-    )
-
-
 def _system(record: JobRecord) -> SystemSpec:
     return parse_system(dict(record.spec["system"]))
 
@@ -180,32 +173,19 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
                 "too_many_jobs",
                 f"you have {active} unfinished jobs, the most allowed at once is {max_running}",
             )
-        job_id = store.create_job(
-            job.system.name,
-            spec,
-            tenant_id=tenant,
-            status=JobStatus.validating_files,
-            idempotency_key=idempotency_key,
+        job_id = state.lifecycle.create(
+            job.system.name, spec, tenant_id=tenant, idempotency_key=idempotency_key
         )
         record = own_job(state, tenant, job_id)
         if idempotency_key is not None and record.spec != spec:
             raise _reused_key()
-        if record.status == JobStatus.validating_files and not _has_events(state, job_id):
-            _event(state, job_id, "job created; validating its files")
         try:
             state.dispatcher.dispatch(job_id)
         except IllegalTransition:
             pass  # a concurrent request with the same Idempotency-Key dispatched it first
         except Exception as err:
             log.error("could not dispatch: %s", type(err).__name__, extra={"job_id": job_id})
-            current = state.store.get_job(job_id)
-            if current is not None and current.status == JobStatus.validating_files:
-                with contextlib.suppress(IllegalTransition):
-                    store.transition(
-                        job_id,
-                        JobStatus.failed,
-                        error="the job could not be queued; submit it again",
-                    )
+            state.lifecycle.dispatch_failed(job_id)
             raise ApiError(
                 503, "dispatch_failed", "the job could not be queued; try again"
             ) from None
@@ -253,10 +233,8 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
         summary="Cancel a job (a running one stops at the next stage boundary)" + suffix,
     )
     def cancel_job(job_id: str, tenant: Tenant, state: State) -> JobObject:
-        before = own_job(state, tenant, job_id)
-        record = state.store.request_cancel(job_id)
-        if before.status != record.status or not before.cancel_requested:
-            _event(state, job_id, "cancel requested", "warning")
+        own_job(state, tenant, job_id)
+        record = state.lifecycle.request_cancel(job_id)
         log.info("job cancel requested", extra={"job_id": job_id, "tenant": tenant})
         return job_object(record, state)
 
@@ -601,10 +579,6 @@ def _same_job(state: ApiState, tenant: str, job_id: str, spec: dict[str, Any]) -
     if record.spec != spec:
         raise _reused_key()
     return job_object(record, state)
-
-
-def _has_events(state: ApiState, job_id: str) -> bool:
-    return bool(state.store.events(job_id, limit=1))
 
 
 def _trace_cursor(after: str) -> tuple[int, int, str]:

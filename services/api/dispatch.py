@@ -1,0 +1,48 @@
+"""Handing a job to the Celery workers by task name: the API imports nothing from
+``workers/`` (they may not even be installed beside it)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from cotune.jobs.queues import CPU_QUEUE, GPU_QUEUE, VALIDATE_JOB, broker_url, message_conf
+from cotune.settings import Settings
+
+
+class CeleryDispatcher:
+    """``cotune.jobs.threads.Dispatcher`` over a broker: ``dispatch`` sends ``validate_job``
+    (idempotent: a duplicate finds the job no longer ``validating_files``); ``queue_depth``
+    counts the messages waiting in the ``gpu`` queue (one per job waiting for its next stage),
+    None if unknown."""
+
+    def __init__(self, settings: Settings) -> None:
+        from celery import Celery
+
+        self.settings = settings
+        self.app = Celery("cotune-api")
+        self.app.conf.update(**message_conf(settings), task_ignore_result=True)
+
+    def dispatch(self, job_id: str) -> None:
+        self.app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
+
+    def queue_depth(self) -> int | None:
+        client = _redis(broker_url(self.settings))
+        if client is None:
+            return None
+        try:
+            return int(client.llen(self.settings.broker_key_prefix + GPU_QUEUE))
+        except Exception:  # the broker is down: the metric says unknown
+            return None
+
+    def shutdown(self, wait: bool = False) -> None:
+        self.app.close()
+
+
+@functools.cache
+def _redis(url: str) -> Any:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import redis
+
+    return redis.Redis.from_url(url)
