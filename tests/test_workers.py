@@ -37,8 +37,8 @@ from e2e import (
     write_job_folder,
 )
 
-from cotune.jobspec import parse_job
 from cotune.records import JobReport, Stage
+from cotune.spec.job import parse_job
 from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus
 from cotune.store.status import TERMINAL
 
