@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from cotune.spec import FILE_ID, SPLITS, FileRef, file_refs, is_file_id, map_refs, parse_job
+from cotune.spec import (
+    FILE_ID,
+    SPLITS,
+    FileRef,
+    file_refs,
+    is_file_id,
+    load_job,
+    map_refs,
+    parse_job,
+)
 from cotune.tiny import TINY_SYSTEM, write_tiny_example
 
 
@@ -122,18 +131,24 @@ def test_a_refusal_raised_by_fn_leaves_the_input_untouched() -> None:
 
 
 def test_relative_paths_made_absolute_parse_from_anywhere(tmp_path: Path) -> None:
-    """What the workers' local_spec does: a job that runs without its folder."""
-    folder = tmp_path / "job"
-    write_tiny_example(folder, splits=(4, 2, 2))
-    spec = {
-        "system": json.loads(json.dumps(TINY_SYSTEM)),
-        "data": {"train": "train.jsonl", "val": "val.jsonl"},
-    }
-    absolute = map_refs(spec, lambda ref: str((folder / ref.value).resolve()))
-    job = parse_job(absolute)  # no base_dir
-    assert job.data_path("train") == folder / "train.jsonl"
-    corpus = job.system.component("search").args["corpus"]
-    assert Path(corpus) == folder / "corpus.jsonl" and Path(corpus).is_file()
+    """What the workers' local_spec does: data relative to the job file, the corpus to the
+    system file (another folder), made absolute so the job runs without its folders."""
+    write_tiny_example(tmp_path / "system", splits=(4, 2, 2))
+    (tmp_path / "job").mkdir()
+    (tmp_path / "system" / "train.jsonl").rename(tmp_path / "job" / "train.jsonl")
+    (tmp_path / "job" / "job.yaml").write_text(
+        "system: ../system/system.yaml\ndata: {train: train.jsonl, val: ../system/val.jsonl}\n"
+    )
+    job = load_job(tmp_path / "job" / "job.yaml")
+    spec = job.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    absolute = map_refs(spec, lambda ref: str(job.ref_path(ref).resolve()))
+    moved = parse_job(absolute)  # no base_dir
+    assert moved.data_path("train") == (tmp_path / "job" / "train.jsonl").resolve()
+    assert moved.data_path("val") == (tmp_path / "system" / "val.jsonl").resolve()
+    corpus = moved.system.component("search").args["corpus"]
+    assert Path(corpus) == (tmp_path / "system" / "corpus.jsonl").resolve()
+    assert all(Path(ref.value).is_file() for ref in file_refs(absolute))
+    assert job.data_path("train") == job.ref_path(file_refs(spec)[0])
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from cotune.errors import SpecError
-from cotune.spec.refs import Split
+from cotune.spec.refs import FileRef, Split
 from cotune.spec.system import (
     Float,
     Int,
@@ -198,6 +198,14 @@ class JobSpec(_Strict):
             return None
         path = Path(value)
         return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+
+    def ref_path(self, ref: FileRef) -> Path:
+        """Where a file the spec names (``cotune.spec.refs``) is: a data split relative to
+        the job file's folder, a corpus or a model to the system file's."""
+        if ref.purpose == "data":
+            path = Path(str(ref.value))
+            return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+        return self.system.resolve_path(str(ref.value))
 
 
 def parse_job(data: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
