@@ -176,7 +176,7 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
 
 def _no_gold_candidates(loop: dict[str, Any]) -> None:
     """Bootstrap and no-judge take no gold-answer candidates, where the loop has them."""
-    from cotune.jobspec import LoopConfig
+    from cotune.spec.job import LoopConfig
 
     if "gold_candidates" in LoopConfig.model_fields:
         loop["gold_candidates"] = False
@@ -187,8 +187,8 @@ def start_engines(tasks: Sequence[Task]) -> None:
     process caches one engine per model and its limits are fixed when it starts, so a first
     task with one trainable component would otherwise leave no room for a later one's two."""
     from cotune.engines import get_engine
-    from cotune.jobspec import parse_job
     from cotune.models import resolve_model
+    from cotune.spec.job import parse_job
 
     jobs = [parse_job(variant_job(task, "full"), base_dir=task.folder) for task in tasks]
     limits = {
@@ -207,7 +207,7 @@ def start_engines(tasks: Sequence[Task]) -> None:
 
 def run_variant(task: Task, variant: str, out: Path, *, progress: bool) -> str:
     """Run one variant into ``out`` unless it finished before; return what happened."""
-    from cotune.jobspec import parse_job
+    from cotune.spec.job import parse_job
 
     job_map = variant_job(task, variant)
     spec = {"variant": variant, "job": job_map, "data_sha256": _data_hashes(job_map)}

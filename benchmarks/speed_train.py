@@ -22,8 +22,8 @@ def sft_rows_of(traces: list[Any], component: str) -> list[Any]:
 
 
 def training_speed(system: Any, traces: list[Any], *, epochs: int = 2) -> list[dict[str, Any]]:
-    from cotune.jobspec import TrainConfig
     from cotune.models import resolve_model
+    from cotune.spec.job import TrainConfig
     from cotune.training import train_adapter
 
     component = system.trainable_components[-1]  # the answer writer: the longest prompts
@@ -148,9 +148,9 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
     import cotune.engines as engines_module
     import cotune.training as training_module
     from cotune.embedded import open_output
-    from cotune.jobspec import parse_job
     from cotune.loop import JobContext, run_job
     from cotune.records import Stage
+    from cotune.spec.job import parse_job
 
     folder = Path(system_path).resolve().parent
     alias = next(iter(_system_models(system_path)))

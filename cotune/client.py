@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 import tarfile
 import time
@@ -35,11 +34,10 @@ from typing import Any
 import httpx
 
 from cotune.errors import CotuneError
+from cotune.spec.refs import FileRef, file_refs, is_file_id, map_refs
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,59}$")
-SPLITS = ("train", "val", "test")
 RETRY_STATUSES = frozenset({502, 503, 504})
 # Downloads stream: no limit on the whole, but a server silent for this long is given up on.
 DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0)
@@ -135,37 +133,36 @@ class Client:
         """The job spec as the server takes it: the system inline and every local file
         uploaded and replaced by its id. ``job`` is a spec file or a mapping (relative paths
         from ``base_dir``, default the file's folder or the current one)."""
-        spec, folder = _read_job(job, base_dir)
+        spec, job_folder, system_folder = _read_job(job, base_dir)
+        for ref in file_refs(spec):  # all refused before anything is uploaded
+            if ref.purpose == "model":
+                raise CotuneError(
+                    f"system.models.{ref.owner}: a server runs registry models only; replace "
+                    f"path: {ref.value} by name: <a registry model> (see GET /v1/models)"
+                )
         uploads: dict[tuple[Path, str], str] = {}
 
-        def upload(value: Any, purpose: str, param: str) -> str:
-            if isinstance(value, str) and FILE_ID.match(value):
-                return value
-            if not isinstance(value, str) or not value:
-                raise CotuneError(f"{param}: expected a local file or a file id, got {value!r}")
-            path = Path(value).expanduser()
+        def upload(ref: FileRef) -> str:
+            if is_file_id(ref.value):
+                return str(ref.value)
+            if not isinstance(ref.value, str) or not ref.value:
+                raise CotuneError(
+                    f"{ref.param}: expected a local file or a file id, got {ref.value!r}"
+                )
+            # Data splits are relative to the job file, corpora to the system file.
+            folder = job_folder if ref.purpose == "data" else system_folder
+            path = Path(ref.value).expanduser()
             path = (path if path.is_absolute() else folder / path).resolve()
             if not path.is_file():
-                raise CotuneError(f"{param}: {path} is not a file")
-            if (path, purpose) not in uploads:
-                uploaded = self.upload_file(path, purpose)
-                uploads[(path, purpose)] = uploaded["id"]
+                raise CotuneError(f"{ref.param}: {path} is not a file")
+            if (path, ref.purpose) not in uploads:
+                uploaded = self.upload_file(path, ref.purpose)
+                uploads[(path, ref.purpose)] = uploaded["id"]
                 if on_upload is not None:
                     on_upload(path, uploaded)
-            return uploads[(path, purpose)]
+            return uploads[(path, ref.purpose)]
 
-        data = spec.get("data")
-        if isinstance(data, Mapping):
-            spec["data"] = {
-                split: upload(value, "data", f"data.{split}") if split in SPLITS else value
-                for split, value in data.items()
-            }
-        for i, component in enumerate(spec["system"].get("components") or []):
-            args = component.get("args") if isinstance(component, dict) else None
-            if component.get("tool") == "bm25" and isinstance(args, dict) and "corpus" in args:
-                where = f"system.components.{component.get('name') or i}.args.corpus"
-                args["corpus"] = upload(args["corpus"], "corpus", where)
-        return spec
+        return map_refs(spec, upload)
 
     def submit(
         self,
@@ -425,8 +422,10 @@ def _raise_for_error(response: httpx.Response) -> None:
 
 def _read_job(
     job: str | Path | Mapping[str, Any], base_dir: str | Path | None
-) -> tuple[dict[str, Any], Path]:
-    from cotune.spec import read_mapping
+) -> tuple[dict[str, Any], Path, Path]:
+    """The job mapping with its system inline, the folder its data paths are relative to and
+    the one the system's are (the system file's, when the system is a file)."""
+    from cotune.spec.system import read_mapping
 
     if isinstance(job, Mapping):
         spec = copy.deepcopy(dict(job))
@@ -440,28 +439,11 @@ def _read_job(
         system_path = Path(system).expanduser()
         system_path = system_path if system_path.is_absolute() else folder / system_path
         spec["system"] = read_mapping(system_path)
-        system_folder = system_path.resolve().parent
-    elif isinstance(system, Mapping):
+        return spec, folder, system_path.resolve().parent
+    if isinstance(system, Mapping):
         spec["system"] = dict(system)
-        system_folder = folder
-    else:
-        raise CotuneError("system: give the system spec's file or the spec itself")
-    for alias, ref in (spec["system"].get("models") or {}).items():
-        if isinstance(ref, Mapping) and "path" in ref:
-            raise CotuneError(
-                f"system.models.{alias}: a server runs registry models only; replace "
-                f"path: {ref['path']} by name: <a registry model> (see GET /v1/models)"
-            )
-    # bm25 corpora in the system spec are relative to the system file's folder.
-    for component in spec["system"].get("components") or []:
-        args = component.get("args") if isinstance(component, dict) else None
-        if component.get("tool") == "bm25" and isinstance(args, dict):
-            corpus = args.get("corpus")
-            if isinstance(corpus, str) and not FILE_ID.match(corpus):
-                corpus_path = Path(corpus).expanduser()
-                if not corpus_path.is_absolute():
-                    args["corpus"] = str(system_folder / corpus_path)
-    return spec, folder
+        return spec, folder, folder
+    raise CotuneError("system: give the system spec's file or the spec itself")
 
 
 def print_event(event: dict[str, Any]) -> None:

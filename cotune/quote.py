@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cotune.jobspec import JobSpec
+from cotune.spec.job import JobSpec
 
 
 def quote_job(

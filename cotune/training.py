@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.errors import CotuneError
-from cotune.jobspec import TrainConfig
+from cotune.spec.job import TrainConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_NAME = "default"  # peft's default; never "train" (it clashes with nn.Module.train)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
-from cotune.jobspec import TrainConfig
+from cotune.spec.job import TrainConfig
 from cotune.store import JobStatus
 from cotune.tiny import COLORS
 from cotune.training import DPOPair, SFTRow, TrainResult

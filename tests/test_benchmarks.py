@@ -169,7 +169,7 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
 
 
 def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> None:
-    from cotune.jobspec import load_job
+    from cotune.spec.job import load_job
     from cotune.tools.registry import get_python_tool
 
     squad = load_job(REPO / "examples" / "squad-rag" / "job.yaml")
@@ -197,7 +197,7 @@ def test_paired_statistics() -> None:
 
 
 def test_variants_are_loop_settings() -> None:
-    from cotune.jobspec import parse_job
+    from cotune.spec.job import parse_job
     from cotune.tiny import TINY_SYSTEM
 
     job = {"system": TINY_SYSTEM, "data": {"train": "t", "val": "v"}, "judge": {"model": "tiny"}}

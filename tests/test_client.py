@@ -153,6 +153,37 @@ def test_events_wait_and_adapter_download_of_a_finished_job(
     assert client.metrics(done_job)["best_epoch"] == 1
 
 
+def test_prepare_resolves_data_from_the_job_file_and_corpora_from_the_system_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server: uploads are recorded. The system lives in another folder than the job."""
+    write_tiny_example(tmp_path / "system", splits=(4, 2, 2))
+    (tmp_path / "job").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "system" / f"{split}.jsonl").rename(tmp_path / "job" / f"{split}.jsonl")
+    spec = {
+        "system": "../system/system.yaml",
+        "data": {"train": "train.jsonl", "val": "val.jsonl", "test": None},
+    }
+    (tmp_path / "job" / "job.yaml").write_text(yaml.safe_dump(spec))
+    uploaded: list[tuple[Path, str]] = []
+
+    def upload_file(self: Client, path: Path, purpose: str) -> dict[str, Any]:
+        uploaded.append((path, purpose))
+        return {"id": f"file-{len(uploaded)}"}
+
+    monkeypatch.setattr(Client, "upload_file", upload_file)
+    with Client("http://unused", api_key="ct_x") as sdk:
+        sent = sdk.prepare(tmp_path / "job" / "job.yaml")
+    assert uploaded == [
+        ((tmp_path / "job" / "train.jsonl").resolve(), "data"),
+        ((tmp_path / "job" / "val.jsonl").resolve(), "data"),
+        ((tmp_path / "system" / "corpus.jsonl").resolve(), "corpus"),
+    ]
+    assert sent["data"] == {"train": "file-1", "val": "file-2", "test": None}
+    assert sent["system"]["components"][1]["args"] == {"corpus": "file-3", "k": 3}
+
+
 def test_an_unreachable_server_is_a_clear_error() -> None:
     from e2e import free_port
 

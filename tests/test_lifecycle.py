@@ -19,8 +19,8 @@ from doubles import scripted_context_options
 
 from cotune.jobs.lifecycle import CREATED, QUEUED, RUNNING, SUCCEEDED, Lifecycle, Step
 from cotune.jobs.threads import ThreadDispatcher
-from cotune.jobspec import JobSpec, parse_job
 from cotune.settings import Settings
+from cotune.spec.job import JobSpec, parse_job
 from cotune.store import ArtifactStore, JobStatus, JobStore, migrate
 from cotune.tiny import write_tiny_example
 
@@ -104,7 +104,7 @@ def observed(life: Lifecycle, job_id: str) -> dict[str, Any]:
 
 
 def by_threads(job: JobSpec, root: Path) -> dict[str, Any]:
-    from workers.tasks import local_spec
+    from cotune.jobs.materialize import local_spec
 
     life, settings = stores(root)
     dispatcher = ThreadDispatcher(
@@ -126,6 +126,7 @@ def by_threads(job: JobSpec, root: Path) -> dict[str, Any]:
 def by_celery_tasks(job: JobSpec, root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The tasks' own code, each next task taken from a recorded queue (no broker)."""
     import workers.tasks as tasks
+    from cotune.jobs.materialize import local_spec
 
     life, _ = stores(root)
     queue: deque[tuple[Any, str]] = deque()
@@ -133,12 +134,12 @@ def by_celery_tasks(job: JobSpec, root: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(
         tasks,
         "enqueue_advance",
-        lambda job_id, celery=None: queue.append((tasks.advance_job, job_id)),
+        lambda job_id: queue.append((tasks.advance_job, job_id)),
     )
     monkeypatch.setattr(
         tasks, "enqueue_finalize", lambda job_id: queue.append((tasks.finalize_job, job_id))
     )
-    job_id = life.create(job.system.name, tasks.local_spec(job))
+    job_id = life.create(job.system.name, local_spec(job))
     returned = [tasks.validate_job.run(job_id)]
     while queue:
         task, queued_id = queue.popleft()

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from cotune.embedded import run_embedded
-from cotune.jobspec import JobSpec, load_job
 from cotune.records import JobReport, Stage
+from cotune.spec.job import JobSpec, load_job
 
 JOB = """\
 system: system.yaml

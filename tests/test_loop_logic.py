@@ -32,10 +32,10 @@ from doubles import (
 )
 
 from cotune.data import load_examples
-from cotune.jobspec import JobSpec, parse_job
 from cotune.loop import JobContext, StagePause, run_job
 from cotune.records import EPOCH_STAGES, JobReport, Stage
 from cotune.runtime import Runtime, Trace, score_traces
+from cotune.spec.job import JobSpec, parse_job
 from cotune.store import ArtifactStore, JobStore, migrate
 from cotune.synthesis import Buffer, check_sources
 from cotune.tiny import make_world, write_tiny_example

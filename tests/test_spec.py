@@ -347,7 +347,7 @@ def job(**extra: Any) -> dict[str, Any]:
 def test_a_job_value_the_loop_cannot_use_is_refused_naming_it(
     mutate: Callable[[dict[str, Any]], Any], param: str, said: str | None
 ) -> None:
-    from cotune.jobspec import parse_job
+    from cotune.spec.job import parse_job
 
     spec = job()
     mutate(spec)
@@ -359,7 +359,7 @@ def test_a_job_value_the_loop_cannot_use_is_refused_naming_it(
 
 
 def test_the_largest_seed_and_a_255_character_name_are_accepted() -> None:
-    from cotune.jobspec import parse_job
+    from cotune.spec.job import parse_job
 
     spec = job(loop={"seed": 2**31 - 1})
     spec["system"]["name"] = "s" * 255

@@ -94,7 +94,7 @@ def test_python_tool_failure_names_component_and_tool() -> None:
 
 
 def test_run_tool_refuses_unknown_args_and_missing_inputs() -> None:
-    with pytest.raises(ToolError, match=r"component 't': field 'args': \['code'\]"):
+    with pytest.raises(ToolError, match=r"component 't': field 'args.code' is unknown"):
         run_tool(
             tool("python", function="count_lines", code="import os"),
             [{"query": "x"}],

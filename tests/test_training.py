@@ -12,7 +12,7 @@ import pytest
 
 from cotune.engines.base import GenerationRequest
 from cotune.errors import CotuneError
-from cotune.jobspec import TrainConfig
+from cotune.spec.job import TrainConfig
 from cotune.tiny import ANSWER_PROMPT, make_world
 from cotune.training import (
     ADAPTER_FILES,

@@ -37,8 +37,8 @@ from e2e import (
     write_job_folder,
 )
 
-from cotune.jobspec import parse_job
 from cotune.records import JobReport, Stage
+from cotune.spec.job import parse_job
 from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus
 from cotune.store.status import TERMINAL
 
@@ -247,7 +247,7 @@ def cluster(
 @pytest.fixture(scope="module")
 def spec(tiny_example: Path) -> dict[str, Any]:
     """The tiny job as a stored spec: every path absolute, as a worker needs it."""
-    from workers.tasks import local_spec
+    from cotune.jobs.materialize import local_spec
 
     stored = local_spec(parse_job(JOB, base_dir=tiny_example))
     assert Path(stored["data"]["train"]).is_absolute()

@@ -22,10 +22,10 @@ whose lease expired (their worker died) and re-enqueues ``advance_job`` for thei
 task takes the stage over (``attempts`` + 1).
 
 Job specs: each task rebuilds the ``JobSpec`` from the stored spec with
-``Lifecycle.load_spec``. A job without a tenant (created by the CLI/embedded path,
-``submit_job``) holds absolute local paths (``local_spec``): every worker must be able to read
-them. A tenant's job (over HTTP) names file ids: the worker materialises them from the artifact
-store into ``<settings.work_dir()>/<job_id>/`` (kept between tasks, checked by SHA-256), so the
+``Lifecycle.load_spec``. A job without a tenant holds absolute local paths
+(``cotune.jobs.materialize.local_spec``): every worker must be able to read them. A tenant's
+job (over HTTP) names file ids: the worker materialises them from the artifact store into
+``<settings.work_dir()>/<job_id>/`` (kept between tasks, checked by SHA-256), so the
 artifact store must be shared by the API and every worker (a shared volume or ``s3://``).
 
 The API sends ``validate_job`` by name (``services/api/dispatch.py``); it imports nothing
@@ -42,7 +42,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.utils.log import get_task_logger
 
 from cotune.jobs.lifecycle import Lifecycle, Step
@@ -58,7 +58,6 @@ from cotune.jobs.queues import (
 from workers.app import app, app_settings
 
 if TYPE_CHECKING:
-    from cotune.jobspec import JobSpec
     from cotune.settings import Settings
     from cotune.store import ArtifactStore, JobStore
     from cotune.store.accounts import AccountStore
@@ -101,39 +100,8 @@ def _owner(task: Task) -> str:
 # --------------------------------------------------------------------------- job specs
 
 
-def local_spec(job: JobSpec) -> dict[str, Any]:
-    """``job`` as a stored spec whose paths are absolute: data splits, ``bm25`` corpora and
-    models given by ``path`` (a worker has no base folder to resolve them against).
-
-    Only the fields the job set are kept (``exclude_unset``): a full dump does not parse back
-    (a tool component's llm-only defaults such as ``max_tokens`` are rejected once set)."""
-    spec = job.model_dump(mode="json", exclude_unset=True, by_alias=True)
-    for split in ("train", "val", "test"):
-        path = job.data_path(split)
-        if path is not None:
-            spec["data"][split] = str(path.resolve())
-    system = job.system
-    for alias, ref in system.models.items():
-        if ref.path is not None:
-            spec["system"]["models"][alias]["path"] = str(system.resolve_path(ref.path).resolve())
-    for raw, component in zip(spec["system"]["components"], system.components, strict=True):
-        corpus = component.args.get("corpus") if component.kind == "tool" else None
-        if isinstance(corpus, str):
-            raw["args"]["corpus"] = str(system.resolve_path(corpus).resolve())
-    return spec
-
-
-def submit_job(job: JobSpec, *, name: str | None = None) -> str:
-    """Store a locally loaded ``job`` (absolute paths, no tenant) as ``queued`` and enqueue
-    its first task; returns its id (the CLI's path to a Celery deployment)."""
-    store, _ = stores()
-    job_id = store.create_job(name or job.system.name, local_spec(job))
-    enqueue_advance(job_id)
-    return job_id
-
-
-def enqueue_advance(job_id: str, celery: Celery | None = None) -> None:
-    (celery or app).send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
+def enqueue_advance(job_id: str) -> None:
+    app.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
 
 
 def enqueue_finalize(job_id: str) -> None:

@@ -10,25 +10,22 @@ by name when the judge is called).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from cotune.errors import DataError, SpecError
-from cotune.jobspec import JobSpec, parse_job
+from cotune.spec.job import JobSpec, parse_job
+from cotune.spec.refs import FileRef, is_file_id, map_refs
 
 if TYPE_CHECKING:
     from cotune.settings import Settings
     from cotune.store import ArtifactStore, JobRecord
     from cotune.store.accounts import AccountStore, FileRecord
 
-FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,59}$")
-SPLITS = ("train", "val", "test")
 _CHUNK = 1 << 20
 
 FileLookup = Callable[[str], "FileRecord | None"]
@@ -61,7 +58,7 @@ def file_ref(value: Any, purpose: str, param: str, lookup: FileLookup) -> FileRe
     how = f"give a file id (file-...) from POST /v1/files with purpose {purpose!r}"
     if not isinstance(value, str):
         raise SpecError(f"{param}: {how}, got {value!r}", param=param)
-    if not FILE_ID.match(value):
+    if not is_file_id(value):
         what = "a URL" if "://" in value else "a path" if ("/" in value or "." in value) else None
         raise SpecError(
             f"{param}: {how}; over HTTP a spec names no server "
@@ -142,28 +139,17 @@ def materialize(
     lookup = lookup_files(files, tenant)
     dest = Path(dest) if dest is not None else settings.work_dir() / job_id
     dest.mkdir(parents=True, exist_ok=True)
-    spec = copy.deepcopy(dict(spec))
 
-    def fetch(file_id: str, purpose: str, param: str) -> str:
-        record = file_ref(file_id, purpose, param, lookup)
-        suffix = ".csv" if purpose == "data" and is_csv(record.filename) else ".jsonl"
+    def fetch(ref: FileRef) -> Any:
+        if ref.purpose == "model":  # over HTTP a model is named, never a path (policy)
+            return ref.value
+        record = file_ref(ref.value, ref.purpose, ref.param, lookup)
+        suffix = ".csv" if ref.purpose == "data" and is_csv(record.filename) else ".jsonl"
         relative = f"files/{record.id}{suffix}"
         _copy_file(artifacts, record, dest / relative)
         return relative
 
-    data = spec.get("data") or {}
-    for split in SPLITS:
-        if isinstance(data.get(split), str):
-            data[split] = fetch(data[split], "data", f"data.{split}")
-    system = spec.get("system")
-    if isinstance(system, dict):
-        for component in system.get("components") or []:
-            if not isinstance(component, dict):
-                continue
-            args = component.get("args")
-            if component.get("tool") == "bm25" and isinstance(args, dict) and "corpus" in args:
-                param = f"system.components.{component.get('name')}.args.corpus"
-                args["corpus"] = fetch(args["corpus"], "corpus", param)
+    spec = map_refs(spec, fetch)
     judge = spec.get("judge")
     name = judge.get("model") if isinstance(judge, dict) else None
     hosted_name = name if isinstance(name, str) else None
@@ -178,6 +164,16 @@ def materialize(
             judge["api_key_env"] = hosted.api_key_env
     (dest / "job.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return parse_job(dict(spec), base_dir=dest)
+
+
+def local_spec(job: JobSpec) -> dict[str, Any]:
+    """``job`` as a stored spec whose paths are absolute: data splits, ``bm25`` corpora and
+    models given by ``path`` (a worker has no base folder to resolve them against).
+
+    Only the fields the job set are kept (``exclude_unset``): a full dump does not parse back
+    (a tool component's llm-only defaults such as ``max_tokens`` are rejected once set)."""
+    spec = job.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    return map_refs(spec, lambda ref: str(job.ref_path(ref).resolve()))
 
 
 def load_record_spec(

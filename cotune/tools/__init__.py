@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cotune.errors import ToolError
+from cotune.spec.tools import DEFAULT_K, ToolArgError, check_tool_args
 
 if TYPE_CHECKING:
-    from cotune.spec import Component, SystemSpec
-
-TOOL_ARGS: dict[str, set[str]] = {
-    "bm25": {"corpus", "k"},
-    "http_search": {"url", "k"},
-    "python": {"function"},
-}
-DEFAULT_K = 3
-MAX_K = 100
+    from cotune.spec.system import Component, SystemSpec
 
 
 @dataclass
@@ -60,15 +53,15 @@ def run_tool(
     component: Component, inputs_batch: list[dict[str, Any]], ctx: ToolContext
 ) -> list[Any]:
     where = f"component {component.name!r}"
-    if component.kind != "tool" or component.tool not in TOOL_ARGS:
-        raise ToolError(f"{where} is not a bm25, http_search or python tool component")
+    if component.kind != "tool":
+        raise ToolError(f"{where} is not a tool component")
+    # Checked again although a parsed spec passed it: a Component is built (and its args
+    # changed) without a parse, and a bad k or corpus would fail obscurely below.
+    try:
+        check_tool_args(component.tool, component.args)
+    except ToolArgError as err:
+        raise ToolError(f"{where}: {err}") from None
     tool, args = component.tool, component.args
-    unknown = sorted(set(args) - TOOL_ARGS[tool])
-    if unknown:
-        raise ToolError(
-            f"{where}: field 'args': {unknown} unknown to the {tool} tool "
-            f"(it takes {sorted(TOOL_ARGS[tool])})"
-        )
     for inputs in inputs_batch:
         missing = [f for f in component.reads if f not in inputs]
         if missing:
@@ -79,21 +72,14 @@ def run_tool(
 
     queries = [_query_text(inputs[component.reads[0]]) for inputs in inputs_batch]
     k = args.get("k", DEFAULT_K)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ToolError(f"{where}: field 'args.k' must be an integer in 1..{MAX_K}, got {k!r}")
     if tool == "bm25":
         from cotune.tools.bm25 import get_index
 
-        corpus = args.get("corpus")
-        if not isinstance(corpus, str):
-            raise ToolError(f"{where}: field 'args.corpus' is required for the bm25 tool")
-        return list(get_index(ctx.corpus_path(corpus)).search_many(queries, k))
+        return list(get_index(ctx.corpus_path(args["corpus"])).search_many(queries, k))
 
     from cotune.tools.http_search import search_http
 
-    url = args.get("url")
-    if not isinstance(url, str):
-        raise ToolError(f"{where}: field 'args.url' is required for the http_search tool")
+    url = args["url"]
     try:
         return [
             search_http(url, q, k, ctx.allowed_hosts, ctx.private_hosts, ctx.http_timeout)
@@ -112,9 +98,7 @@ def _query_text(value: Any) -> str:
 def _run_python(component: Component, inputs_batch: list[dict[str, Any]], where: str) -> list[Any]:
     from cotune.tools.registry import get_python_tool
 
-    name = component.args.get("function")
-    if not isinstance(name, str):
-        raise ToolError(f"{where}: field 'args.function' is required for the python tool")
+    name = component.args["function"]  # a string: run_tool checked the args
     try:
         fn = get_python_tool(name)
     except ToolError as err:

@@ -20,14 +20,13 @@ from urllib.parse import urlsplit
 
 from cotune.errors import SpecError
 from cotune.jobs.materialize import (
-    FILE_ID,
-    SPLITS,
     file_ref,
     judge_kind,
     lookup_files,
     registry_names,
 )
-from cotune.jobspec import JobSpec, parse_job
+from cotune.spec.job import JobSpec, parse_job
+from cotune.spec.refs import SPLITS, file_refs, is_file_id
 
 if TYPE_CHECKING:
     from cotune.settings import Settings
@@ -87,6 +86,7 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
         raise SpecError(f"{param or 'the spec'}: {what}", param=param or None)
     spec = copy.deepcopy(dict(spec))
     lookup = lookup_files(files, tenant)
+    refs = file_refs(spec)
 
     system = spec.get("system")
     if not isinstance(system, Mapping):
@@ -95,18 +95,17 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
             param="system",
         )
     registry = registry_names()
+    for model in (r for r in refs if r.purpose == "model"):
+        raise SpecError(
+            f"system.models.{model.owner}: a model 'path' is not accepted over HTTP; name a "
+            f"registry model, e.g. {{name: {sorted(registry)[0]}}} (known: {sorted(registry)})",
+            param=model.param,
+        )
     models = system.get("models")
     if isinstance(models, Mapping):
         for alias, ref in models.items():
             if not isinstance(ref, Mapping):
                 continue
-            if "path" in ref:
-                raise SpecError(
-                    f"system.models.{alias}: a model 'path' is not accepted over HTTP; name a "
-                    f"registry model, e.g. {{name: {sorted(registry)[0]}}} "
-                    f"(known: {sorted(registry)})",
-                    param=f"system.models.{alias}.path",
-                )
             name = ref.get("name")
             if isinstance(name, str) and name not in registry:
                 raise SpecError(
@@ -122,8 +121,6 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
         where = f"system.components.{component.get('name') or i}"
         args = component.get("args")
         args = args if isinstance(args, Mapping) else {}
-        if component.get("tool") == "bm25" and "corpus" in args:
-            file_ref(args["corpus"], "corpus", f"{where}.args.corpus", lookup)
         if component.get("tool") == "http_search" and "url" in args:
             check_search_url(args["url"], settings, f"{where}.args.url")
 
@@ -151,14 +148,14 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
         raise SpecError(
             "'data' must map train, val (and optionally test) to file ids", param="data"
         )
-    records: dict[str, FileRecord] = {}
-    for split in SPLITS:
-        value = data.get(split)
-        if value is None and split == "test":
-            continue
-        if value is None:
+    for split in ("train", "val"):
+        if data.get(split) is None:
             raise SpecError(f"data.{split}: a file id is required", param=f"data.{split}")
-        records[split] = file_ref(value, "data", f"data.{split}", lookup)
+    records: dict[str, FileRecord] = {}
+    for ref in refs:  # data splits, then corpora
+        record = file_ref(ref.value, ref.purpose, ref.param, lookup)
+        if ref.purpose == "data":
+            records[ref.owner] = record
 
     job = parse_job(spec)
     check_data_fields(job, records)
@@ -208,7 +205,7 @@ def split_rows(spec: Mapping[str, Any], files: Any, tenant: str | None) -> dict[
     """Row counts of a checked spec's data files (for quotes), by split."""
     lookup = lookup_files(files, tenant)
     data = spec.get("data") or {}
-    counts = {}
+    counts: dict[str, int] = {}
     for split in SPLITS:
         record = lookup(data[split]) if isinstance(data.get(split), str) else None
         counts[split] = record.rows if record is not None else 0
@@ -217,22 +214,4 @@ def split_rows(spec: Mapping[str, Any], files: Any, tenant: str | None) -> dict[
 
 def file_ids(spec: Mapping[str, Any]) -> set[str]:
     """Every file id a stored HTTP spec names (data splits and corpora)."""
-    found: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str) and FILE_ID.match(value):
-            found.add(value)
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(spec.get("data"))
-    system = spec.get("system")
-    if isinstance(system, Mapping):
-        for component in system.get("components") or []:
-            if isinstance(component, Mapping):
-                walk(component.get("args"))
-    return found
+    return {r.value for r in file_refs(spec) if is_file_id(r.value)}

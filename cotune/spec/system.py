@@ -24,10 +24,10 @@ from pydantic import (
 )
 
 from cotune.errors import SpecError
+from cotune.spec.tools import ToolArgError, check_tool_args
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 COMPONENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
-TOOL_KINDS = ("bm25", "http_search", "python")
 NAME_MAX = 255  # system and component names are stored in varchar(255) columns
 # Set by the loader from where a file was read; a spec that sets it is refused (unknown field).
 LOADER_ONLY = ("base_dir",)
@@ -59,8 +59,14 @@ def refuse_loader_fields(data: Any) -> None:
 class ModelRef(_Strict):
     """A base model: a registry ``name`` or, in the embedded mode only, a local ``path``."""
 
-    name: str | None = None
-    path: str | None = None
+    name: str | None = Field(
+        default=None, description="a registry model (`cotune models list`, GET /v1/models)"
+    )
+    path: str | None = Field(
+        default=None,
+        description="a local model folder, relative to the system file's folder; the embedded "
+        "mode and `cotune run` only (a server runs registry models)",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelRef:
@@ -72,25 +78,49 @@ class ModelRef(_Strict):
 class JsonOutput(_Strict):
     """Structured output: the component's text must be JSON following ``json`` (a JSON schema)."""
 
-    json_schema: dict[str, Any] = Field(alias="json")
+    json_schema: dict[str, Any] = Field(
+        alias="json", description="the JSON schema the output must follow (key: json)"
+    )
 
 
 class Component(_Strict):
-    name: str = Field(pattern=COMPONENT_NAME, max_length=NAME_MAX)
-    kind: Literal["llm", "tool"]
-    reads: list[str] = Field(min_length=1)
-    writes: str = Field(pattern=IDENTIFIER)
+    name: str = Field(
+        pattern=COMPONENT_NAME,
+        max_length=NAME_MAX,
+        description="unique in the system; names its adapter and its spans in traces",
+    )
+    kind: Literal["llm", "tool"] = Field(
+        description="llm: a prompted model (trainable); tool: bm25, http_search or python"
+    )
+    reads: list[str] = Field(
+        min_length=1, description="the fields it takes: system inputs or other components' writes"
+    )
+    writes: str = Field(pattern=IDENTIFIER, description="the one field it writes")
     # llm components
-    model: str | None = None
-    prompt: str | None = None
-    system: str | None = None
-    trainable: bool | None = None
-    output: Literal["text"] | JsonOutput = "text"
-    max_tokens: Int = Field(default=64, ge=1, le=8192)
-    temperature: Float = Field(default=0.0, ge=0.0, le=2.0)
+    model: str | None = Field(default=None, description="llm: an alias declared in 'models'")
+    prompt: str | None = Field(
+        default=None, description="llm: a str.format template over the fields it reads"
+    )
+    system: str | None = Field(
+        default=None, description="llm: an optional system message, a template like 'prompt'"
+    )
+    trainable: bool | None = Field(
+        default=None, description="llm: false keeps it frozen (no adapter); default trainable"
+    )
+    output: Literal["text"] | JsonOutput = Field(
+        default="text", description="llm: 'text', or {json: SCHEMA} for structured output"
+    )
+    max_tokens: Int = Field(default=64, ge=1, le=8192, description="llm: generated tokens at most")
+    temperature: Float = Field(
+        default=0.0, ge=0.0, le=2.0, description="llm: sampling temperature (0 is greedy)"
+    )
     # tool components
-    tool: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
+    tool: str | None = Field(default=None, description="tool: bm25, http_search or python")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="tool: bm25 {corpus, k}, http_search {url, k}, python {function} "
+        "(rules: cotune/spec/tools.py)",
+    )
 
     @field_validator("reads")
     @classmethod
@@ -114,17 +144,32 @@ class Component(_Strict):
 
 
 class SystemSpec(_Strict):
-    name: str = Field(pattern=COMPONENT_NAME, max_length=NAME_MAX)
-    description: str = ""
-    inputs: list[str] = Field(min_length=1)
-    output: str
-    models: dict[str, ModelRef] = Field(default_factory=dict)
-    components: list[Component] = Field(min_length=1)
-    metric: str = "exact_match"
-    pass_threshold: float = Field(default=1.0, ge=0.0, le=1.0)
+    name: str = Field(
+        pattern=COMPONENT_NAME, max_length=NAME_MAX, description="names the job's outputs"
+    )
+    description: str = Field(default="", description="free text for people")
+    inputs: list[str] = Field(min_length=1, description="the fields each data row gives")
+    output: str = Field(description="the field the metric scores (some component writes it)")
+    models: dict[str, ModelRef] = Field(
+        default_factory=dict, description="alias -> base model, used by the llm components"
+    )
+    components: list[Component] = Field(
+        min_length=1, description="the DAG's nodes, in any order (each reads, each writes)"
+    )
+    metric: str = Field(
+        default="exact_match",
+        description="exact_match, f1, contains, list_equal, judge or a registered metric",
+    )
+    pass_threshold: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="a trace whose score reaches this passes"
+    )
 
-    # Where relative paths (corpora, models by path) resolve; set by the loader, never serialised.
-    base_dir: Path | None = Field(default=None, exclude=True)
+    # Set by the loader, never serialised (a spec that sets it is refused).
+    base_dir: Path | None = Field(
+        default=None,
+        exclude=True,
+        description="where relative paths (corpora, models by path) resolve",
+    )
 
     @model_validator(mode="after")
     def _check_graph(self) -> SystemSpec:
@@ -328,45 +373,16 @@ def _check_component(
             raise SpecError(
                 f"{where}: field {key!r} belongs to llm components", param=f"{param}.{key}"
             )
-        if c.tool not in TOOL_KINDS:
+        try:
+            check_tool_args(c.tool, c.args)
+        except ToolArgError as err:
+            raise SpecError(f"{where}: {err}", param=f"{param}.{err.field}") from None
+        if c.tool == "python" and c.args["function"] not in python_tools:
             raise SpecError(
-                f"{where}: field 'tool': unknown tool {c.tool!r}; known: {list(TOOL_KINDS)}",
-                param=f"{param}.tool",
+                f"{where}: field 'args.function': {c.args['function']!r} is not a registered "
+                f"python tool; registered: {sorted(python_tools)}",
+                param=f"{param}.args.function",
             )
-        if c.tool == "python":
-            function = c.args.get("function")
-            if function not in python_tools:
-                raise SpecError(
-                    f"{where}: field 'args.function': {function!r} is not a registered python "
-                    f"tool; registered: {sorted(python_tools)}",
-                    param=f"{param}.args.function",
-                )
-        _check_tool_args(c, where, param)
-
-
-def _check_tool_args(c: Component, where: str, param: str) -> None:
-    from cotune.tools import MAX_K, TOOL_ARGS
-
-    assert c.tool is not None
-    unknown = sorted(set(c.args) - TOOL_ARGS[c.tool])
-    if unknown:
-        raise SpecError(
-            f"{where}: field 'args.{unknown[0]}' is unknown to the {c.tool} tool "
-            f"(it takes {sorted(TOOL_ARGS[c.tool])})",
-            param=f"{param}.args.{unknown[0]}",
-        )
-    required = {"bm25": "corpus", "http_search": "url", "python": "function"}[c.tool]
-    if not isinstance(c.args.get(required), str):
-        raise SpecError(
-            f"{where}: field 'args.{required}' is required for the {c.tool} tool",
-            param=f"{param}.args.{required}",
-        )
-    k = c.args.get("k", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise SpecError(
-            f"{where}: field 'args.k' must be an integer in 1..{MAX_K}, got {k!r}",
-            param=f"{param}.args.k",
-        )
 
 
 # -- loading ----------------------------------------------------------------------------------

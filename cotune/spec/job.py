@@ -1,0 +1,234 @@
+"""The job spec: a system plus data, judge, loop, training and budget settings.
+
+Every setting has a documented default; a bad value raises a ``SpecError`` whose message and
+``param`` name the setting (``loop.epochs``) and the value given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from cotune.errors import SpecError
+from cotune.spec.refs import FileRef, Split
+from cotune.spec.system import (
+    Float,
+    Int,
+    SystemSpec,
+    _Strict,
+    load_system,
+    parse_system,
+    read_mapping,
+    refuse_loader_fields,
+    spec_error_from,
+)
+
+
+class JudgeSpec(_Strict):
+    """Who assigns credit: a model of the system (by alias), a registry model, or, in the
+    embedded mode, an OpenAI-compatible endpoint whose key is read from ``api_key_env``."""
+
+    model: str = Field(
+        description="a model alias of the system, a registry name, or the "
+        "served model name of an openai endpoint"
+    )
+    engine: Literal["openai"] | None = Field(
+        default=None, description="openai: an OpenAI-compatible endpoint (embedded mode only)"
+    )
+    url: str | None = Field(
+        default=None, description="the openai endpoint's base URL, e.g. http://host:8000/v1"
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="the environment variable holding the endpoint's key (never the key)",
+    )
+    max_tokens: Int = Field(
+        default=384, ge=16, le=8192, description="tokens a judge answer may take at most"
+    )
+    temperature: Float = Field(
+        default=0.7, ge=0.0, le=2.0, description="used when judge_samples > 1; one sample is greedy"
+    )
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> JudgeSpec:
+        if self.engine == "openai" and not self.url:
+            raise ValueError("an openai judge needs 'url' (e.g. http://host:8000/v1)")
+        if self.engine is None and (self.url or self.api_key_env):
+            raise ValueError("'url' and 'api_key_env' go with engine: openai")
+        return self
+
+
+class LoopConfig(_Strict):
+    epochs: Int = Field(
+        default=3, ge=1, le=100, description="rollout -> credit -> verify -> train rounds"
+    )
+    rollout_batch: Int = Field(
+        default=36, ge=1, le=100_000, description="train examples rolled out per epoch"
+    )
+    samples_per_component: Int = Field(
+        default=100, ge=1, le=1_000_000, description="SFT rows to aim for per component"
+    )
+    judge_samples: Int = Field(default=3, ge=1, le=16, description="K judge samples per trace")
+    replays: Int = Field(
+        default=1, ge=1, le=16, description="R replays per candidate (1 is enough when greedy)"
+    )
+    resample_candidates: Int = Field(
+        default=2,
+        ge=0,
+        le=16,
+        description="re-sampled outputs per failing span when the judge proposes none",
+    )
+    gold_candidates: bool = Field(
+        default=True,
+        description="propose the gold answer for the final writer when its own inputs "
+        "contain it (verified by replay like any candidate)",
+    )
+    verify_by_replay: bool = Field(
+        default=True,
+        description="accept a candidate only when replaying the system with it raises the "
+        "score; false accepts every candidate (an ablation: the replays still run and are "
+        "recorded)",
+    )
+    candidate_temperature: Float = Field(
+        default=0.8, gt=0.0, le=2.0, description="sampling temperature of re-sampled candidates"
+    )
+    augment_rollouts: Int = Field(
+        default=2, ge=0, le=16, description="extra sampled rollouts to fill up to N samples"
+    )
+    val_limit: Int | None = Field(
+        default=None, ge=1, description="evaluate on at most this many val rows"
+    )
+    seed: Int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="seeds rollout sampling, judge samples, shuffling and training",
+    )
+
+
+class TrainConfig(_Strict):
+    method: Literal["sft", "sft+dpo"] = Field(
+        default="sft+dpo", description="sft alone, or sft then DPO on correction pairs"
+    )
+    lora_r: Int = Field(default=16, ge=1, le=256, description="LoRA rank")
+    lora_alpha: Int = Field(default=32, ge=1, le=1024, description="LoRA scaling numerator")
+    lora_dropout: Float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    learning_rate: Float = Field(default=1.0e-4, gt=0.0, lt=1.0, description="SFT learning rate")
+    epochs: Int = Field(
+        default=2, ge=1, le=100, description="passes over the rows, in SFT and in DPO"
+    )
+    batch_size: Int = Field(default=8, ge=1, le=1024, description="rows per optimiser step")
+    dpo_beta: Float = Field(
+        default=0.1, gt=0.0, le=10.0, description="DPO's beta: how far from the SFT adapter"
+    )
+    dpo_learning_rate: Float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="defaults to learning_rate / 2"
+    )
+    max_length: Int = Field(
+        default=1024, ge=32, le=32_768, description="tokens per training row at most"
+    )
+    micro_batch_tokens: Int = Field(
+        default=512,
+        ge=32,
+        le=1_048_576,
+        description="padded tokens per forward pass: a step's batch_size rows go through in "
+        "micro-batches of at most this many tokens, gradients accumulated (one row at least). "
+        "Memory, not results: the same rows per step. On a CPU, SmolLM2-135M's kb-qa training "
+        "peaked 1.8 GB above the process at 512, 2.8 GB at 1024, at the same speed; a GPU "
+        "with memory to spare trains faster with more",
+    )
+    qlora: bool = Field(default=False, description="4-bit base (bitsandbytes; GPU only)")
+
+
+class BudgetConfig(_Strict):
+    max_judge_calls: Int | None = Field(
+        default=1000, ge=0, description="judge calls in the whole job at most; null: no limit"
+    )
+    max_generated_tokens: Int | None = Field(
+        default=2_000_000, ge=0, description="generated tokens in the whole job; null: no limit"
+    )
+
+
+_SPLIT_FILE = "a JSONL or CSV file (relative to the job file) or, over HTTP, a file id"
+
+
+class DataSplits(_Strict):
+    """The examples; the walker of these references is ``cotune.spec.refs``."""
+
+    train: str = Field(description=f"train examples: {_SPLIT_FILE}")
+    val: str = Field(description=f"val examples (choose the best epoch): {_SPLIT_FILE}")
+    test: str | None = Field(
+        default=None, description=f"test examples, scored once at the end: {_SPLIT_FILE}"
+    )
+
+
+class JobSpec(_Strict):
+    system: SystemSpec = Field(
+        description="the system: inline, or a file relative to the job file (not over HTTP)"
+    )
+    data: DataSplits = Field(description="the example files: train, val and optionally test")
+    judge: JudgeSpec | None = Field(
+        default=None, description="who assigns credit; required when the metric is 'judge'"
+    )
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="the epochs' settings")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="LoRA SFT and DPO")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="hard limits")
+    engine: Literal["vllm", "transformers"] = Field(
+        default="vllm", description="the inference engine of the system's models"
+    )
+
+    # Set by the loader, never serialised (a spec that sets it is refused).
+    base_dir: Path | None = Field(
+        default=None, exclude=True, description="where relative data paths resolve"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        if self.judge is None and self.system.metric == "judge":
+            raise ValueError("the system's metric is 'judge', so the job needs a 'judge'")
+        if not self.system.trainable_components:
+            raise ValueError("the system has no trainable llm component")
+        return self
+
+    def data_path(self, split: Split) -> Path | None:
+        value = getattr(self.data, split)
+        if value is None:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+
+    def ref_path(self, ref: FileRef) -> Path:
+        """Where a file the spec names (``cotune.spec.refs``) is: a data split relative to
+        the job file's folder, a corpus or a model to the system file's."""
+        if ref.purpose == "data":
+            path = Path(str(ref.value))
+            return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+        return self.system.resolve_path(str(ref.value))
+
+
+def parse_job(data: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
+    """Validate a job mapping; ``system`` may be inline or a path relative to ``base_dir``."""
+    refuse_loader_fields(data)  # an inline system's is refused by parse_system
+    data = dict(data)
+    system = data.get("system")
+    if isinstance(system, str):
+        path = Path(system) if base_dir is None else base_dir / system
+        data["system"] = load_system(path)
+    elif isinstance(system, dict):
+        try:
+            data["system"] = parse_system(system, base_dir=base_dir)
+        except SpecError as err:
+            raise SpecError(f"system: {err.message}", param=f"system.{err.param}") from None
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise spec_error_from(err) from None
+    job.base_dir = base_dir
+    return job
+
+
+def load_job(path: str | Path) -> JobSpec:
+    path = Path(path)
+    return parse_job(read_mapping(path), base_dir=path.resolve().parent)
