@@ -308,7 +308,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cotune.client import TERMINAL
+    from cotune.store.status import TERMINAL
 
     def uploaded(path: Path, file: dict[str, Any]) -> None:
         print(f"uploaded {path} -> {file['id']} ({file['rows']} rows)", file=sys.stderr)

@@ -35,9 +35,9 @@ import httpx
 
 from cotune.errors import CotuneError
 from cotune.spec.refs import FileRef, file_refs, is_file_id, map_refs
+from cotune.store.status import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RETRY_STATUSES = frozenset({502, 503, 504})
 # Downloads stream: no limit on the whole, but a server silent for this long is given up on.
 DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0)

@@ -1012,6 +1012,28 @@ def test_readyz_reports_an_unreachable_broker(settings: Settings) -> None:
     assert "127.0.0.1:1" not in response.text
 
 
+def test_readyz_is_unavailable_while_no_worker_reads_the_queues(settings: Settings) -> None:
+    """Finding 9: /readyz said ready with a broker nobody consumed from. The broker here is
+    the machine's real Redis, under a key prefix no worker of this run listens on."""
+    from services.api.dispatch import CeleryDispatcher
+
+    lonely = settings.model_copy(
+        update={
+            "broker_url": "redis://127.0.0.1:6379/0",
+            "broker_key_prefix": f"cotune-readyz-{uuid.uuid4().hex[:8]}:",
+        }
+    )
+    dispatcher = CeleryDispatcher(lonely)
+    assert dispatcher.consumers() == {"gpu": 0, "cpu": 0}
+    app = create_app(lonely, dispatcher=dispatcher)
+    with TestClient(app) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503, response.text
+    checks = response.json()["checks"]
+    assert checks["broker"] == "ok" and checks["database"] == "ok"
+    assert checks["workers"] == "no worker consumes the cpu, gpu queue"
+
+
 def test_settings_refuse_unsafe_production_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -478,6 +478,11 @@ def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
     dispatcher.dispatch(job_id)
     dispatcher.dispatch(job_id)  # idempotent
     assert isinstance(dispatcher.queue_depth(), int)
+    # /readyz's check: the running worker answers for both queues.
+    cluster.wait(
+        "the worker to report its queues",
+        lambda: dispatcher.consumers() == {"gpu": 1, "cpu": 1},
+    )
 
     cluster.wait_running(job_id, 1, Stage.train)
     workdir = cluster.folder / "work" / job_id

@@ -4,10 +4,22 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from typing import Any
 
-from cotune.jobs.queues import CPU_QUEUE, GPU_QUEUE, VALIDATE_JOB, broker_url, message_conf
+from cotune.jobs.queues import (
+    CPU_QUEUE,
+    GPU_QUEUE,
+    QUEUES,
+    VALIDATE_JOB,
+    broker_url,
+    message_conf,
+)
 from cotune.settings import Settings
+
+# How long a count of the queues' consumers is trusted: /readyz is probed every few seconds.
+CONSUMERS_TTL = 10.0
 
 
 class CeleryDispatcher:
@@ -22,6 +34,9 @@ class CeleryDispatcher:
         self.settings = settings
         self.app = Celery("cotune-api")
         self.app.conf.update(**message_conf(settings), task_ignore_result=True)
+        self._lock = threading.Lock()
+        self._consumers: dict[str, int] | None = None
+        self._asked = 0.0
 
     def dispatch(self, job_id: str) -> None:
         self.app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
@@ -34,6 +49,26 @@ class CeleryDispatcher:
             return int(client.llen(self.settings.broker_key_prefix + GPU_QUEUE))
         except Exception:  # the broker is down: the metric says unknown
             return None
+
+    def consumers(self) -> dict[str, int] | None:
+        """How many workers consume each queue (a broadcast answered within a second; the
+        answer is kept for ``CONSUMERS_TTL`` seconds, so probes do not flood the workers).
+        None when the broker cannot be asked."""
+        with self._lock:
+            if self._consumers is not None and time.monotonic() - self._asked < CONSUMERS_TTL:
+                return self._consumers
+        try:
+            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+        except Exception:  # the broker is down: readyz says so under "broker"
+            return None
+        counts = dict.fromkeys(QUEUES, 0)
+        for queues in replies.values():
+            for queue in queues or []:
+                if queue.get("name") in counts:
+                    counts[queue["name"]] += 1
+        with self._lock:
+            self._consumers, self._asked = counts, time.monotonic()
+        return counts
 
     def shutdown(self, wait: bool = False) -> None:
         self.app.close()

@@ -26,7 +26,7 @@ from cotune.jobs.materialize import (
     registry_names,
 )
 from cotune.spec.job import JobSpec, parse_job
-from cotune.spec.refs import SPLITS, file_refs, is_file_id
+from cotune.spec.refs import SPLITS, FileRef, file_refs, is_file_id
 
 if TYPE_CHECKING:
     from cotune.settings import Settings
@@ -88,6 +88,9 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
     lookup = lookup_files(files, tenant)
     refs = file_refs(spec)
 
+    def refs_of(purpose: str) -> list[FileRef]:
+        return [r for r in refs if r.purpose == purpose]
+
     system = spec.get("system")
     if not isinstance(system, Mapping):
         raise SpecError(
@@ -95,7 +98,7 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
             param="system",
         )
     registry = registry_names()
-    for model in (r for r in refs if r.purpose == "model"):
+    for model in refs_of("model"):
         raise SpecError(
             f"system.models.{model.owner}: a model 'path' is not accepted over HTTP; name a "
             f"registry model, e.g. {{name: {sorted(registry)[0]}}} (known: {sorted(registry)})",
@@ -124,6 +127,9 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
         if component.get("tool") == "http_search" and "url" in args:
             check_search_url(args["url"], settings, f"{where}.args.url")
 
+    for ref in refs_of("corpus"):
+        file_ref(ref.value, "corpus", ref.param, lookup)
+
     judge = spec.get("judge")
     if isinstance(judge, Mapping):
         for key in ("url", "api_key_env", "engine"):
@@ -151,11 +157,7 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
     for split in ("train", "val"):
         if data.get(split) is None:
             raise SpecError(f"data.{split}: a file id is required", param=f"data.{split}")
-    records: dict[str, FileRecord] = {}
-    for ref in refs:  # data splits, then corpora
-        record = file_ref(ref.value, ref.purpose, ref.param, lookup)
-        if ref.purpose == "data":
-            records[ref.owner] = record
+    records = {r.owner: file_ref(r.value, "data", r.param, lookup) for r in refs_of("data")}
 
     job = parse_job(spec)
     check_data_fields(job, records)

@@ -1,5 +1,6 @@
-"""``/healthz`` (the process answers), ``/readyz`` (the database and the broker answer) and
-``/metrics`` (Prometheus). No key needed; nothing here names a URL or a secret."""
+"""``/healthz`` (the process answers), ``/readyz`` (the database and the broker answer and,
+with a broker, a worker consumes each queue) and ``/metrics`` (Prometheus). No key needed;
+nothing here names a URL or a secret."""
 
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ def ping_broker(url: str | None, timeout: float = 2.0) -> str:
     return "ok"
 
 
+def workers_check(state: ApiState) -> str:
+    """``ok`` when every queue has a worker consuming it: a job sent to a queue nobody reads
+    would wait for ever. ``unknown`` if the dispatcher cannot tell (not a broker's)."""
+    consumers = getattr(state.dispatcher, "consumers", None)
+    counts = consumers() if callable(consumers) else None
+    if counts is None:
+        return "unknown"
+    idle = sorted(q for q, n in counts.items() if n == 0)
+    return "ok" if not idle else f"no worker consumes the {', '.join(idle)} queue"
+
+
 @router.get("/healthz", response_model=HealthObject, summary="Liveness")
 def healthz() -> HealthObject:
     return HealthObject(status="ok")
@@ -67,10 +79,12 @@ def healthz() -> HealthObject:
     "/readyz",
     response_model=HealthObject,
     responses={503: {"model": HealthObject}},
-    summary="Readiness: the database and the broker answer",
+    summary="Readiness: the database and the broker answer, and a worker reads each queue",
 )
 def readyz(state: State) -> JSONResponse:
     checks = {"database": ping_database(state), "broker": ping_broker(state.settings.broker_url)}
+    if checks["broker"] == "ok":
+        checks["workers"] = workers_check(state)
     ok = all(v in ("ok", "skipped") for v in checks.values())
     body = HealthObject(status="ready" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
