@@ -148,8 +148,9 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
     import cotune.engines as engines_module
     import cotune.training as training_module
     from cotune.embedded import open_output
-    from cotune.loop import JobContext, run_job
+    from cotune.loop import run_job
     from cotune.records import Stage
+    from cotune.runner import JobContext
     from cotune.spec.job import parse_job
 
     folder = Path(system_path).resolve().parent
@@ -170,7 +171,7 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
             "train": {"epochs": 1, "batch_size": 8},
         }
     )
-    engines_before = set(engines_module._ENGINES)
+    engines_before = {id(e) for e in engines_module.cached_engines()}
     trainer_seconds: dict[str, float] = {}
     loads = {"hf": 0}
     real_load = training_module._load_base
@@ -189,7 +190,7 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
     engine_seconds: dict[str, float] = {}
 
     def engine_total() -> float:
-        return sum(e.stats.seconds for e in engines_module._ENGINES.values())
+        return sum(e.stats.seconds for e in engines_module.cached_engines())
 
     last = {"seconds": engine_total()}
 
@@ -242,8 +243,8 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
         "epoch_seconds": epoch_seconds,
         "engine_seconds": in_engines,
         "trainer_seconds": in_trainers,
-        "engines_created": len(set(engines_module._ENGINES) - engines_before),
-        "engines_in_process": len(engines_module._ENGINES),
+        "engines_created": len({id(e) for e in engines_module.cached_engines()} - engines_before),
+        "engines_in_process": len(engines_module.cached_engines()),
         "hf_loads": loads["hf"],
         "trained_adapters": len(trainer_seconds),
     }

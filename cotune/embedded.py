@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 from cotune import console
 from cotune.errors import CotuneError
 from cotune.jobs.lifecycle import Lifecycle, Step
-from cotune.jobspec import JobSpec, load_job
+from cotune.spec.job import JobSpec, load_job
 
 if TYPE_CHECKING:
-    from cotune.loop import JobContext
     from cotune.records import JobReport
+    from cotune.runner import JobContext
     from cotune.settings import Settings
     from cotune.store import ArtifactStore, JobStore
 
@@ -108,8 +108,7 @@ def run_embedded(
     life.context_options = options
 
     def export(ctx: JobContext, report: JobReport) -> None:
-        from cotune.loop import copy_adapters
-        from cotune.report import write_outputs
+        from cotune.report import copy_adapters, write_outputs
 
         report.adapters = copy_adapters(ctx, report.adapters, out / "adapters")
         write_outputs(ctx, report, out)

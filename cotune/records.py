@@ -1,15 +1,21 @@
 """What a job records, as one pydantic schema module for ``metrics.json``, the store and the API.
 
 A job's cost lives in ``StageRecord`` (per epoch and stage); what was learned lives in
-``ComponentEpochRecord`` (per epoch and component) and ``EpochRecord`` (per epoch).
+``ComponentEpochRecord`` (per epoch and component) and ``EpochRecord`` (per epoch). What each
+stage hands the next is a typed ``StageOut`` (``EvalOut``, ``RolloutOut``, ...), stored as JSON
+under ``(job, epoch, stage)`` and read back through ``stage_output_model``.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from cotune.judge import JudgeOutcome
+from cotune.runtime import Trace
+from cotune.training import DPOPair, SFTRow
 
 
 class Stage(StrEnum):
@@ -33,6 +39,11 @@ EPOCH_STAGES = [
 ]
 
 
+def stage_order(stage: Stage) -> int:
+    """Where a stage runs within its epoch (``Stage`` is declared in the loop's order)."""
+    return list(Stage).index(Stage(stage))
+
+
 class StageRecord(BaseModel):
     epoch: int
     stage: Stage
@@ -42,13 +53,24 @@ class StageRecord(BaseModel):
     completion_tokens: int = 0
     judge_calls: int = 0
     trained_tokens: int = 0
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, int | float] = Field(
+        default_factory=dict,
+        description="what the stage produced, in counts (its output's ``details()``: traces and "
+        "passed, failed and judged, candidates and verified, samples and pairs, ...)",
+    )
 
 
 class ComponentEpochRecord(BaseModel):
     epoch: int
     component: str
-    blame_rate: float = 0.0  # share of failed traces whose decisive span was this component's
+    blame_rate: float | None = Field(
+        None,
+        description="share of the judged failed traces whose decisive span the judge put on "
+        "this component; None when no failed trace was judged (no judge, or none answered)",
+    )
+    verified_rate: float = Field(
+        0.0, description="share of the failed traces with a verified fix for this component"
+    )
     candidates_proposed: int = 0
     candidates_verified: int = 0
     samples: int = 0  # SFT rows in the cumulative buffer used for training
@@ -58,6 +80,21 @@ class ComponentEpochRecord(BaseModel):
     sft_losses: list[float] = Field(default_factory=list)
     dpo_losses: list[float] = Field(default_factory=list)
     adapter: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_verified_rate(cls, data: Any) -> Any:
+        """Records stored before ``verified_rate`` existed called it ``blame_rate``: move it
+        over (the judge's own blame of those epochs was not recorded). A stored record holds
+        every field, so one with ``candidates_verified`` but no ``verified_rate`` is old."""
+        if (
+            isinstance(data, dict)
+            and "verified_rate" not in data
+            and "candidates_verified" in data
+            and "blame_rate" in data
+        ):
+            data = {**data, "verified_rate": data["blame_rate"], "blame_rate": None}
+        return data
 
 
 class EpochRecord(BaseModel):
@@ -133,3 +170,175 @@ class JobReport(BaseModel):
             "trained_tokens",
         ]
         return {k: round(sum(getattr(s, k) for s in self.stages), 3) for k in keys}
+
+
+# -- stage outputs ----------------------------------------------------------------------------
+# What each stage of ``cotune.loop`` returns and the next reads; stored as JSON under
+# ``(job, epoch, stage)``. Jobs stored before these models existed hold the same JSON
+# (tests/data/stage-outputs-v1/): a field added here needs a default.
+
+
+class StageOut(BaseModel):
+    """A stage's output."""
+
+    def details(self) -> dict[str, int | float]:
+        """Counts of what the stage produced, for its ``StageRecord``."""
+        return {}
+
+    def shown_traces(self) -> list[Trace]:
+        """The traces the stage keeps for people to read (the API lists them)."""
+        return []
+
+
+def _passed(traces: list[Trace]) -> int:
+    return sum(bool(t.passed) for t in traces)
+
+
+class EvalOut(StageOut):
+    """The system on a split: ``baseline`` (base on val) and each evaluation."""
+
+    score: float = Field(description="mean score of the scored traces (0.0 when none is)")
+    traces: list[Trace] = Field(default_factory=list, description="one trace per example")
+
+    def details(self) -> dict[str, int | float]:
+        return {"traces": len(self.traces), "passed": _passed(self.traces)}
+
+    def shown_traces(self) -> list[Trace]:
+        return self.traces
+
+
+class RolloutOut(EvalOut):
+    """The system with the current adapters on the epoch's seeded batch of train examples."""
+
+
+class EvaluateOut(EvalOut):
+    """The epoch's adapters on val."""
+
+    kept: bool = Field(description="the adapters became the current ones (val >= best so far)")
+
+    def details(self) -> dict[str, int | float]:
+        return {**super().details(), "kept": int(self.kept)}
+
+
+class CreditOut(StageOut):
+    failed: int = Field(description="failed traces of the rollout")
+    outcomes: list[JudgeOutcome] = Field(
+        default_factory=list, description="the judge's samples per judged trace (no judge: none)"
+    )
+    judge_failures: int = Field(0, description="judge samples that gave no valid verdict")
+    judge_calls: int = Field(0, description="judge requests spent, repairs included")
+
+    def details(self) -> dict[str, int | float]:
+        return {
+            "failed": self.failed,
+            "judged": sum(o.ok for o in self.outcomes),
+            "judge_failures": self.judge_failures,
+        }
+
+
+class VerifyOut(StageOut):
+    candidates: list[Candidate] = Field(
+        default_factory=list, description="every proposal, accepted or not, in proposal order"
+    )
+    replays: dict[int, Trace] = Field(
+        default_factory=dict, description="the replayed trace of each candidate, by its index"
+    )
+
+    def details(self) -> dict[str, int | float]:
+        return {
+            "candidates": len(self.candidates),
+            "verified": sum(c.verified for c in self.candidates),
+        }
+
+
+class BufferRows(BaseModel):
+    """The cumulative training rows of a job, per component (``synthesis.Buffer`` holds them
+    while a stage adds to them)."""
+
+    sft: dict[str, list[SFTRow]] = Field(default_factory=dict)
+    dpo: dict[str, list[DPOPair]] = Field(default_factory=dict)
+
+
+class BufferCount(BaseModel):
+    samples: int = Field(0, description="SFT rows")
+    pairs: int = Field(0, description="DPO pairs")
+
+
+class SynthesizeOut(StageOut):
+    buffer: BufferRows = Field(default_factory=BufferRows)
+    counts: dict[str, BufferCount] = Field(
+        default_factory=dict, description="rows per component (only those with any)"
+    )
+    augmented: int = Field(0, description="rows this epoch added from augmentation rollouts")
+
+    def details(self) -> dict[str, int | float]:
+        return {
+            "samples": sum(c.samples for c in self.counts.values()),
+            "pairs": sum(c.pairs for c in self.counts.values()),
+            "augmented": self.augmented,
+        }
+
+
+class ComponentTraining(BaseModel):
+    """One component's training in one epoch."""
+
+    trained: bool
+    skipped_reason: str | None = Field(None, description="why it was not trained")
+    adapter: str | None = Field(None, description="the adapter's artifact key")
+    sft_losses: list[float] = Field(default_factory=list, description="per SFT step")
+    dpo_losses: list[float] = Field(default_factory=list, description="per DPO step")
+    trained_tokens: int = 0
+    samples: int = Field(0, description="SFT rows trained on")
+    pairs: int = Field(0, description="DPO pairs trained on")
+    sft_steps: int = 0
+    dpo_steps: int = 0
+    seconds: float = 0.0
+
+
+class TrainOut(StageOut):
+    adapters: dict[str, str] = Field(
+        description="component -> adapter key: this epoch's, else the current one"
+    )
+    components: dict[str, ComponentTraining] = Field(default_factory=dict)
+    trained_tokens: int = 0
+
+    def details(self) -> dict[str, int | float]:
+        return {"trained": sum(c.trained for c in self.components.values())}
+
+
+class TestOut(StageOut):
+    """The base system and the best epoch's adapters on test, once each."""
+
+    __test__: ClassVar[bool] = False  # a stage's output, not a pytest class to collect
+
+    base: float | None = Field(description="the base system's test score (None: no test data)")
+    best: float | None = Field(description="the best adapters' test score (the base's if none)")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="the best epoch's adapter keys (empty: the base)"
+    )
+    traces: list[Trace] = Field(
+        default_factory=list, description="the test traces of the best system"
+    )
+
+    def details(self) -> dict[str, int | float]:
+        return {"traces": len(self.traces), "passed": _passed(self.traces)}
+
+    def shown_traces(self) -> list[Trace]:
+        return self.traces
+
+
+STAGE_OUTPUTS: dict[Stage, type[StageOut]] = {
+    Stage.baseline: EvalOut,
+    Stage.rollout: RolloutOut,
+    Stage.credit: CreditOut,
+    Stage.verify: VerifyOut,
+    Stage.synthesize: SynthesizeOut,
+    Stage.train: TrainOut,
+    Stage.evaluate: EvaluateOut,
+    Stage.test: TestOut,
+}
+
+
+def stage_output_model(stage: Stage) -> type[StageOut]:
+    """The model of what ``stage`` stores."""
+    return STAGE_OUTPUTS[stage]

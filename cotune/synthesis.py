@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cotune.records import Candidate
+from cotune.records import BufferCount, BufferRows, Candidate
 from cotune.runtime import Span, Trace, render_value
 from cotune.spec import SystemSpec
 from cotune.training import DPOPair, SFTRow
@@ -52,24 +52,26 @@ class Buffer:
         self.dpo.setdefault(component, []).append(pair)
         return True
 
-    def counts(self) -> dict[str, dict[str, int]]:
+    def counts(self) -> dict[str, BufferCount]:
         names = set(self.sft) | set(self.dpo)
         return {
-            n: {"samples": len(self.sft.get(n, [])), "pairs": len(self.dpo.get(n, []))}
+            n: BufferCount(samples=len(self.sft.get(n, [])), pairs=len(self.dpo.get(n, [])))
             for n in sorted(names)
         }
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sft": {c: [vars(r) for r in rows] for c, rows in self.sft.items()},
-            "dpo": {c: [vars(p) for p in pairs] for c, pairs in self.dpo.items()},
-        }
+    def rows(self) -> BufferRows:
+        """The rows as the synthesize stage stores them."""
+        return BufferRows(
+            sft={c: list(rows) for c, rows in self.sft.items()},
+            dpo={c: list(pairs) for c, pairs in self.dpo.items()},
+        )
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Buffer:
+    def from_rows(cls, rows: BufferRows) -> Buffer:
+        """A buffer to add to, holding ``rows`` (copied: the stored output stays as it was)."""
         return cls(
-            sft={c: [SFTRow(**r) for r in rows] for c, rows in data.get("sft", {}).items()},
-            dpo={c: [DPOPair(**p) for p in pairs] for c, pairs in data.get("dpo", {}).items()},
+            sft={c: list(r) for c, r in rows.sft.items()},
+            dpo={c: list(p) for c, p in rows.dpo.items()},
         )
 
 

@@ -33,7 +33,15 @@ from sqlalchemy import text
 
 from cotune.jobs.materialize import materialize
 from cotune.jobs.threads import ThreadDispatcher
-from cotune.records import ComponentEpochRecord, EpochRecord, Event, JobReport, Stage, StageRecord
+from cotune.records import (
+    ComponentEpochRecord,
+    EpochRecord,
+    Event,
+    JobReport,
+    Stage,
+    StageRecord,
+    stage_output_model,
+)
 from cotune.settings import HostedJudge, Settings
 from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore
@@ -228,7 +236,13 @@ def finish(api: Api, job_id: str, *, kept: bool = True) -> None:
             }
             for i in range(3)
         ]
-        artifacts.put_json(key, {"score": 0.5, "traces": traces})
+        output: dict[str, Any] = {"score": 0.5, "traces": traces}
+        if stage == Stage.evaluate:
+            output["kept"] = kept
+        # stored as the loop stores it: through the stage's typed output
+        artifacts.put_json(
+            key, stage_output_model(stage).model_validate(output).model_dump(mode="json")
+        )
         assert store.claim_stage(job_id, epoch, stage, owner, 60)
         record = StageRecord(epoch=epoch, stage=stage, seconds=1.5, trained_tokens=7)
         assert store.finish_stage(job_id, epoch, stage, owner, record, key)

@@ -346,6 +346,11 @@ def test_the_job_list_shows_the_job(served: Served, tmp_path: Path) -> None:
     assert served.key not in html  # the key lives in localStorage, not in the page
 
 
+def pct(rate: float | None) -> str:
+    """A rate as the dashboard shows it (app.js ``pct``)."""
+    return "—" if rate is None else f"{rate:.0%}"
+
+
 def test_the_job_page_shows_charts_components_traces_and_events(
     served: Served, tmp_path: Path
 ) -> None:
@@ -389,8 +394,9 @@ def test_the_job_page_shows_charts_components_traces_and_events(
         keys = ("candidates_proposed", "candidates_verified", "samples", "pairs")
         for row, record in zip(rows, component["epochs"], strict=False):
             cells = row.cells()
-            assert cells[2] == str(record["epoch"]) and cells[3] == f"{record['blame_rate']:.0%}"
-            assert cells[4:8] == [str(record[k]) for k in keys]
+            assert cells[2] == str(record["epoch"])
+            assert cells[3:5] == [pct(record["blame_rate"]), pct(record["verified_rate"])]
+            assert cells[5:9] == [str(record[k]) for k in keys]
     assert any(c["epochs"] and c["epochs"][0]["candidates_proposed"] for c in served.components)
 
     # traces: the first page, each with its spans

@@ -109,7 +109,8 @@ def test_resume_does_not_redo_finished_stages(
     from safetensors.numpy import load_file
 
     from cotune.embedded import open_output
-    from cotune.loop import JobContext, run_job
+    from cotune.loop import run_job
+    from cotune.runner import JobContext
 
     class Interrupted(Exception):
         pass
@@ -156,7 +157,8 @@ def test_one_stage_per_call_reaches_the_same_result(
 ) -> None:
     """How workers drive a job: each call runs one new stage and pauses before the next."""
     from cotune.embedded import open_output
-    from cotune.loop import JobContext, StagePause, run_job
+    from cotune.loop import run_job
+    from cotune.runner import JobContext, StagePause
 
     store, artifacts, job_id = open_output(tmp_path, tiny_job, resume=False)
     paused_at = []

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from doubles import (
@@ -32,12 +32,23 @@ from doubles import (
 )
 
 from cotune.data import load_examples
-from cotune.loop import JobContext, StagePause, run_job
-from cotune.records import EPOCH_STAGES, JobReport, Stage
+from cotune.loop import run_job
+from cotune.records import (
+    EPOCH_STAGES,
+    CreditOut,
+    JobReport,
+    RolloutOut,
+    Stage,
+    StageOut,
+    SynthesizeOut,
+    TestOut,
+    VerifyOut,
+)
+from cotune.runner import JobContext, StagePause, stored_output
 from cotune.runtime import Runtime, Trace, score_traces
 from cotune.spec.job import JobSpec, parse_job
 from cotune.store import ArtifactStore, JobStore, migrate
-from cotune.synthesis import Buffer, check_sources
+from cotune.synthesis import check_sources
 from cotune.tiny import make_world, write_tiny_example
 from cotune.tools import ToolContext
 from cotune.verify import Proposal, verify
@@ -45,6 +56,7 @@ from cotune.verify import Proposal, verify
 MARKER = "CRITIQUE-MARKER-7f3a"
 FACTS = make_world().facts  # the world write_tiny_example(seed=0) writes: key -> colour
 SPLITS = (24, 12, 12)
+Out = TypeVar("Out", bound=StageOut)
 
 
 # -- building a job ---------------------------------------------------------------------------
@@ -145,8 +157,11 @@ class Harness:
         self.judge_requests[key] = judged - judge_seen
         self._seen = (len(self.engine.calls), judged)
 
-    def output(self, epoch: int, stage: Stage) -> Any:
-        return self.artifacts.get_json(f"{self.job_id}/epoch-{epoch}/{stage.value}.json")
+    def output(self, epoch: int, stage: Stage, model: type[Out]) -> Out:
+        """The stage's stored output, read as the loop reads it."""
+        found = stored_output(self.context(), epoch, stage, model)
+        assert found is not None, f"epoch {epoch} {stage.value} has not finished"
+        return found
 
     def messages(self) -> list[str]:
         return [e.message for e in self.store.events(self.job_id, limit=1000)]
@@ -251,12 +266,12 @@ def test_every_candidate_is_stored_with_its_replay_scores(
         make_job(example_dir, loop={"judge_samples": 2}), judge=ScriptedJudge(right_then_useless)
     )
     run.run()
-    failed = [t for t in run.output(1, Stage.rollout)["traces"] if not t["passed"]]
+    failed = [t for t in run.output(1, Stage.rollout, RolloutOut).traces if not t.passed]
     assert failed
 
     stored = run.store.candidates(run.job_id)
     assert len(stored) == 2 * len(failed)  # every proposal, accepted or not
-    assert {c.trace_id for c in stored} == {t["trace_id"] for t in failed}
+    assert {c.trace_id for c in stored} == {t.trace_id for t in failed}
     for candidate in stored:
         assert candidate.source == "judge" and candidate.epoch == 1
         assert candidate.replay_scores, "the replay result is stored with the candidate"
@@ -265,8 +280,8 @@ def test_every_candidate_is_stored_with_its_replay_scores(
         assert candidate.replay_scores == ([1.0] if right else [0.0])
         assert candidate.original_output == GARBAGE_QUERY and candidate.original_score == 0.0
     assert len(run.store.candidates(run.job_id, accepted=True)) == len(failed)
-    checked = run.output(1, Stage.verify)["candidates"]
-    assert [c["proposed_output"] for c in checked] == [c.proposed_output for c in stored]
+    checked = run.output(1, Stage.verify, VerifyOut).candidates
+    assert [c.proposed_output for c in checked] == [c.proposed_output for c in stored]
     [record] = run.store.epochs(run.job_id)
     query = next(c for c in record.components if c.component == "query")
     assert (query.candidates_proposed, query.candidates_verified) == (2 * len(failed), len(failed))
@@ -291,7 +306,7 @@ def test_without_a_judge_candidates_come_from_resampling(
     sampled = [c for c in run.calls[(1, "verify")] if c.temperature > 0]
     assert sampled and all(c.temperature == run.job.loop.candidate_temperature for c in sampled)
 
-    buffer = Buffer.from_json(run.output(1, Stage.synthesize)["buffer"])
+    buffer = run.output(1, Stage.synthesize, SynthesizeOut).buffer
     corrections = [r for r in buffer.sft["query"] if r.source == "correction"]
     assert corrections
     assert all(r.completion.startswith("color of ") for r in corrections)
@@ -332,7 +347,7 @@ def test_no_critique_no_unseen_gold_and_no_val_or_test_example_reaches_training(
     # ... but no training row or pair holds a critique, or a gold the query writer did not see.
     train_keys = set(split_keys(example_dir, "train"))
     for epoch in (1, 2):
-        buffer = Buffer.from_json(run.output(epoch, Stage.synthesize)["buffer"])
+        buffer = run.output(epoch, Stage.synthesize, SynthesizeOut).buffer
         assert {r.source for r in buffer.sft["query"]} >= {"bootstrap", "correction", "augment"}
         for component, rows in buffer.sft.items():
             for row in rows:
@@ -357,9 +372,10 @@ def test_no_critique_no_unseen_gold_and_no_val_or_test_example_reaches_training(
     # Only train examples were rolled out, replayed and proposed for.
     train_ids = split_ids(example_dir, "train")
     for epoch in (1, 2):
-        assert {t["example_id"] for t in run.output(epoch, Stage.rollout)["traces"]} <= train_ids
-        replays = run.output(epoch, Stage.verify)["replays"].values()
-        assert {t["example_id"] for t in replays} <= train_ids
+        rolled_out = run.output(epoch, Stage.rollout, RolloutOut).traces
+        assert {t.example_id for t in rolled_out} <= train_ids
+        replays = run.output(epoch, Stage.verify, VerifyOut).replays.values()
+        assert {t.example_id for t in replays} <= train_ids
     assert {c.example_id for c in stored} <= train_ids
 
 
@@ -452,12 +468,12 @@ def test_best_epoch_is_the_last_one_at_least_as_good_as_the_best(
     assert any("epoch 2: val 0.000, not kept" in m for m in run.messages())
 
     def adapters_used(epoch: int, stage: Stage) -> set[tuple[str, int | None]]:
-        traces = run.output(epoch, stage)["traces"]
+        traces = run.output(epoch, stage, RolloutOut).traces
         return {
-            (s["component"], adapter_epoch(s["adapter"]))
+            (s.component, adapter_epoch(s.adapter))
             for t in traces
-            for s in t["spans"]
-            if s["kind"] == "llm"
+            for s in t.spans
+            if s.kind == "llm"
         }
 
     assert adapters_used(1, Stage.rollout) == {("query", None), ("answer", None)}
@@ -492,9 +508,9 @@ def test_a_component_without_samples_is_not_trained(
     )
     report = run.run()
 
-    assert run.output(1, Stage.rollout)["score"] == 0.0
-    counts = run.output(1, Stage.synthesize)["counts"]
-    assert "query" not in counts and counts["answer"]["samples"] > 0
+    assert run.output(1, Stage.rollout, RolloutOut).score == 0.0
+    counts = run.output(1, Stage.synthesize, SynthesizeOut).counts
+    assert "query" not in counts and counts["answer"].samples > 0
     assert [c.component for c in run.trainer.calls] == ["answer"]
     events = run.store.events(run.job_id, limit=1000)
     skipped = [e for e in events if e.message == "epoch 1: query not trained: no samples"]
@@ -525,11 +541,11 @@ def test_no_epoch_kept_means_the_base_system(
     base_event = [e for e in events if "the result is the base system" in e.message]
     assert len(base_event) == 1 and base_event[0].level == "warning"
     # epoch 2 rolled out the base system again, and the final test used no adapter at all
-    spans = [s for t in run.output(2, Stage.rollout)["traces"] for s in t["spans"]]
-    assert all(s["adapter"] is None for s in spans)
-    final = run.output(3, Stage.test)
-    assert final["adapters"] == {}
-    assert all(s["adapter"] is None for t in final["traces"] for s in t["spans"])
+    spans = [s for t in run.output(2, Stage.rollout, RolloutOut).traces for s in t.spans]
+    assert all(s.adapter is None for s in spans)
+    final = run.output(3, Stage.test, TestOut)
+    assert final.adapters == {}
+    assert all(s.adapter is None for t in final.traces for s in t.spans)
     assert run.calls[(3, "test")] and all(c.adapter is None for c in run.calls[(3, "test")])
     assert report.test_score == report.base_test_score
 
@@ -550,7 +566,7 @@ def test_the_loop_stops_when_the_judge_budget_runs_out(
     )
     report = run.run()
 
-    failed = run.output(1, Stage.credit)["failed"]
+    failed = run.output(1, Stage.credit, CreditOut).failed
     assert failed > 4, "more failed traces than the budget allows judging"
     assert run.judge is not None and len(run.judge.requests) == 4
     assert sum(s.judge_calls for s in report.stages) == 4

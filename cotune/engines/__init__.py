@@ -78,6 +78,13 @@ def _check_limits(engine: InferenceEngine, options: dict[str, Any]) -> None:
             )
 
 
+def cached_engines() -> list[InferenceEngine]:
+    """The engines this process has built so far (a job's cost accounting reads their
+    counters)."""
+    with _LOCK:
+        return list(_ENGINES.values())
+
+
 def clear_engines() -> None:
     """Forget cached engines (tests; a worker shutting down)."""
     with _LOCK:
@@ -91,6 +98,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "InferenceEngine",
+    "cached_engines",
     "clear_engines",
     "get_engine",
 ]

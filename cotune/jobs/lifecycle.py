@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 from cotune.errors import CotuneError
 
 if TYPE_CHECKING:
-    from cotune.jobspec import JobSpec
-    from cotune.loop import JobContext
     from cotune.records import JobReport
+    from cotune.runner import JobContext
     from cotune.settings import Settings
+    from cotune.spec.job import JobSpec
     from cotune.store import ArtifactStore, JobRecord, JobStore
     from cotune.store.accounts import AccountStore
 
@@ -251,7 +251,8 @@ class Lifecycle:
         """Run the job's next ``stage_limit`` stages (all of them with None) under ``owner``'s
         leases: ``paused`` (more to come), ``finished`` (every stage done; ``report`` set when
         no limit stopped it), ``cancelled``, ``held`` or ``failed``."""
-        from cotune.loop import JobCancelled, StageBusy, StagePause, run_job
+        from cotune.loop import JobCancelled, run_job
+        from cotune.runner import StageBusy, StagePause
 
         record = self.start(job_id)
         if record is None:
@@ -286,7 +287,8 @@ class Lifecycle:
         outcome when the stages ran in this call's process; otherwise the report is rebuilt
         from the stored stages (``paused`` if one is still missing)."""
         from cotune.jobs.results import export_job_result
-        from cotune.loop import StagePause, run_job
+        from cotune.loop import run_job
+        from cotune.runner import StagePause
 
         if done is None or done.report is None or done.context is None:
             record = self.start(job_id)
@@ -311,6 +313,14 @@ class Lifecycle:
             self.event(job_id, SUCCEEDED)
         self.cleanup(job_id)
         return Outcome(Step.succeeded, report=report, context=ctx)
+
+    def delete(self, job_id: str) -> bool:
+        """Delete a finished job: its artifacts, its rows and this machine's copy of its files
+        (the caller checks it is finished: deleting a running job would strand its runner)."""
+        self.artifacts.delete(job_id)
+        deleted = self.store.delete_job(job_id)
+        shutil.rmtree(self.workdir(job_id), ignore_errors=True)
+        return deleted
 
     def cancel(self, job_id: str) -> Step:
         if self.move(job_id, "cancelled"):
@@ -354,7 +364,7 @@ class Lifecycle:
         stage_limit: int | None = None,
         job: JobSpec | None = None,
     ) -> JobContext:
-        from cotune.loop import JobContext
+        from cotune.runner import JobContext
 
         return JobContext(
             job_id=record.id,

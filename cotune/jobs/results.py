@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cotune.loop import JobContext
     from cotune.records import JobReport
+    from cotune.runner import JobContext
     from cotune.settings import Settings
     from cotune.store import ArtifactStore
 
@@ -23,8 +23,7 @@ def export_job_result(ctx: JobContext, report: JobReport) -> str:
     The same layout as the Celery finalizer's."""
     import tempfile
 
-    from cotune.loop import copy_adapters
-    from cotune.report import write_outputs
+    from cotune.report import copy_adapters, write_outputs
 
     prefix = f"{ctx.job_id}/{RESULT_PREFIX}"
     with tempfile.TemporaryDirectory(prefix="cotune-result-") as scratch:

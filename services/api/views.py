@@ -7,14 +7,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cotune.jobspec import LoopConfig, TrainConfig
-from cotune.records import EpochRecord, JobReport
+from cotune.records import ComponentEpochRecord, EpochRecord, JobReport
+from cotune.spec import SystemSpec
+from cotune.spec.job import LoopConfig, TrainConfig
 from cotune.store import JobRecord, JobStatus, StoredEvent
 from cotune.store.accounts import FileRecord
 from cotune.store.status import TERMINAL
 from services.api.schemas import (
     CheckpointMetrics,
     CheckpointObject,
+    ComponentObject,
     EventObject,
     FileObject,
     Hyperparameters,
@@ -184,3 +186,28 @@ def checkpoint_object(
         step_number=epoch.epoch,
         epoch=epoch,
     )
+
+
+def component_objects(system: SystemSpec, epochs: list[EpochRecord]) -> list[ComponentObject]:
+    """The system's components, each with what every epoch did to it."""
+    per: dict[str, list[ComponentEpochRecord]] = {}
+    for epoch in epochs:
+        for c in epoch.components:
+            per.setdefault(c.component, []).append(c)
+    data = []
+    for component in system.components:
+        ref = system.models.get(component.model or "")
+        data.append(
+            ComponentObject(
+                id=component.name,
+                name=component.name,
+                kind=component.kind,
+                model=ref.name if ref is not None else None,
+                tool=component.tool,
+                trainable=component.is_trainable,
+                reads=component.reads,
+                writes=component.writes,
+                epochs=per.get(component.name, []),
+            )
+        )
+    return data

@@ -337,12 +337,13 @@
       epochs.forEach((e, i) => rows.push(el("tr", { "data-component": c.name },
         el("td", {}, i === 0 ? c.name : ""), el("td", {}, i === 0 ? what : ""),
         el("td", { class: "num" }, e ? String(e.epoch) : "—"), el("td", { class: "num" }, e ? pct(e.blame_rate) : "—"),
+        el("td", { class: "num" }, e ? pct(e.verified_rate) : "—"),
         el("td", { class: "num" }, e ? String(e.candidates_proposed) : "—"), el("td", { class: "num" }, e ? String(e.candidates_verified) : "—"),
         el("td", { class: "num" }, e ? String(e.samples) : "—"), el("td", { class: "num" }, e ? String(e.pairs) : "—"),
         el("td", {}, !e ? "—" : e.trained ? "yes" : e.skipped_reason || "no"))));
     }
     section.append(table({ id: "components-table", class: "grid" },
-      ["component", "what", "epoch", "blame rate", "proposed", "verified", "samples", "pairs", "trained"], rows));
+      ["component", "what", "epoch", "blame rate", "verified rate", "proposed", "verified", "samples", "pairs", "trained"], rows));
   }
 
   // -- traces -----------------------------------------------------------------------------------

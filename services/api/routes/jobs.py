@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from cotune.errors import CotuneError
 from cotune.quote import quote_job
-from cotune.records import EPOCH_STAGES, JobReport, Stage
+from cotune.records import EPOCH_STAGES, JobReport, Stage, stage_output_model
 from cotune.spec import SystemSpec, parse_system
 from cotune.store import IllegalTransition, JobNotFound, JobRecord, JobStatus
 from cotune.store.status import TERMINAL
@@ -426,22 +426,24 @@ def build_router(*, openai_alias: bool = False) -> APIRouter:
             if after_pos is not None and position > after_pos[:2]:
                 after_pos = None  # the cursor's trace is gone: carry on after its stage
             try:
-                output = state.artifacts.get_json(str(s.output_key))
+                stored = state.artifacts.get_json(str(s.output_key))
             except FileNotFoundError:
                 continue
-            for trace in output.get("traces") or []:
-                tid = f"{s.epoch}:{s.stage.value}:{trace.get('trace_id')}"
+            output = stage_output_model(s.stage).model_validate(stored)
+            for trace in output.shown_traces():
+                tid = f"{s.epoch}:{s.stage.value}:{trace.trace_id}"
                 if after_pos is not None:
                     if tid == after:
                         after_pos = None
                     continue
-                if passed is not None and trace.get("passed") is not passed:
+                if passed is not None and trace.passed is not passed:
                     continue
                 if len(data) == limit:
                     more = True
                     break
+                shown = trace.model_dump(mode="json")
                 data.append(
-                    _trace_object(state, job_id, system, s.epoch, s.stage.value, tid, trace)
+                    _trace_object(state, job_id, system, s.epoch, s.stage.value, tid, shown)
                 )
             if more:
                 break
