@@ -8,6 +8,7 @@ dropped at the end; those tests skip when no server answers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import PG_ADMIN_URL, fresh_pg_database
 from sqlalchemy import Engine, create_engine, delete, text
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 
 from cotune.records import (
@@ -34,18 +36,21 @@ from cotune.records import (
     StageRecord,
 )
 from cotune.store import (
+    MIGRATIONS_DIR,
+    STAGE_TRANSITIONS,
     TRANSITIONS,
     ArtifactStore,
     IllegalTransition,
     JobNotFound,
     JobStatus,
     JobStore,
+    StageKey,
     StageStatus,
     migrate,
 )
 from cotune.store.artifacts import validate_key
-from cotune.store.models import Base
-from cotune.store.status import TERMINAL
+from cotune.store.models import Base, Job, StageRow
+from cotune.store.status import LEASED, TERMINAL, stage_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +120,7 @@ def test_alembic_command_line_uses_env_url(tmp_path: Path) -> None:
         assert s.get_job(_job(s)) is not None
         with s.engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
-                "0002_accounts"
+                "0003_stage_component"
             )
 
 
@@ -147,6 +152,117 @@ def test_concurrent_migrate_on_postgresql(pg_url: str) -> None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _alembic_downgrade(url: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["url"] = url
+    command.downgrade(cfg, revision)
+
+
+def _schema_diff(url: str) -> list[Any]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    finally:
+        engine.dispose()
+    return [d for d in diff if "uq_jobs_tenant_idempotency_key" not in repr(d)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_stage_component_migration_keeps_stage_rows(backend: str, tmp_path: Path) -> None:
+    """A database at 0002 with stage rows upgrades to head: every row is the whole job's
+    stage (component ''), as it was; a downgrade drops per-component rows only."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'old.db'}"
+            migrate(url, revision="0002_accounts")
+        else:
+            url = stack.enter_context(fresh_pg_database("cotune_mig3"))
+            _alembic_downgrade(url, "0002_accounts")
+        started = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+        engine = create_engine(url)
+        stack.callback(engine.dispose)
+        with engine.begin() as conn:  # 0002's stages table: no component column
+            assert "component" not in {c["name"] for c in sa_inspect(conn).get_columns("stages")}
+            conn.execute(
+                Job.__table__.insert().values(
+                    id="job-old",
+                    tenant_id=None,
+                    name="old",
+                    status=JobStatus.running.value,
+                    spec={"system": {"name": "old"}},
+                    created_at=started,
+                    updated_at=started,
+                    cancel_requested=False,
+                )
+            )
+            old_rows = [
+                dict(
+                    stage=Stage.rollout.value,
+                    status=StageStatus.done.value,
+                    attempts=2,
+                    lease_owner="w1",
+                    started_at=started,
+                    finished_at=started + timedelta(seconds=3),
+                    record=_rec(1, Stage.rollout, seconds=3.0).model_dump(mode="json"),
+                    output_key="job-old/e1/rollout.json",
+                ),
+                dict(
+                    stage=Stage.credit.value,
+                    status=StageStatus.running.value,
+                    attempts=1,
+                    lease_owner="w2",
+                    lease_expires_at=started + timedelta(hours=1),
+                    started_at=started,
+                ),
+            ]
+            for row in old_rows:
+                conn.execute(StageRow.__table__.insert().values(job_id="job-old", epoch=1, **row))
+        if backend == "sqlite":  # the embedded mode migrates on open
+            JobStore(url, auto_migrate=True).close()
+        else:
+            migrate(url)
+        assert _schema_diff(url) == []
+        with JobStore(url) as s:
+            rollout, credit = s.stage_states("job-old")
+            assert (rollout.stage, rollout.component, rollout.status) == (
+                Stage.rollout,
+                "",
+                StageStatus.done,
+            )
+            assert rollout.record == _rec(1, Stage.rollout, seconds=3.0)
+            assert rollout.attempts == 2 and rollout.lease_owner == "w1"
+            assert rollout.started_at == started and rollout.output_key is not None
+            assert s.stage_done("job-old", 1, Stage.rollout) == rollout.record
+            assert (credit.component, credit.status, credit.lease_owner) == (
+                "",
+                StageStatus.running,
+                "w2",
+            )
+            assert credit.lease_expires_at == started + timedelta(hours=1)
+            # the old rows keep their key; components get rows of their own
+            assert s.claim_stage("job-old", 1, Stage.rollout, "w9", 60) is False
+            assert s.claim_stage("job-old", 1, Stage.rollout, "w9", 60, component="answer")
+            assert s.heartbeat("job-old", 1, Stage.credit, "w2", 60)
+            assert len(s.stage_states("job-old")) == 3
+        _alembic_downgrade(url, "0002_accounts")
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT stage FROM stages ORDER BY stage")).scalars().all()
+            assert rows == ["credit", "rollout"]  # the per-component row went
+        migrate(url)
+        assert _schema_diff(url) == []
+        with JobStore(url) as s:
+            assert [x.stage for x in s.stage_states("job-old")] == [Stage.rollout, Stage.credit]
 
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
@@ -446,7 +562,7 @@ def test_lease_expiry_and_takeover(store: JobStore) -> None:
     assert store.claim_stage(job_id, 2, Stage.train, "old", 0.3)
     assert store.expired_stages() == []
     future = datetime.now(UTC) + timedelta(seconds=5)
-    assert store.expired_stages(now=future) == [(job_id, 2, Stage.train)]
+    assert store.expired_stages(now=future) == [(job_id, 2, Stage.train, "")]
     time.sleep(0.5)
     [key] = store.expired_stages()
     assert key.job_id == job_id and key.epoch == 2 and key.stage is Stage.train
@@ -538,6 +654,153 @@ def test_stages_listing_order(store: JobStore) -> None:
         (1, Stage.train),
         (2, Stage.rollout),
     ]
+
+
+def test_stage_transitions_table() -> None:
+    expected = {
+        StageStatus.pending: {StageStatus.running},
+        # the holder renewing, or a takeover of an expired lease; the holder finishing
+        StageStatus.running: {StageStatus.running, StageStatus.done, StageStatus.failed},
+        StageStatus.failed: {StageStatus.running},  # a retry
+        StageStatus.done: set(),
+    }
+    assert expected == STAGE_TRANSITIONS
+    assert stage_sources(StageStatus.running) == {
+        StageStatus.pending,
+        StageStatus.running,
+        StageStatus.failed,
+    }
+    assert stage_sources("done") == stage_sources(StageStatus.failed) == {StageStatus.running}
+    assert stage_sources(StageStatus.pending) == set()
+    assert {StageStatus.running} == LEASED
+    assert [s.value for s in StageStatus] == ["pending", "running", "done", "failed"]
+
+
+def _stage_in(store: JobStore, status: StageStatus, epoch: int = 1) -> str:
+    """A job with a verify stage row in ``status``, last held by "w1"."""
+    job_id = _job(store)
+    if status == StageStatus.pending:  # the store never writes one: put it there directly
+        with store.engine.begin() as conn:
+            conn.execute(
+                StageRow.__table__.insert().values(
+                    job_id=job_id,
+                    epoch=epoch,
+                    stage=Stage.verify.value,
+                    status=StageStatus.pending.value,
+                    attempts=0,
+                    lease_owner="w1",  # so that only its status can refuse a move
+                )
+            )
+        return job_id
+    assert store.claim_stage(job_id, epoch, Stage.verify, "w1", 60)
+    if status == StageStatus.done:
+        assert store.finish_stage(job_id, epoch, Stage.verify, "w1", _rec(epoch, Stage.verify))
+    elif status == StageStatus.failed:
+        assert store.fail_stage(job_id, epoch, Stage.verify, "w1", "OOM")
+    return job_id
+
+
+def test_illegal_stage_moves_are_refused(store: JobStore) -> None:
+    """Every move of a stage row, tried from every status by the row's last holder: the store
+    makes the legal ones and refuses the rest, leaving the row as it was."""
+    moves = {  # each method, the status it moves a stage to, and where it may do so from
+        "claim": (StageStatus.running, {"pending", "running", "failed"}),
+        "heartbeat": (StageStatus.running, {"running"}),  # the holder renewing only
+        "finish": (StageStatus.done, {"running"}),
+        "fail": (StageStatus.failed, {"running"}),
+    }
+    for name, (to, legal_from) in moves.items():
+        assert legal_from <= stage_sources(to)  # the table allows every legal move
+        for src in StageStatus:
+            job_id = _stage_in(store, src)
+            before = store.stage(job_id, 1, Stage.verify)
+            assert before is not None and before.status == src
+            answer = {
+                "claim": lambda j: store.claim_stage(j, 1, Stage.verify, "w1", 60),
+                "heartbeat": lambda j: store.heartbeat(j, 1, Stage.verify, "w1", 60),
+                "finish": lambda j: store.finish_stage(
+                    j, 1, Stage.verify, "w1", _rec(1, Stage.verify, seconds=9.0)
+                ),
+                "fail": lambda j: store.fail_stage(j, 1, Stage.verify, "w1", "again"),
+            }[name](job_id)
+            after = store.stage(job_id, 1, Stage.verify)
+            assert after is not None
+            if src.value in legal_from:
+                assert answer is True, (name, src)
+                assert after.status == to and after != before, (name, src)
+            else:
+                # finishing a done stage answers True (it is done), and changes nothing either
+                assert answer is (name == "finish" and src == StageStatus.done), (name, src)
+                assert after == before, (name, src)
+
+
+def test_the_store_takes_stage_moves_from_the_table(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Take moves out of ``STAGE_TRANSITIONS`` and the store no longer makes them."""
+    failed = _stage_in(store, StageStatus.failed)
+    running = _stage_in(store, StageStatus.running)
+    monkeypatch.setitem(STAGE_TRANSITIONS, StageStatus.failed, set())  # no retry
+    assert store.claim_stage(failed, 1, Stage.verify, "w2", 60) is False
+    monkeypatch.setitem(STAGE_TRANSITIONS, StageStatus.running, {StageStatus.done})
+    assert store.heartbeat(running, 1, Stage.verify, "w1", 60) is False  # no renewal
+    assert store.claim_stage(running, 1, Stage.verify, "w1", 60) is False
+    assert store.fail_stage(running, 1, Stage.verify, "w1", "x") is False
+    monkeypatch.setitem(STAGE_TRANSITIONS, StageStatus.pending, set())
+    fresh = _job(store)
+    assert store.claim_stage(fresh, 1, Stage.verify, "w1", 60) is False  # no first claim
+    assert store.stage_states(fresh) == []
+    assert store.stage(failed, 1, Stage.verify).status == StageStatus.failed  # type: ignore[union-attr]
+    assert store.finish_stage(running, 1, Stage.verify, "w1", _rec(1, Stage.verify))
+    monkeypatch.undo()
+    assert store.claim_stage(failed, 1, Stage.verify, "w2", 60)
+
+
+def test_stages_per_component(store: JobStore) -> None:
+    """Rows of one (job, epoch, stage) for several components, beside the whole job's."""
+    job_id = _job(store)
+    verify = Stage.verify
+    assert store.claim_stage(job_id, 1, verify, "w0", 60)  # the whole job's stage
+    assert store.claim_stage(job_id, 1, verify, "w1", 60, component="answer")
+    assert store.claim_stage(job_id, 1, verify, "w2", 0.2, component="query")
+    assert store.claim_stage(job_id, 1, verify, "w3", 60, component="answer") is False
+    assert store.heartbeat(job_id, 1, verify, "w1", 60, component="answer")
+    assert store.heartbeat(job_id, 1, verify, "w1", 60, component="query") is False
+    assert store.heartbeat(job_id, 1, verify, "w1", 60) is False  # not w1's
+    answer = _rec(1, verify, judge_calls=4, details={"component": "answer"})
+    assert store.finish_stage(job_id, 1, verify, "w1", answer, "k/answer", component="answer")
+    assert store.stage_done(job_id, 1, verify, component="answer") == answer
+    assert store.stage_done(job_id, 1, verify, component="query") is None
+    assert store.stage_done(job_id, 1, verify) is None  # the whole job's: still running
+    assert store.stage(job_id, 1, verify, component="other") is None
+    # the query component's lease runs out: the reaper names the component
+    future = datetime.now(UTC) + timedelta(seconds=5)
+    assert store.expired_stages(now=future) == [StageKey(job_id, 1, verify, "query")]
+    assert store.expired_stages(now=future)[0].component == "query"
+    later = [k.component for k in store.expired_stages(now=future + timedelta(minutes=2))]
+    assert later == ["query", ""]  # the answer component is done
+    time.sleep(0.3)
+    assert store.claim_stage(job_id, 1, verify, "w4", 60, component="query")  # a takeover
+    assert store.fail_stage(job_id, 1, verify, "w2", "lost", component="query") is False
+    assert store.fail_stage(job_id, 1, verify, "w4", "OOM", component="query")
+    assert store.claim_stage(job_id, 1, verify, "w5", 60, component="query")  # a retry
+    whole = _rec(1, verify, judge_calls=9)
+    assert store.finish_stage(job_id, 1, verify, "w0", whole, "k/whole")
+    states = store.stage_states(job_id)
+    assert [(s.component, s.status, s.lease_owner, s.attempts) for s in states] == [
+        ("", StageStatus.done, "w0", 1),
+        ("answer", StageStatus.done, "w1", 1),
+        ("query", StageStatus.running, "w5", 3),
+    ]
+    assert states[0].record == whole and states[0].output_key == "k/whole"
+    assert states[1].record == answer and states[1].output_key == "k/answer"
+    assert store.stage_done(job_id, 1, verify) == whole
+    assert store.stage(job_id, 1, verify) == states[0]
+    assert store.stage(job_id, 1, verify, component="answer") == states[1]
+    assert store.stages(job_id) == [whole, answer]
+    with pytest.raises(ValueError):
+        store.claim_stage(job_id, 1, verify, "w1", 60, component="c" * 65)
+    assert store.claim_stage(job_id, 1, verify, "w1", 60, component="c" * 64)
 
 
 # --------------------------------------------------------------------------- events etc.

@@ -12,16 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cotune.store.artifacts import ArtifactStore
-from cotune.store.jobs import (
-    ArtifactRecord,
-    JobPage,
-    JobRecord,
-    JobStore,
-    StageKey,
-    StageState,
-    StoredEvent,
-)
+from cotune.store.history import ArtifactRecord, StoredEvent
+from cotune.store.jobs import JobPage, JobRecord, JobStore
+from cotune.store.stages import StageKey, StageState
 from cotune.store.status import (
+    STAGE_TRANSITIONS,
     TRANSITIONS,
     IllegalTransition,
     JobNotFound,
@@ -36,6 +31,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "STAGE_TRANSITIONS",
     "TRANSITIONS",
     "ArtifactRecord",
     "ArtifactStore",

@@ -43,7 +43,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cotune.errors import CotuneError
-from cotune.store.jobs import JobStore, make_engine
+from cotune.store.base import make_engine
+from cotune.store.jobs import JobStore
 from cotune.store.models import ApiKey, FileRow, Job, Tenant, matchable, utcnow
 
 TENANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

@@ -10,7 +10,8 @@ The schema is created by the Alembic revisions in ``cotune/store/migrations`` (n
 - Rows that belong to a job reference ``jobs.id`` with ``ON DELETE CASCADE`` (SQLite enforces
   it with ``PRAGMA foreign_keys=ON``, which the store sets; ``JobStore.delete_job`` also deletes
   the children explicitly).
-- ``tenants``, ``api_keys`` and ``files`` come with revision 0002 (appended at the end).
+- ``tenants``, ``api_keys`` and ``files`` come with revision 0002 (appended at the end);
+  ``stages.component`` (and the stage key that includes it) with revision 0003.
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class StageRow(Base):
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="CASCADE"))
     epoch: Mapped[int] = mapped_column(Integer)
     stage: Mapped[str] = mapped_column(String(32))  # a records.Stage value
+    # The component a per-component stage is for; "" for the whole job's stage (revision 0003).
+    component: Mapped[str] = mapped_column(String(64), server_default="")
     status: Mapped[str] = mapped_column(String(16), default="pending")  # a StageStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
@@ -141,7 +144,7 @@ class StageRow(Base):
     error: Mapped[str | None] = mapped_column(Text)  # why the last attempt failed
 
     __table_args__ = (
-        UniqueConstraint("job_id", "epoch", "stage"),
+        UniqueConstraint("job_id", "epoch", "stage", "component"),
         # The reaper's query: running stages whose lease ran out.
         Index("ix_stages_status_lease", status, lease_expires_at),
     )

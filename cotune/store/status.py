@@ -1,4 +1,5 @@
-"""Job status names (the OpenAI fine-tuning names) and the transitions between them."""
+"""Job and stage status names and the transitions between them: the store refuses any move
+these tables do not allow (``JobStore.transition`` for jobs, the stage methods for stages)."""
 
 from __future__ import annotations
 
@@ -71,9 +72,34 @@ class JobNotFound(CotuneError, LookupError):
 
 
 class StageStatus(StrEnum):
-    """A stage row's status: one ``(job, epoch, stage)`` attempt series."""
+    """A stage row's status: one ``(job, epoch, stage, component)`` attempt series."""
 
     pending = "pending"
     running = "running"  # held by ``lease_owner`` until ``lease_expires_at`` (heartbeats renew)
     done = "done"
     failed = "failed"  # the last attempt failed; a new claim may retry it
+
+
+# What may happen to a stage row. Every stage UPDATE of the store takes its allowed source
+# statuses from here (``stage_sources``); the lease adds who may make a move (its holder, or
+# anyone once it expired), never which moves there are.
+STAGE_TRANSITIONS: dict[StageStatus, set[StageStatus]] = {
+    # pending -> running: the first claim (a stage with no row yet counts as pending).
+    StageStatus.pending: {StageStatus.running},
+    # running -> running: the holder renewing its lease (a heartbeat, or claiming it again), or
+    # another owner taking over once the lease expired; -> done / failed: the holder finishing.
+    StageStatus.running: {StageStatus.running, StageStatus.done, StageStatus.failed},
+    # failed -> running: a retry.
+    StageStatus.failed: {StageStatus.running},
+    # done is final: its record is the stage's result.
+    StageStatus.done: set(),
+}
+
+# The statuses in which a stage has a lease holder (``lease_owner``, until ``lease_expires_at``).
+LEASED: frozenset[StageStatus] = frozenset({StageStatus.running})
+
+
+def stage_sources(to: StageStatus | str) -> frozenset[StageStatus]:
+    """The statuses from which ``STAGE_TRANSITIONS`` lets a stage move to ``to``."""
+    to = StageStatus(to)
+    return frozenset(src for src, targets in STAGE_TRANSITIONS.items() if to in targets)
