@@ -31,6 +31,7 @@ from cotune.records import (
     TrainOut,
 )
 from cotune.runtime import Runtime, open_runtime
+from cotune.settings import DEFAULT_LEASE_SECONDS
 from cotune.spec.job import JobSpec
 from cotune.store import ArtifactStore, JobStore
 from cotune.tools import ToolContext
@@ -63,7 +64,7 @@ class JobContext:
     store: JobStore
     artifacts: ArtifactStore
     owner: str = "embedded"
-    lease_seconds: float = 600.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     progress: Progress | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
     # Seams for logic tests (scripted doubles): engines by model alias, the judge's engine,
@@ -78,6 +79,9 @@ class JobContext:
     stage_limit: int | None = None
     stages_run: int = 0
     _splits: dict[str, list[Example]] = field(default_factory=dict)
+    # A running stage's events, written when it finishes (run_stage): a stage that dies and
+    # runs again on another worker leaves its events once, not once per attempt.
+    _held_events: list[Event] | None = None
 
     def split(self, name: str) -> list[Example]:
         if name not in self._splits:
@@ -88,9 +92,11 @@ class JobContext:
         return self._splits[name]
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
-        self.store.add_event(
-            self.job_id, Event(level=level, message=message, data=data, created_at=time.time())
-        )
+        event = Event(level=level, message=message, data=data, created_at=time.time())
+        if self._held_events is not None:
+            self._held_events.append(event)
+        else:
+            self.store.add_event(self.job_id, event)
 
     def runtime(self, adapter_keys: dict[str, str] | None = None) -> Runtime:
         adapters = {c: str(self.adapter_path(k)) for c, k in (adapter_keys or {}).items()}
@@ -189,8 +195,13 @@ def run_stage(
         raise StageBusy(f"stage {stage.value} of epoch {epoch} is held by another worker")
     before = _engine_counters(ctx)
     started = time.perf_counter()
-    with _heartbeat(ctx, epoch, stage):
-        output = run()
+    ctx._held_events = []
+    try:
+        with _heartbeat(ctx, epoch, stage):
+            output = run()
+        events = ctx._held_events
+    finally:
+        ctx._held_events = None
     ctx.artifacts.put_json(key, output.model_dump(mode="json"))
     after_counters = _engine_counters(ctx)
     record = StageRecord(
@@ -207,6 +218,8 @@ def run_stage(
     if not ctx.store.finish_stage(ctx.job_id, epoch, stage, ctx.owner, record, key):
         # Our lease expired and another worker took the stage over: its result stands.
         raise StageBusy(f"lost the lease on stage {stage.value} of epoch {epoch}")
+    for event in events:
+        ctx.store.add_event(ctx.job_id, event)
     if ctx.on_stage_done is not None:
         ctx.on_stage_done(record)
     if after is not None:

@@ -36,6 +36,9 @@ ENV_PREFIX = "COTUNE_"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 JUDGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MiB = 1 << 20
+DEFAULT_LEASE_SECONDS = 30.0
+# The reaper looks at the queues twice, this far apart, before it re-sends a stalled job's work.
+REAPER_SECOND_LOOK_SECONDS = 0.5
 GiB = 1 << 30
 
 
@@ -138,11 +141,23 @@ class Settings(BaseSettings):
     max_storage_bytes_per_tenant: int = Field(default=10 * GiB, ge=1)
 
     # Workers
-    lease_seconds: float = Field(default=600.0, gt=0)
-    reaper_interval: float = Field(default=30.0, gt=0)
-    # A running job with no stage running and no progress for this long lost its next task
-    # (its worker died between two stages): the reaper re-queues it.
-    stall_seconds: float = Field(default=300.0, gt=0)
+    # Recovery from a dead worker: these three add up to ``recovery_bound_seconds`` (40 s with
+    # the defaults, under a minute by construction). A stage's holder renews its lease every
+    # third of it, so a live worker keeps it through two missed beats.
+    lease_seconds: float = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        gt=0,
+        description="how long a stage's lease lasts without a heartbeat (renewed every third)",
+    )
+    reaper_interval: float = Field(
+        default=10.0, gt=0, description="how often beat runs the reaper (workers/reaper.py)"
+    )
+    stall_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a job with no stage running and no progress for this long, whose message "
+        "is in no queue, lost its next task: the reaper sends it again",
+    )
     visibility_timeout: float = Field(default=6 * 3600.0, gt=0)
     workdir: str | None = Field(
         default=None,
@@ -247,6 +262,17 @@ class Settings(BaseSettings):
     @property
     def should_migrate(self) -> bool:
         return self.is_development if self.migrate_on_start is None else self.migrate_on_start
+
+    @property
+    def recovery_bound_seconds(self) -> float:
+        """The longest a job waits for its work to be re-sent after its worker died (not
+        counting the time a worker needs to pick the work up): the lease running out (or the
+        stall threshold passing) plus one reaper interval, plus the reaper's second look."""
+        return (
+            max(self.lease_seconds, self.stall_seconds)
+            + self.reaper_interval
+            + REAPER_SECOND_LOOK_SECONDS
+        )
 
     def work_dir(self) -> Path:
         """Where jobs' files are materialised for a run (created)."""

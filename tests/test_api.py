@@ -1048,6 +1048,13 @@ def test_readyz_is_unavailable_while_no_worker_reads_the_queues(settings: Settin
     assert checks["workers"] == "no worker consumes the cpu, gpu queue"
 
 
+def test_a_dead_worker_is_recovered_within_a_minute_by_default() -> None:
+    """Finding 3: with the old defaults (600 s leases) a killed worker's job waited ~10.5 min.
+    The bound is built from the settings themselves, so it holds on any machine."""
+    defaults = Settings()
+    assert defaults.recovery_bound_seconds < 60, defaults.recovery_bound_seconds
+
+
 def test_settings_refuse_unsafe_production_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1191,6 +1198,29 @@ def test_a_restarted_embedded_server_resumes_unfinished_jobs(
     finally:
         dispatcher.shutdown(wait=True)
         store.close()
+
+
+def test_the_openapi_job_body_is_the_typed_spec(api: Api, tiny_files: dict[str, str]) -> None:
+    """Finding 10: the body of POST /v1/jobs was an untyped object in the schema. A job the
+    API accepts validates against the documented schema, and one the schema refuses is not
+    accepted either."""
+    import jsonschema
+
+    document = api.request("GET", "/openapi.json").json()
+    for path in ("/v1/jobs", "/v1/jobs/quote", "/v1/fine_tuning/jobs"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == "#/components/schemas/SpecJobSpec", path
+    job = document["components"]["schemas"]["SpecJobSpec"]
+    assert {"system", "data"} <= set(job["required"]) and "base_dir" not in job["properties"]
+    root = {**document, "$ref": "#/components/schemas/SpecJobSpec"}
+    validator = jsonschema.Draft202012Validator(root)
+    spec = tiny_spec(tiny_files)
+    validator.validate(spec)
+    assert submit(api, spec)["status"] in ("validating_files", "queued")
+    bad = {**spec, "loop": {"epochs": "many"}}
+    assert not validator.is_valid(bad)
+    response = api.request("POST", "/v1/jobs", json=bad, headers=api.acme)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "loop.epochs"
 
 
 def test_405_names_every_method_the_path_serves(api: Api, done_job: str) -> None:

@@ -310,6 +310,32 @@ def test_run_stage_stores_the_typed_output_and_its_cost(old_job: Any) -> None:
     assert record is not None and record.details == {"traces": 0, "passed": 0}
 
 
+def test_a_stage_that_runs_again_writes_its_events_once(old_job: Any) -> None:
+    """Finding 3: a stage that died after its events were written wrote them again when it
+    reran. A stage's events are now written when it finishes, by the attempt that finished."""
+    run: OldJob = old_job(without={Stage.test})
+    ctx = run.ctx
+    out = TestOut(base=0.5, best=0.75, adapters={})
+
+    def dies_after_its_event() -> TestOut:
+        ctx.event("epoch 2: scored the test split")
+        raise RuntimeError("the worker died")
+
+    def finishes() -> TestOut:
+        ctx.event("epoch 2: scored the test split")
+        return out
+
+    before = len(ctx.store.events(ctx.job_id, limit=1000))
+    with pytest.raises(RuntimeError):
+        run_stage(ctx, 2, Stage.test, TestOut, dies_after_its_event)
+    assert len(ctx.store.events(ctx.job_id, limit=1000)) == before  # nothing of the dead attempt
+    ctx.event("between stages")  # outside a stage, written at once
+    assert run_stage(ctx, 2, Stage.test, TestOut, finishes) == out
+    messages = [e.message for e in ctx.store.events(ctx.job_id, limit=1000)][before:]
+    assert messages == ["between stages", "epoch 2: scored the test split"]
+    assert ctx.store.stage(ctx.job_id, 2, Stage.test).attempts == 2  # type: ignore[union-attr]
+
+
 # -- blame and verified rates -----------------------------------------------------------------
 
 

@@ -603,6 +603,19 @@ def test_stalled_jobs_are_running_jobs_idle_between_stages(store: JobStore) -> N
     assert store.stalled_jobs(30, now=later) == []
 
 
+def test_stalled_jobs_in_other_statuses_when_asked(store: JobStore) -> None:
+    """The reaper also looks at validating and queued jobs (their message may be lost too)."""
+    unfinished = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
+    later = datetime.now(UTC) + timedelta(seconds=60)
+    checking = _job(store, status=JobStatus.validating_files)
+    waiting = _job(store)
+    done = _job(store)
+    store.transition(done, JobStatus.cancelled)
+    found = {job for job, _ in store.stalled_jobs(30, now=later, statuses=unfinished)}
+    assert found == {checking, waiting}
+    assert store.stalled_jobs(30, statuses=unfinished) == []  # nothing is idle yet
+
+
 def test_claim_race(store: JobStore) -> None:
     job_id = _job(store)
     n = 6
@@ -767,7 +780,7 @@ def test_stages_per_component(store: JobStore) -> None:
     assert store.heartbeat(job_id, 1, verify, "w1", 60, component="answer")
     assert store.heartbeat(job_id, 1, verify, "w1", 60, component="query") is False
     assert store.heartbeat(job_id, 1, verify, "w1", 60) is False  # not w1's
-    answer = _rec(1, verify, judge_calls=4, details={"component": "answer"})
+    answer = _rec(1, verify, judge_calls=4, details={"verified": 3})
     assert store.finish_stage(job_id, 1, verify, "w1", answer, "k/answer", component="answer")
     assert store.stage_done(job_id, 1, verify, component="answer") == answer
     assert store.stage_done(job_id, 1, verify, component="query") is None

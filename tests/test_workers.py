@@ -534,7 +534,7 @@ def test_app_configuration() -> None:
 def test_a_pending_message_is_found_in_queued_and_unacked_forms() -> None:
     import base64
 
-    from workers.tasks import _mentions
+    from workers.reaper import mentions as _mentions
 
     body = base64.b64encode(json.dumps([["job-7"], {}, {}]).encode()).decode()
     queued = json.dumps({"body": body, "headers": {"argsrepr": "['job-7']"}}).encode()

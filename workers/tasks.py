@@ -17,9 +17,8 @@ server paths redacted). A task for a job that is already terminal, or whose next
 live worker holds, does nothing: duplicates of a message (a redelivery, a re-enqueue by the
 reaper) are harmless, and a stage runs to completion once.
 
-``reap_expired_leases()`` (queue ``cpu``, from beat, or called directly) finds running stages
-whose lease expired (their worker died) and re-enqueues ``advance_job`` for their jobs; the new
-task takes the stage over (``attempts`` + 1).
+``reap_expired_leases()`` (queue ``cpu``, from beat, or called directly) re-sends the work of
+dead workers: ``workers/reaper.py``.
 
 Job specs: each task rebuilds the ``JobSpec`` from the stored spec with
 ``Lifecycle.load_spec``. A job without a tenant holds absolute local paths
@@ -34,13 +33,10 @@ from here.
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import os
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.utils.log import get_task_logger
@@ -53,7 +49,6 @@ from cotune.jobs.queues import (
     GPU_QUEUE,
     REAP_EXPIRED_LEASES,
     VALIDATE_JOB,
-    broker_url,
 )
 from workers.app import app, app_settings
 
@@ -156,111 +151,11 @@ def finalize_job(self: Task, job_id: str) -> str:
 
 @app.task(name=REAP_EXPIRED_LEASES)
 def reap_expired_leases() -> list[str]:
-    """Re-enqueue ``advance_job`` for every job with a running stage whose lease expired, and
-    for every running job stalled between stages for ``stall_seconds`` (the worker that
-    finished its last stage died before queueing the next: without this, the job would wait
-    for the broker to redeliver that task, ``visibility_timeout`` later).
+    """Re-send the lost work of dead workers (``workers/reaper.py``); the re-sent job ids."""
+    from workers.reaper import Reaper
 
-    Each expired lease is re-enqueued once (a Redis ``SET NX`` keyed by the stage and its
-    lease's expiry, when the broker is Redis), so reaper runs that pile up while the queue is
-    busy do not start parallel task chains for one job. Returns the re-enqueued job ids.
-    """
-    from cotune.store import StageStatus
-    from cotune.store.status import TERMINAL
-
-    store, _ = stores()
-    requeued: list[str] = []
-    for key in store.expired_stages():
-        if key.job_id in requeued:
-            continue
-        record = store.get_job(key.job_id)
-        if record is None or record.status in TERMINAL:
-            continue
-        state = store.stage(key.job_id, key.epoch, key.stage)
-        if state is None or state.status != StageStatus.running or not state.lease_expires_at:
-            continue
-        token = (
-            f"cotune:reaped:{key.job_id}:{key.epoch}:{key.stage.value}:"
-            f"{state.lease_expires_at.timestamp():.6f}"
-        )
-        if not _first_time(token):
-            continue
-        enqueue_advance(key.job_id)
-        requeued.append(key.job_id)
-        lifecycle().event(
-            key.job_id,
-            f"epoch {key.epoch} {key.stage.value}: its worker's lease expired; re-queued",
-            "warning",
-            epoch=key.epoch,
-            stage=key.stage.value,
-            attempts=state.attempts,
-        )
-        log.warning("job %s: epoch %d %s re-queued", key.job_id, key.epoch, key.stage.value)
-    idle = settings().stall_seconds
-    # Only with a Redis broker, whose queues can be read: a job waiting behind other jobs'
-    # stages is then told apart from one whose message is gone.
-    for job_id, last in store.stalled_jobs(idle):
-        if job_id in requeued or _message_pending(job_id) is not False:
-            continue  # its message waits in a queue or a worker holds it (or we cannot tell)
-        time.sleep(0.5)  # a worker may have been between taking it and recording it unacked
-        if _message_pending(job_id) is not False:
-            continue
-        if not _first_time(f"cotune:stalled:{job_id}:{last.timestamp():.6f}"):
-            continue
-        enqueue_advance(job_id)
-        requeued.append(job_id)
-        lifecycle().event(
-            job_id,
-            f"no progress for {idle:.0f} s between stages (its next task was lost); queued again",
-            "warning",
-        )
-        log.warning("job %s: stalled between stages; re-queued", job_id)
-    return requeued
+    return Reaper(lifecycle(), settings(), enqueue_advance, enqueue_validate).reap()
 
 
-def _message_pending(job_id: str) -> bool | None:
-    """Whether a message for ``job_id`` waits in the gpu or cpu queue or is held (unacked) by a
-    worker; None when the broker is not Redis and its queues cannot be read. A job whose stage
-    is queued behind other jobs' work is not stalled, only waiting."""
-    cfg = settings()
-    client = _redis(broker_url(cfg))
-    if client is None:
-        return None
-    needle = job_id.encode()
-    queued = [client.lrange(cfg.broker_key_prefix + q, 0, -1) for q in (GPU_QUEUE, CPU_QUEUE)]
-    held = client.hvals(cfg.broker_key_prefix + "unacked")
-    return any(_mentions(raw, needle) for raws in [*queued, held] for raw in raws)
-
-
-def _mentions(raw: bytes, needle: bytes) -> bool:
-    """A kombu message (or an unacked ``[message, exchange, routing key]``) naming ``needle``
-    in its headers' ``argsrepr`` or in its base64 body's arguments."""
-    if needle in raw:
-        return True
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):
-            message = message[0]
-        return needle in base64.b64decode(message.get("body", ""))
-    except (ValueError, TypeError, AttributeError):
-        return False
-
-
-def _first_time(token: str) -> bool:
-    """True the first time ``token`` is seen (within ``visibility_timeout``), via Redis;
-    always True with another broker (duplicates are then harmless, only wasteful)."""
-    cfg = settings()
-    client = _redis(broker_url(cfg))
-    if client is None:
-        return True
-    ttl = max(int(cfg.visibility_timeout), 60)
-    return bool(client.set(cfg.broker_key_prefix + token, "1", nx=True, ex=ttl))
-
-
-@functools.cache
-def _redis(url: str) -> Any:
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    import redis
-
-    return redis.Redis.from_url(url)
+def enqueue_validate(job_id: str) -> None:
+    app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)

@@ -335,7 +335,9 @@ class Lifecycle:
         message = self.public(err)
         for state in self.store.stage_states(job_id):
             if state.status == StageStatus.running and state.lease_owner == owner:
-                self.store.fail_stage(job_id, state.epoch, state.stage, owner, message)
+                self.store.fail_stage(
+                    job_id, state.epoch, state.stage, owner, message, component=state.component
+                )
         if self.move(job_id, "failed", error=message):
             self.event(job_id, f"failed: {message}", "error")
         log.warning("job failed: %s", message, extra={"job_id": job_id})

@@ -22,7 +22,7 @@ clocks, and leases should be much longer than any expected skew.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -299,19 +299,26 @@ class StageMixin(StoreBase):
         ]
 
     def stalled_jobs(
-        self, idle_seconds: float, now: datetime | None = None
+        self,
+        idle_seconds: float,
+        now: datetime | None = None,
+        *,
+        statuses: Sequence[JobStatus] = (JobStatus.running,),
     ) -> list[tuple[str, datetime]]:
-        """Running jobs with no stage running and nothing done for ``idle_seconds`` (no stage
-        claimed or finished, no status change): the message for their next stage was lost, as
-        when a worker dies between finishing a stage and queueing the next. Returns each job id
-        with its last activity."""
+        """Jobs in ``statuses`` (running ones by default) with no stage running and nothing
+        done for ``idle_seconds`` (no stage claimed or finished, no status change): the message
+        for their next step may be lost, as when a worker dies between finishing a stage and
+        queueing the next. A queued or validating job may also just wait behind others: the
+        reaper asks the broker before it re-sends anything. Returns each job id with its last
+        activity."""
         now = now or utcnow()
         cutoff = now - timedelta(seconds=idle_seconds)
         stalled = []
         with self._sessions() as s:
             jobs = s.execute(
                 select(Job.id, Job.updated_at).where(
-                    Job.status == JobStatus.running.value, Job.updated_at < cutoff
+                    Job.status.in_([JobStatus(x).value for x in statuses]),
+                    Job.updated_at < cutoff,
                 )
             ).all()
             for job_id, updated_at in jobs:

@@ -36,7 +36,7 @@ from cotune.jobs.threads import Dispatcher, ThreadDispatcher
 from cotune.settings import Settings, get_settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
-from services.api import errors
+from services.api import errors, openapi
 from services.api.auth import TENANT_SCOPE_KEY
 from services.api.errors import ApiError, error_body
 from services.api.logs import configure_logging
@@ -271,15 +271,15 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     errors.install(app)
     app.add_middleware(ServiceMiddleware, state=state)
     app.include_router(files.router)
-    app.include_router(jobs.build_router(), prefix="/v1/jobs", tags=["jobs"])
+    # One router, two prefixes: the openai SDK's paths serve the same routes.
+    app.include_router(jobs.router, prefix="/v1/jobs", tags=["jobs"])
     app.include_router(
-        jobs.build_router(openai_alias=True),
-        prefix="/v1/fine_tuning/jobs",
-        tags=["fine_tuning (OpenAI-compatible)"],
+        jobs.router, prefix="/v1/fine_tuning/jobs", tags=["fine_tuning (OpenAI-compatible)"]
     )
     app.include_router(models.router)
     app.include_router(ops.router)
     app.include_router(dashboard.router)
+    openapi.install(app)
     return app
 
 

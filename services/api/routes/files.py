@@ -12,7 +12,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
@@ -20,24 +20,16 @@ from starlette.datastructures import UploadFile
 from cotune.errors import DataError
 from cotune.store.accounts import PURPOSES, new_file_id
 from services.api.auth import RATE_LIMITED, Tenant
+from services.api.deps import After, IdempotencyKey, Limit, State, page, page_limit
 from services.api.errors import ApiError, not_found
 from services.api.policy import file_ids
 from services.api.schemas import DeletedObject, ErrorResponse, FileObject, ListObject
-from services.api.state import ApiState, get_state
+from services.api.state import ApiState
 from services.api.uploads import check_upload
 from services.api.views import file_object
 
 log = logging.getLogger("cotune.api")
 router = APIRouter(tags=["files"], responses={404: {"model": ErrorResponse}, **RATE_LIMITED})
-State = Annotated[ApiState, Depends(get_state)]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=255,
-        description="the same key (per tenant) returns the same file instead of a new one",
-    ),
-]
 _CHUNK = 1 << 20
 
 UPLOAD_BODY = {
@@ -177,21 +169,16 @@ def list_files(
     tenant: Tenant,
     state: State,
     purpose: Annotated[str | None, Query(pattern="^(data|corpus)$")] = None,
-    after: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 20,
+    after: After = None,
+    limit: Limit = 20,
 ) -> ListObject[FileObject]:
-    limit = min(limit, state.settings.max_page_size)
+    limit = page_limit(state, limit)
     try:
-        page = state.accounts.list_files(tenant, purpose=purpose, after=after, limit=limit)
+        found = state.accounts.list_files(tenant, purpose=purpose, after=after, limit=limit)
     except LookupError:
         raise ApiError(404, "not_found", f"after: no file {after}", "after") from None
-    data = [file_object(r) for r in page.data]
-    return ListObject[FileObject](
-        data=data,
-        has_more=page.has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    data = [file_object(r) for r in found.data]
+    return page(data, len(data), has_more=found.has_more)
 
 
 def _own_file(state: ApiState, tenant: str, file_id: str) -> Any:
