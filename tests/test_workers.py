@@ -454,6 +454,35 @@ def test_a_job_whose_next_task_was_lost_is_queued_again(
     assert all(s.attempts == 1 for s in cluster.store.stage_states(job_id))
 
 
+def test_validating_and_queued_jobs_whose_message_was_lost_are_sent_again(
+    cluster: Cluster, small_spec: dict[str, Any]
+) -> None:
+    """Finding 3: a worker killed while validating a job's files left it validating for good
+    (the reaper looked at running jobs only). A job that waits in a state whose message is in
+    no queue is sent again: ``validate_job`` while validating, ``advance_job`` when queued."""
+    worker = cluster.worker
+    if worker is None or worker.pid not in cluster.with_beat:
+        cluster.kill_workers()
+        cluster.start_worker(beat=True)
+    validating = cluster.store.create_job("tiny-kb", small_spec, status=JobStatus.validating_files)
+    queued = cluster.store.create_job("tiny-kb", small_spec)  # queued, its message lost
+
+    def moved_on(job_id: str) -> bool:
+        record = cluster.store.get_job(job_id)
+        return record is not None and record.status == JobStatus.running
+
+    for job_id, where, what in (
+        (validating, "while validating its files", "its file validation was lost"),
+        (queued, "while queued", "its next task was lost"),
+    ):
+        cluster.wait(f"{job_id} to be sent again", lambda job_id=job_id: moved_on(job_id))
+        messages = [e.message for e in cluster.store.events(job_id, limit=1000)]
+        assert f"no progress for {STALL_SECONDS} s {where} ({what}); queued again" in messages
+        cluster.store.request_cancel(job_id)
+    for job_id in (validating, queued):
+        assert cluster.wait_done(job_id).status == JobStatus.cancelled
+
+
 def test_http_job_is_validated_then_cancelled_between_stages_and_sigterm_drains(
     cluster: Cluster, small_spec: dict[str, Any]
 ) -> None:
