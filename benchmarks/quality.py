@@ -76,7 +76,7 @@ TASK_METRICS: dict[str, list[str]] = {
     "tiny-kb": ["exact_match"],
 }
 QUICK = {"train": 36, "val": 20, "test": 60, "epochs": 1}  # and one training epoch
-# The tiny task's job (as in tests/test_loop.py): the tiny model is its own judge.
+# The tiny task's job (as in tests/core/test_loop.py): the tiny model is its own judge.
 TINY_JOB: dict[str, Any] = {
     "judge": {"model": "tiny", "max_tokens": 256},
     "loop": {"epochs": 1, "rollout_batch": 32, "samples_per_component": 48, "judge_samples": 1},

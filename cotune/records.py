@@ -175,7 +175,7 @@ class JobReport(BaseModel):
 # -- stage outputs ----------------------------------------------------------------------------
 # What each stage of ``cotune.loop`` returns and the next reads; stored as JSON under
 # ``(job, epoch, stage)``. Jobs stored before these models existed hold the same JSON
-# (tests/data/stage-outputs-v1/): a field added here needs a default.
+# (tests/core/data/stage-outputs-v1/): a field added here needs a default.
 
 
 class StageOut(BaseModel):

@@ -376,7 +376,7 @@ def _system_answers(
     model: Any, tokenizer: Any, world: TinyWorld, rows: list[dict[str, Any]]
 ) -> list[str]:
     """The whole tiny-kb system's final answers on ``rows``: greedy query, bm25 (k=3), greedy
-    answer, as the runtime runs it (HF here; tests/test_runtime.py checks vLLM agrees)."""
+    answer, as the runtime runs it (HF here; tests/core/test_runtime.py checks vLLM agrees)."""
     from cotune.runtime import render_value
     from cotune.tools.bm25 import BM25Index
 

@@ -8,7 +8,7 @@ if [ -x /usr/bin/chromium ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-  echo "setup-test: /usr/bin/chromium is missing and tests/test_dashboard.py needs it;" \
+  echo "setup-test: /usr/bin/chromium is missing and tests/api/test_dashboard.py needs it;" \
     "install it as root: apt-get install -y --no-install-recommends chromium" >&2
   exit 0
 fi

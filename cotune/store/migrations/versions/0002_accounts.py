@@ -5,7 +5,8 @@ Revises: 0001_initial
 Create Date: 2025-01-02
 
 Written by hand; must match the ``Tenant``, ``ApiKey`` and ``FileRow`` models in
-``cotune/store/models.py`` (``tests/test_store.py`` compares the head revision with the models).
+``cotune/store/models.py`` (``tests/core/test_store.py`` compares the head revision with the
+models).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Revision ID: 0003_stage_component
 Revises: 0002_accounts
 Create Date: 2025-01-03
 
-Written by hand; must match ``StageRow`` in ``cotune/store/models.py`` (``tests/test_store.py``
+Written by hand; must match ``StageRow`` in ``cotune/store/models.py`` (``tests/core/test_store.py``
 compares the head revision with the models). A stage row is keyed by ``(job_id, epoch, stage,
 component)``; ``component`` is ``''`` for the whole job's stage, which every existing row is.
 

@@ -20,7 +20,7 @@ from cotune.spec import MAX_K, Component, ToolArgError, check_tool_args, parse_s
 from cotune.tiny import TINY_SYSTEM
 from cotune.tools import ToolContext, run_tool
 
-COTUNE = Path(__file__).resolve().parents[1] / "cotune"
+COTUNE = Path(__file__).resolve().parents[2] / "cotune"
 
 # -- the tool arg rules: one checker, the same message from the spec and from the runtime -----
 

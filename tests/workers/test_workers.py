@@ -42,7 +42,7 @@ from cotune.spec.job import parse_job
 from cotune.store import ArtifactStore, JobRecord, JobStatus, JobStore, StageStatus
 from cotune.store.status import TERMINAL
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("COTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
 LEASE_SECONDS = 5
 REAPER_INTERVAL = 2

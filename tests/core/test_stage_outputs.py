@@ -1,5 +1,5 @@
 """Typed stage outputs: what jobs stored before them still loads, resumes and reports
-(``tests/data/stage-outputs-v1/``, captured from a tiny-model job of the code before), the
+(``tests/core/data/stage-outputs-v1/``, captured from a tiny-model job of the code before), the
 runner's load-or-run, and the per-component figures rebuilt from them (blame vs verified).
 
 Runs with test doubles (``tests/doubles.py``) where a stage has to run: no model is loaded.

@@ -92,7 +92,7 @@ def settings(pg_url: str, env: Path, tmp_path_factory: pytest.TempPathFactory) -
         max_line_bytes=4096,
         events_poll_seconds=0.05,
         # This module sends ~70 bad keys on purpose (every route, four ways); the back-off on
-        # failed authentication has its own test (tests/test_api_limits.py).
+        # failed authentication has its own test (tests/api/test_api_limits.py).
         auth_failure_burst=10_000,
         migrate_on_start=False,
     )

@@ -96,7 +96,7 @@ def test_the_ops_benchmark_prints_its_table(capsys: pytest.CaptureFixture[str]) 
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     try:
         import speed_lora_ops
     finally:

@@ -11,7 +11,7 @@ import pytest
 
 from cotune.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_eval_prints_the_score_and_writes_traces(

@@ -52,7 +52,7 @@ from cotune.store.artifacts import validate_key
 from cotune.store.models import Base, Job, StageRow
 from cotune.store.status import LEASED, TERMINAL, stage_sources
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- fixtures
 
