@@ -20,8 +20,8 @@ demo-tiny: setup
 	$(VENV)/bin/cotune demo --tiny
 
 lint: setup
-	$(VENV)/bin/ruff check cotune services workers tests benchmarks
-	$(VENV)/bin/ruff format --check cotune services workers tests benchmarks
+	$(VENV)/bin/ruff check cotune services workers tests benchmarks scripts
+	$(VENV)/bin/ruff format --check cotune services workers tests benchmarks scripts
 
 typecheck: setup
 	$(VENV)/bin/mypy

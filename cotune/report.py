@@ -7,7 +7,6 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from cotune.records import (
     BufferCount,
@@ -248,7 +247,3 @@ def write_outputs(ctx: JobContext, report: JobReport, out: Path) -> None:
         with open(out / "traces" / "test.jsonl", "w", encoding="utf-8") as handle:
             for trace in final.traces:
                 handle.write(json.dumps(trace.model_dump(mode="json")) + "\n")
-
-
-def load_report(path: Path) -> dict[str, Any]:
-    return dict(json.loads(path.read_text()))

@@ -105,10 +105,19 @@ class Lifecycle:
             log.info("event not stored: %s", err, extra={"job_id": job_id})
 
     def move(
-        self, job_id: str, to: str, error: str | None = None, *, only_from: str | None = None
+        self,
+        job_id: str,
+        to: str,
+        error: str | None = None,
+        *,
+        only_from: str | None = None,
+        event: str | None = None,
+        level: str = "info",
     ) -> bool:
-        """Move the job to ``to`` (from ``only_from``, when given); False (and no error) if it
-        cannot go there from where it is now, e.g. another process moved it first."""
+        """Move the job to ``to`` (from ``only_from``, when given), with its ``event`` in the
+        same transaction (a reader that sees the new status sees the event too); False (and no
+        error) if it cannot go there from where it is now, e.g. another process moved it first."""
+        from cotune.records import Event
         from cotune.store import IllegalTransition, JobNotFound, JobStatus
 
         try:
@@ -117,6 +126,9 @@ class Lifecycle:
                 JobStatus(to),
                 error=error,
                 only_from=None if only_from is None else JobStatus(only_from),
+                event=None
+                if event is None
+                else Event(level=level, message=event, created_at=time.time()),
             )
         except (IllegalTransition, JobNotFound) as err:
             log.info("job not moved to %s: %s", to, err, extra={"job_id": job_id})
@@ -202,18 +214,14 @@ class Lifecycle:
                 check_models_prepared(job)
         except Exception as err:
             return Outcome(self.fail(job_id, owner, err), error=err)
-        if not self.move(job_id, "queued", only_from="validating_files"):
+        if not self.move(job_id, "queued", only_from="validating_files", event=QUEUED):
             self.cleanup(job_id)
             return Outcome(Step.skipped)  # cancelled meanwhile, or a duplicate call won
-        self.event(job_id, QUEUED)
         return Outcome(Step.queued)
 
     def requeue(self, job_id: str, message: str = REQUEUED_AFTER_RESTART) -> bool:
         """A ``running`` job whose runner is gone goes back to ``queued``."""
-        moved = self.move(job_id, "queued", only_from="running")
-        if moved:
-            self.event(job_id, message, "warning")
-        return moved
+        return self.move(job_id, "queued", only_from="running", event=message, level="warning")
 
     def resume(self, job_id: str) -> bool:
         """A failed job goes back to ``queued`` for its owner to run it on from its last
@@ -235,8 +243,8 @@ class Lifecycle:
         if record.cancel_requested:
             self.cancel(job_id)
             return None
-        if record.status == JobStatus.queued and self.move(job_id, "running", only_from="queued"):
-            self.event(job_id, RUNNING)
+        if record.status == JobStatus.queued:
+            self.move(job_id, "running", only_from="queued", event=RUNNING)
         record = self.store.get_job(job_id)
         return record if record is not None and record.status == JobStatus.running else None
 
@@ -309,8 +317,7 @@ class Lifecycle:
             self.store.set_result(job_id, report.model_dump(mode="json"))
         except Exception as err:
             return Outcome(self.fail(job_id, owner, err), error=err)
-        if self.move(job_id, "succeeded"):
-            self.event(job_id, SUCCEEDED)
+        self.move(job_id, "succeeded", event=SUCCEEDED)
         self.cleanup(job_id)
         return Outcome(Step.succeeded, report=report, context=ctx)
 
@@ -323,8 +330,7 @@ class Lifecycle:
         return deleted
 
     def cancel(self, job_id: str) -> Step:
-        if self.move(job_id, "cancelled"):
-            self.event(job_id, CANCELLED, "warning")
+        self.move(job_id, "cancelled", event=CANCELLED, level="warning")
         self.cleanup(job_id)
         return Step.cancelled
 
@@ -338,8 +344,7 @@ class Lifecycle:
                 self.store.fail_stage(
                     job_id, state.epoch, state.stage, owner, message, component=state.component
                 )
-        if self.move(job_id, "failed", error=message):
-            self.event(job_id, f"failed: {message}", "error")
+        self.move(job_id, "failed", error=message, event=f"failed: {message}", level="error")
         log.warning("job failed: %s", message, extra={"job_id": job_id})
         self.cleanup(job_id)
         return Step.failed

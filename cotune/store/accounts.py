@@ -179,13 +179,6 @@ class AccountStore:
             row = s.get(Tenant, tenant_id)
             return None if row is None else TenantRecord.model_validate(row)
 
-    def list_tenants(self) -> list[TenantRecord]:
-        with self._sessions() as s:
-            return [
-                TenantRecord.model_validate(r)
-                for r in s.scalars(select(Tenant).order_by(Tenant.id))
-            ]
-
     def set_limits(
         self,
         tenant_id: str,

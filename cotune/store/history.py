@@ -51,13 +51,7 @@ class HistoryMixin(StoreBase):
 
     def add_event(self, job_id: str, ev: Event) -> int:
         """Store an event; returns its id (ids grow, so they are the stream's cursor)."""
-        row = EventRow(
-            job_id=job_id,
-            created_at=to_datetime(ev.created_at),
-            level=ev.level,
-            message=ev.message,
-            data=ev.data,
-        )
+        row = event_row(job_id, ev)
         try:
             with self._tx() as s:
                 s.add(row)
@@ -223,3 +217,13 @@ class HistoryMixin(StoreBase):
                 )
                 for r in rows
             ]
+
+
+def event_row(job_id: str, ev: Event) -> EventRow:
+    return EventRow(
+        job_id=job_id,
+        created_at=to_datetime(ev.created_at),
+        level=ev.level,
+        message=ev.message,
+        data=ev.data,
+    )

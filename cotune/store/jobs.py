@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from cotune.records import Event
 from cotune.store.base import make_engine, rowcount
-from cotune.store.history import ArtifactRecord, HistoryMixin, StoredEvent
+from cotune.store.history import ArtifactRecord, HistoryMixin, StoredEvent, event_row
 from cotune.store.models import (
     ArtifactRow,
     CandidateRow,
@@ -214,9 +215,11 @@ class JobStore(StageMixin, HistoryMixin):
         *,
         error: str | None = None,
         only_from: JobStatus | None = None,
+        event: Event | None = None,
     ) -> JobRecord:
         """Move a job to ``to`` if the table allows it from its current status (and that
-        status is ``only_from``, when given), atomically.
+        status is ``only_from``, when given), atomically, with ``event`` stored in the same
+        transaction: whoever reads the new status can read the event.
 
         Raises ``IllegalTransition`` (from the status it found) or ``JobNotFound``.
         """
@@ -234,6 +237,8 @@ class JobStore(StageMixin, HistoryMixin):
                     values["error"] = error
                 stmt = update(Job).where(Job.id == job_id, Job.status == current.value)
                 if rowcount(s, stmt.values(**values)) == 1:
+                    if event is not None:
+                        s.add(event_row(job_id, event))
                     break
             # Someone moved the job between the read and the update: look again.
         else:  # pragma: no cover - needs 16 lost races in a row

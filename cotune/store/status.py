@@ -40,10 +40,6 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 )
 
 
-def can_transition(from_status: JobStatus | str, to_status: JobStatus | str) -> bool:
-    return JobStatus(to_status) in TRANSITIONS[JobStatus(from_status)]
-
-
 class IllegalTransition(CotuneError):
     """A job cannot move from its current status to the requested one (the API answers 409)."""
 

@@ -417,6 +417,20 @@ def test_transition_legal_and_illegal(store: JobStore) -> None:
         store.transition("job-missing", JobStatus.running)
 
 
+def test_a_transition_writes_its_event_in_the_same_transaction(store: JobStore) -> None:
+    """A reader that sees a job succeeded must find its "succeeded" event too (an event
+    stream ended between the two, missing the last event); a refused move writes nothing."""
+    job_id = _job(store)
+    moved = store.transition(
+        job_id, JobStatus.cancelled, event=Event(message="cancelled between stages")
+    )
+    assert moved.status == JobStatus.cancelled
+    assert [e.message for e in store.events(job_id)] == ["cancelled between stages"]
+    with pytest.raises(IllegalTransition):
+        store.transition(job_id, JobStatus.running, event=Event(message="running"))
+    assert [e.message for e in store.events(job_id)] == ["cancelled between stages"]
+
+
 def test_a_transition_from_an_expected_status_only(store: JobStore) -> None:
     """``only_from``: a step that read one status must not move a job someone else moved
     meanwhile (a late validation must not revive a job that failed in between)."""
