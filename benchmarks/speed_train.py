@@ -73,7 +73,7 @@ def _plain_trl_sft(base: Path, rows: list[Any], config: Any, out: Path) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from cotune.training import _use_bf16
+    from cotune.training.base_model import _use_bf16
 
     gpu = torch.cuda.is_available()
     started = time.perf_counter()
@@ -146,7 +146,7 @@ def loop_overhead(system_path: Path, *, limit: int = 32) -> dict[str, Any]:
     """One epoch of the loop (judge = the system's own model) on the system's train/val
     files: stage seconds, seconds inside engine calls and trainers, base-model loads."""
     import cotune.engines as engines_module
-    import cotune.training as training_module
+    import cotune.training.adapter as training_module  # train_adapter looks _load_base up here
     from cotune.embedded import open_output
     from cotune.loop import run_job
     from cotune.records import Stage

@@ -268,7 +268,8 @@ def _first_step(tiny_model_dir: Path, config: TrainConfig, run_dir: Path) -> dic
     anything), the first logged loss, and the rows per pass."""
     from transformers import TrainerCallback
 
-    from cotune.training import _load_base, _load_tokenizer, _lora_config, _sft_trainer
+    from cotune.training.base_model import _load_base, _load_tokenizer, _lora_config
+    from cotune.training.trainers import _sft_trainer
 
     seen: dict[str, Any] = {"grads": {}, "losses": []}
 

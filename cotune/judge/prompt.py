@@ -1,0 +1,188 @@
+"""The judge's prompt: the system card, one trace's spans, and the repair prompt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from cotune.engines.base import Message
+from cotune.judge.schema import ERROR_TYPES
+from cotune.runtime import Span, Trace, render_value
+from cotune.spec import Component, SystemSpec
+
+SPAN_CHARS = 600  # a span's output (and each of its own inputs) in the prompt
+INPUT_CHARS = 600  # each task input and gold value in the prompt
+BAD_REPLY_CHARS = 1500  # a failed reply quoted back in the repair prompt
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most about ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    return f"{text[:limit]}… [{cut} more chars]"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _model_name(system: SystemSpec, alias: str | None) -> str:
+    if alias is None:
+        return "?"
+    ref = system.models.get(alias)
+    if ref is None:
+        return alias
+    if ref.name is not None:
+        return f"{alias} ({ref.name})" if ref.name != alias else alias
+    # A local path: its last part names the model without leaking the machine's layout.
+    assert ref.path is not None
+    return f"{alias} ({ref.path.rstrip('/').rsplit('/', 1)[-1]})"
+
+
+def _output_format(component: Component) -> str:
+    schema = component.json_schema
+    if schema is None:
+        return "text"
+    return "JSON following " + clip(json.dumps(schema, ensure_ascii=False), 200)
+
+
+def _arg_text(key: str, value: Any) -> str:
+    if key == "url" and isinstance(value, str):
+        from urllib.parse import urlsplit
+
+        value = urlsplit(value).netloc or "?"  # the host only: a query string may hold a key
+    return f"{key}={value}"
+
+
+def _card_line(system: SystemSpec, component: Component) -> str:
+    flow = f"reads {', '.join(component.reads)} -> writes {component.writes}"
+    if component.kind == "tool":
+        args = ", ".join(_arg_text(k, v) for k, v in sorted(component.args.items()))
+        head = f"- {component.name} [tool: {component.tool}" + (f" ({args})" if args else "")
+        return f"{head}; not trainable]: {flow}; output: the tool's result"
+    trainable = "trainable" if component.is_trainable else "not trainable"
+    line = (
+        f"- {component.name} [llm: model {_model_name(system, component.model)}; {trainable}]: "
+        f"{flow}; output: {_output_format(component)}"
+    )
+    assert component.prompt is not None
+    line += f"; prompt: {clip(_one_line(component.prompt), 200)!r}"
+    if component.system:
+        line += f"; system prompt: {clip(_one_line(component.system), 200)!r}"
+    return line
+
+
+def system_card(system: SystemSpec) -> str:
+    """The system as the judge sees it: graph, models, trainability, formats, output, metric."""
+    lines = [f"System {system.name!r}" + (f": {system.description}" if system.description else "")]
+    lines.append(f"Task inputs: {', '.join(system.inputs)}")
+    lines.append("Components, in execution order:")
+    lines.extend(_card_line(system, c) for c in system.components)
+    writer = system.writer_of(system.output)
+    lines.append(
+        f"Final output: field {system.output!r}"
+        + (f" (written by {writer.name!r})" if writer else "")
+    )
+    if system.metric == "judge":
+        lines.append("Metric: judged (no gold comparison)")
+    else:
+        lines.append(
+            f"Metric: {system.metric} against the gold answer(s); a trace passes when its "
+            f"score >= {system.pass_threshold:g}"
+        )
+    return "\n".join(lines)
+
+
+_SKELETON = (
+    '{"system_correct": false, "failure_summary": "...", "components": [{"span_id": "...", '
+    '"component": "...", "error_type": "' + "|".join(ERROR_TYPES) + '", "critique": "...", '
+    '"should_have_output": "..." or null, "blame": 0.0-1.0, "confidence": 0.0-1.0}], '
+    '"decisive_span_id": "..." or null}'
+)
+
+
+def _instructions() -> str:
+    return (
+        "You are the judge of a compound AI system: you read one run (a trace) of the system "
+        "and assign credit for its final output to the spans (component calls) that made it.\n"
+        "For each span that contributed to an error (you may skip spans that did nothing "
+        "wrong), give: span_id and its component; error_type (one of "
+        f"{', '.join(ERROR_TYPES)}); a short critique; blame in [0, 1] (how much this span "
+        "caused the failure); confidence in [0, 1]; and should_have_output: for an llm span, "
+        "the exact output it should have written instead, in its output format, with nothing "
+        "else; null for tool spans or when you cannot tell.\n"
+        "decisive_span_id is the earliest span whose error made the final output wrong, or "
+        "null when the system is correct.\n"
+        "Return only JSON following the schema, with no prose and no code fence:\n" + _SKELETON
+    )
+
+
+def _render(value: Any) -> str:
+    return render_value(value) if not isinstance(value, str) else value
+
+
+def _describe_input(trace: Trace, span: Span, name: str, value: Any) -> str:
+    """A span's input, by reference where it is a task input or an earlier span's output."""
+    if name in trace.inputs and trace.inputs[name] == value:
+        return f"{name} = (task input {name})"
+    for earlier in trace.spans:
+        if earlier is span:
+            break
+        if earlier.writes == name and earlier.output == value:
+            return f"{name} = (output of span {earlier.span_id})"
+    return f"{name} = {clip(_render(value), SPAN_CHARS)}"
+
+
+def _span_block(trace: Trace, index: int, span: Span) -> str:
+    what = "llm" if span.kind == "llm" else "tool"
+    lines = [f"[{index}] span_id={span.span_id} component={span.component} ({what})"]
+    if span.inputs:
+        lines.append(
+            "inputs: "
+            + "; ".join(_describe_input(trace, span, k, v) for k, v in span.inputs.items())
+        )
+    lines.append(f"output ({span.writes}): {clip(_render(span.output), SPAN_CHARS)}")
+    if span.error:
+        lines.append(f"error: {clip(span.error, 200)}")
+    return "\n".join(lines)
+
+
+def judge_messages(system: SystemSpec, trace: Trace, *, include_gold: bool) -> list[Message]:
+    """The judge's prompt for one trace. Gold answers and the score only when ``include_gold``."""
+    system_message = f"{_instructions()}\n\n{system_card(system)}"
+    parts = ["Task input:"]
+    for name, value in trace.inputs.items():
+        parts.append(f"{name}: {clip(_render(value), INPUT_CHARS)}")
+    if include_gold and trace.expected:
+        gold = " | ".join(clip(g, INPUT_CHARS) for g in trace.expected[:5])
+        parts.append(f"Gold answer(s) (metric {system.metric}): {gold}")
+    parts.append(f"Final output ({system.output}): {clip(_render(trace.output), SPAN_CHARS)}")
+    if include_gold and trace.score is not None:
+        verdict = "" if trace.passed is None else (" (passed)" if trace.passed else " (failed)")
+        parts.append(f"Score: {trace.score:g}{verdict}")
+    parts.append("Spans, in order:")
+    parts.extend(_span_block(trace, i + 1, span) for i, span in enumerate(trace.spans))
+    parts.append("Return the JSON verdict now.")
+    return [
+        {"role": "system", "content": system_message},
+        {"role": "user", "content": "\n".join(parts)},
+    ]
+
+
+def repair_messages(
+    original_messages: Sequence[Message], bad_text: str, reason: str
+) -> list[Message]:
+    """The one repair attempt: the original prompt, the bad reply, and what was wrong with it."""
+    return [
+        *original_messages,
+        {"role": "assistant", "content": clip(bad_text, BAD_REPLY_CHARS)},
+        {
+            "role": "user",
+            "content": (
+                f"That reply cannot be used: {reason}. Return only the corrected JSON object "
+                "following the schema, with no prose and no code fence."
+            ),
+        },
+    ]
