@@ -29,7 +29,6 @@ folders are accepted), ``plan`` (adapters grouped by base model), ``build`` (``b
 from cotune.bundle.archive import write_bundle_tar
 from cotune.bundle.build import build_bundle, library_versions
 from cotune.bundle.layout import (
-    ADAPTER_FILES,
     ADAPTERS_FILE,
     BUNDLE_FORMAT,
     LIBRARIES,
@@ -42,6 +41,7 @@ from cotune.bundle.layout import (
 )
 from cotune.bundle.serve import env_name, render_serve_script
 from cotune.bundle.verify import verify_bundle
+from cotune.training.rows import ADAPTER_FILES
 
 __all__ = [
     "ADAPTERS_FILE",

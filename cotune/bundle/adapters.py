@@ -8,7 +8,8 @@ import os
 import stat
 from pathlib import Path
 
-from cotune.bundle.layout import ADAPTER_FILES, SAFETENSORS_HEADER_LIMIT, BundleError
+from cotune.bundle.layout import SAFETENSORS_HEADER_LIMIT, BundleError
+from cotune.training.rows import ADAPTER_FILES
 
 
 def _check_adapter(component: str, folder: Path) -> int:

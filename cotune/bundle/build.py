@@ -18,7 +18,6 @@ import yaml
 
 from cotune.bundle.layout import (
     _CHUNK,
-    ADAPTER_FILES,
     ADAPTERS_FILE,
     BUNDLE_FORMAT,
     LIBRARIES,
@@ -30,6 +29,7 @@ from cotune.bundle.layout import (
 from cotune.bundle.plan import _plan
 from cotune.bundle.serve import render_serve_script
 from cotune.spec import SystemSpec
+from cotune.training.rows import ADAPTER_FILES
 
 
 def build_bundle(
