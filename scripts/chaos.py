@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from cotune.jobs.materialize import local_spec
     from cotune.jobs.queues import ADVANCE_JOB, GPU_QUEUE, message_conf
     from cotune.models import prepare_model
+    from cotune.records import EPOCH_STAGES
     from cotune.settings import Settings
     from cotune.spec.job import parse_job
     from cotune.store import ArtifactStore, JobStore, StageStatus
@@ -153,13 +154,18 @@ def run(args: argparse.Namespace) -> int:
     client.conf.update(
         **message_conf(Settings(broker_url=args.redis, broker_key_prefix=prefix, database_url=url))
     )
-    fleet.start("beat", "--schedule-filename", str(folder / "beat"), "-l", "info")
+    fleet.start("beat", "--schedule", str(folder / "beat"), "-l", "info")
     for _ in range(args.workers):
         fleet.worker()
     started = time.monotonic()
     job_id = store.create_job(job.system.name, local_spec(job))
     client.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
     kills: list[dict[str, Any]] = []
+    # Seeded kill points spread over the job's stages (a stage may be hit more than once).
+    order = [(0, "baseline")]
+    order += [(e, s.value) for e in range(1, args.epochs + 1) for s in EPOCH_STAGES]
+    order += [(args.epochs + 1, "test")]
+    targets = sorted(rng.choices(order, k=args.kills), key=order.index)
     try:
         while len(kills) < args.kills:
             record = store.get_job(job_id)
@@ -168,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
             running = [
                 s
                 for s in store.stage_states(job_id)
-                if s.status == StageStatus.running and holder_pid(s.lease_owner) in fleet.procs
+                if s.status == StageStatus.running
+                and holder_pid(s.lease_owner) in fleet.procs
+                and (s.epoch, s.stage.value) in targets[len(kills) :]
             ]
             if not running:
                 time.sleep(0.2)
