@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from cotune.data import Example
 from cotune.engines.base import GenerationRequest, InferenceEngine, Message
+from cotune.prompts import render_messages
 from cotune.spec import Component, SystemSpec
 from cotune.tools import ToolContext, run_tool
 
@@ -68,27 +69,6 @@ class Trace(BaseModel):
         values = dict(self.inputs)
         values.update({span.writes: span.output for span in self.spans})
         return values
-
-
-def render_value(value: Any) -> str:
-    """How a field appears in a prompt: lists as numbered lines, mappings as JSON."""
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return "\n".join(f"{i + 1}. {render_value(item)}" for i, item in enumerate(value))
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def render_messages(component: Component, values: Mapping[str, Any]) -> list[Message]:
-    rendered = {name: render_value(values[name]) for name in component.reads}
-    messages: list[Message] = []
-    if component.system:
-        messages.append({"role": "system", "content": component.system.format(**rendered)})
-    assert component.prompt is not None  # checked by the spec
-    messages.append({"role": "user", "content": component.prompt.format(**rendered)})
-    return messages
 
 
 def parse_output(component: Component, text: str) -> tuple[Any, str | None]:

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cotune.prompts import render_value
 from cotune.records import BufferCount, BufferRows, Candidate
-from cotune.runtime import Span, Trace, render_value
+from cotune.runtime import Span, Trace
 from cotune.spec import SystemSpec
 from cotune.training import DPOPair, SFTRow
 

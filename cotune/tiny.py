@@ -186,7 +186,7 @@ def _training_chats(world: TinyWorld, rng: random.Random, n: int) -> list[list[d
 def answer_prompt(world: TinyWorld, key: str, rng: random.Random) -> str:
     """The answer writer's prompt: the fact about ``key`` first, then two others, rendered as
     the runtime renders bm25's passages."""
-    from cotune.runtime import render_value
+    from cotune.prompts import render_value
 
     others = rng.sample([k for k in world.facts if k != key], 2)
     passages = [f"the color of {k} is {world.facts[k]}." for k in [key, *others]]
@@ -377,7 +377,7 @@ def _system_answers(
 ) -> list[str]:
     """The whole tiny-kb system's final answers on ``rows``: greedy query, bm25 (k=3), greedy
     answer, as the runtime runs it (HF here; tests/core/test_runtime.py checks vLLM agrees)."""
-    from cotune.runtime import render_value
+    from cotune.prompts import render_value
     from cotune.tools.bm25 import BM25Index
 
     index = BM25Index.from_rows(world.corpus)

@@ -54,7 +54,7 @@ def gold_proposals(system: SystemSpec, traces: Sequence[Trace]) -> list[Proposal
     writer = system.writer_of(system.output)
     if writer is None or not writer.is_trainable or writer.json_schema is not None:
         return []
-    from cotune.runtime import render_value
+    from cotune.prompts import render_value
 
     proposals = []
     for trace in traces:

@@ -42,13 +42,9 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from cotune.jobs.queues import (
-    ADVANCE_JOB,
     CPU_QUEUE,
-    FINALIZE_JOB,
-    GPU_QUEUE,
     QUEUES,
     REAP_EXPIRED_LEASES,
-    VALIDATE_JOB,
     message_conf,
 )
 from cotune.settings import Settings
@@ -104,15 +100,3 @@ def app_settings(app: Celery) -> Settings:
 
 
 app = create_app()
-
-__all__ = [
-    "ADVANCE_JOB",
-    "CPU_QUEUE",
-    "FINALIZE_JOB",
-    "GPU_QUEUE",
-    "REAP_EXPIRED_LEASES",
-    "VALIDATE_JOB",
-    "app",
-    "app_settings",
-    "create_app",
-]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from workers.app import CPU_QUEUE, GPU_QUEUE
+from cotune.jobs.queues import CPU_QUEUE, GPU_QUEUE
 
 POOLS = ("solo", "threads", "prefork")
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cotune.judge.schema import JudgeVerdict
-from cotune.runtime import Trace, render_value
+from cotune.prompts import render_value
+from cotune.runtime import Trace
 
 
 def _same_output(proposed: str, original: Any) -> bool:

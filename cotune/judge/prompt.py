@@ -8,7 +8,8 @@ from typing import Any
 
 from cotune.engines.base import Message
 from cotune.judge.schema import ERROR_TYPES
-from cotune.runtime import Span, Trace, render_value
+from cotune.prompts import render_value
+from cotune.runtime import Span, Trace
 from cotune.spec import Component, SystemSpec
 
 SPAN_CHARS = 600  # a span's output (and each of its own inputs) in the prompt
