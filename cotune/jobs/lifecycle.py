@@ -179,20 +179,23 @@ class Lifecycle:
 
         record = self.store.get_job(job_id)
         if record is not None and record.status == JobStatus.validating_files:
+            message = "the job could not be queued; submit it again"
             self.move(
                 job_id,
                 "failed",
-                error="the job could not be queued; submit it again",
+                error=message,
                 only_from="validating_files",
+                event=f"failed: {message}",
+                level="error",
             )
 
     def request_cancel(self, job_id: str) -> JobRecord:
-        """Ask the job to stop (``JobStore.request_cancel``); one event the first time."""
-        before = self.store.get_job(job_id)
-        record = self.store.request_cancel(job_id)
-        if before is not None and (before.status != record.status or not before.cancel_requested):
-            self.event(job_id, CANCEL_REQUESTED, "warning")
-        return record
+        """Ask the job to stop (``JobStore.request_cancel``), with one event the first time
+        (in the same transaction)."""
+        from cotune.records import Event
+
+        event = Event(level="warning", message=CANCEL_REQUESTED, created_at=time.time())
+        return self.store.request_cancel(job_id, event=event)
 
     def validate(
         self, job_id: str, owner: str, *, check_models: bool = False, job: JobSpec | None = None

@@ -248,34 +248,32 @@ class JobStore(StageMixin, HistoryMixin):
             raise JobNotFound(job_id)
         return job
 
-    def request_cancel(self, job_id: str) -> JobRecord:
+    def request_cancel(self, job_id: str, *, event: Event | None = None) -> JobRecord:
         """Ask a job to stop. One that no worker holds yet (``validating_files``, ``queued``)
         is cancelled at once; a running one keeps ``cancel_requested`` set, and its worker
         moves it to ``cancelled`` at the next stage boundary. Cancelling a cancelled job is a
-        no-op; a succeeded or failed one raises ``IllegalTransition``."""
+        no-op; a succeeded or failed one raises ``IllegalTransition``. ``event`` is stored in
+        the same transaction, and only by the request that changed something."""
         now = utcnow()
         terminal = [s.value for s in TERMINAL]
         not_started = [JobStatus.validating_files.value, JobStatus.queued.value]
+        live = and_(Job.id == job_id, Job.status.not_in(terminal))
         with self._tx() as s:
-            flagged = rowcount(
+            first = rowcount(
                 s,
                 update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.status.not_in(terminal),
-                )
+                .where(live, Job.cancel_requested.is_(False))
                 .values(cancel_requested=True, updated_at=now),
             )
-            if flagged:
-                rowcount(
-                    s,
-                    update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.status.in_(not_started),
-                    )
-                    .values(status=JobStatus.cancelled.value, updated_at=now),
-                )
+            flagged = first or s.scalar(select(Job.id).where(live)) is not None
+            stopped = flagged and rowcount(
+                s,
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(not_started))
+                .values(status=JobStatus.cancelled.value, updated_at=now),
+            )
+            if event is not None and (first or stopped):
+                s.add(event_row(job_id, event))
         job = self.get_job(job_id)
         if job is None:
             raise JobNotFound(job_id)
