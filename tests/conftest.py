@@ -71,10 +71,9 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
-@contextlib.contextmanager
-def fresh_pg_database(prefix: str) -> Iterator[str]:
-    """A new PostgreSQL database migrated to head, dropped afterwards. PostgreSQL runs on every
-    dev and CI machine of this project: if it is unreachable the test fails, it is not skipped."""
+def create_pg_database(prefix: str) -> str:
+    """A new PostgreSQL database migrated to head; its URL. PostgreSQL runs on every dev and
+    CI machine of this project: if it is unreachable the test fails, it is not skipped."""
     from sqlalchemy import create_engine, make_url, text
 
     from cotune.store import migrate
@@ -88,11 +87,26 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
     url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    return url
+
+
+def drop_pg_database(url: str) -> None:
+    from sqlalchemy import create_engine, make_url, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database migrated to head (``create_pg_database``), dropped after."""
+    url = create_pg_database(prefix)
     try:
-        migrate(url)
         yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_pg_database(url)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
-from conftest import PG_ADMIN_URL
+from conftest import create_pg_database, drop_pg_database
 from doubles import RecordingDispatcher
 from hypothesis import HealthCheck, settings
 
@@ -28,24 +27,9 @@ from services.api.app import create_app
 EXAMPLES_PER_OPERATION = 12
 
 
-def _database() -> str:
-    """A fresh PostgreSQL database, migrated to head (the schema is loaded when this module
-    is, so the app exists before any fixture; ``_drop`` removes it)."""
-    from sqlalchemy import create_engine, make_url, text
-
-    from cotune.store import migrate
-
-    name = f"cotune_fuzz_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    return url
-
-
-URL = _database()
+# The schema is loaded when this module is, so the app (and its database) exist before any
+# fixture; ``_drop`` removes the database.
+URL = create_pg_database("cotune_fuzz")
 ARTIFACTS = tempfile.mkdtemp(prefix="cotune-fuzz-")
 DISPATCHER = RecordingDispatcher()
 APP = create_app(Settings(database_url=URL, artifacts=ARTIFACTS), dispatcher=DISPATCHER)
@@ -57,13 +41,8 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 @pytest.fixture(scope="module", autouse=True)
 def _drop() -> Iterator[None]:
     yield
-    from sqlalchemy import create_engine, make_url, text
-
     APP.state.cotune.store.close()
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(URL).database}" WITH (FORCE)'))
-    admin.dispose()
+    drop_pg_database(URL)
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
 
 
