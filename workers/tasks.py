@@ -2,14 +2,14 @@
 everything else from the stores; each task calls one lifecycle step and enqueues what its
 ``Step`` says comes next.
 
+``validate_job(job_id)`` (queue ``cpu``) materialises an HTTP job's files and queues it.
 ``advance_job(job_id)`` (queue ``gpu``) runs exactly one new stage of a job and enqueues
-itself again: ``run_job`` with ``stage_limit=1`` loads every finished stage from the store, runs
-the next one under a lease (``claim_stage`` + heartbeats) and raises ``StagePause`` before the
-one after. When ``run_job`` returns, every stage is done and ``finalize_job(job_id)`` (queue
-``cpu``) writes the report, metrics and the best adapters under ``<job_id>/result/`` in the
-artifact store (``cotune.jobs.results.export_job_result``, the layout the embedded server
-writes),
-stores the report as the job's result and moves the job to ``succeeded``.
+itself again (``Lifecycle.advance`` with ``stage_limit=1``: every finished stage is loaded from
+the store, the next one runs under a lease renewed by heartbeats). When every stage is done,
+``finalize_job(job_id)`` (queue ``cpu``) writes the report, metrics and the best adapters under
+``<job_id>/result/`` in the artifact store (``cotune.jobs.results.export_job_result``, the
+layout the embedded server writes), stores the report as the job's result and moves the job to
+``succeeded``.
 
 Between two stages a task checks ``cancel_requested`` and moves the job to ``cancelled``. A
 stage that raises fails its attempt (``fail_stage``) and the job (``failed``, with the error,
@@ -92,7 +92,7 @@ def _owner(task: Task) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{task.request.id or 'direct'}"
 
 
-# --------------------------------------------------------------------------- job specs
+# --------------------------------------------------------------------------- sending tasks
 
 
 def enqueue_advance(job_id: str) -> None:
