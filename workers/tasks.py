@@ -95,6 +95,10 @@ def _owner(task: Task) -> str:
 # --------------------------------------------------------------------------- sending tasks
 
 
+def enqueue_validate(job_id: str) -> None:
+    app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
+
+
 def enqueue_advance(job_id: str) -> None:
     app.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
 
@@ -155,7 +159,3 @@ def reap_expired_leases() -> list[str]:
     from workers.reaper import Reaper
 
     return Reaper(lifecycle(), settings(), enqueue_advance, enqueue_validate).reap()
-
-
-def enqueue_validate(job_id: str) -> None:
-    app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
