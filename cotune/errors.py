@@ -43,6 +43,14 @@ class DataError(CotuneError, ValueError):
         self.line = line
         self.field = field
 
+    @property
+    def param(self) -> str:
+        """Where in the file, as an API error's ``param``: ``line 2.expected``, ``line 2`` (the
+        line as a whole: not JSON, not UTF-8), ``expected`` (no single line) or ``file``."""
+        if self.line is not None:
+            return f"line {self.line}.{self.field}" if self.field else f"line {self.line}"
+        return self.field or "file"
+
 
 class EngineError(CotuneError, RuntimeError):
     """An inference engine failed in a way the caller should see."""

@@ -12,8 +12,12 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# The live API of the reliability campaign (a module fixture, ``live``).
+pytest_plugins = ["live_api"]
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("COTUNE_TEST_CACHE", REPO / ".cache" / "tests"))
@@ -110,3 +114,22 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
         yield url
     finally:
         drop_pg_database(url)
+
+
+def tiny_job_spec(files: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """A valid job spec for the tiny-kb task over uploaded files (name -> file id: train, val,
+    test, corpus), small enough to validate fast; ``extra`` replaces top-level parts."""
+    import json
+
+    from cotune.tiny import TINY_SYSTEM
+
+    system = json.loads(json.dumps(TINY_SYSTEM))
+    system["components"][1]["args"]["corpus"] = files["corpus"]
+    spec: dict[str, Any] = {
+        "system": system,
+        "data": {"train": files["train"], "val": files["val"], "test": files["test"]},
+        "loop": {"epochs": 1, "rollout_batch": 12, "samples_per_component": 8, "judge_samples": 1},
+        "train": {"lora_r": 4, "lora_alpha": 8},
+    }
+    spec.update(extra)
+    return spec

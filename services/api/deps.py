@@ -23,6 +23,8 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         max_length=255,
+        # Printable ASCII: what HTTP allows in a header value, and nothing PostgreSQL refuses.
+        pattern=r"^[\x20-\x7e]+$",
         description="the same key (per tenant) returns the same job or file instead of a new one",
     ),
 ]

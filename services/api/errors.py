@@ -129,7 +129,13 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         # A body that is not JSON at all: its loc is the character offset, not a field.
         json_invalid = first.get("type") == "json_invalid"
-        param = "body" if json_invalid else _loc_param(first.get("loc", ()))
+        loc = tuple(first.get("loc", ()))
+        if loc == ("body",) and isinstance(first.get("input"), bytes):
+            # FastAPI hands over the raw bytes when the content type is not JSON.
+            return error_response(
+                415, "unsupported_media_type", "send the body as application/json", "body"
+            )
+        param = "body" if json_invalid or loc == ("body",) else _loc_param(loc)
         message = str(first.get("msg", "invalid request"))
         if param:
             message = f"{param}: {message}"
@@ -149,7 +155,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DataError)
     async def _data(request: Request, exc: DataError) -> JSONResponse:
-        return error_response(422, "invalid_file", _clean(request, str(exc)), exc.field)
+        return error_response(422, "invalid_file", _clean(request, str(exc)), exc.param)
 
     @app.exception_handler(CotuneError)
     async def _cotune(request: Request, exc: CotuneError) -> JSONResponse:

@@ -14,6 +14,7 @@ Pure functions: no fastapi here, the routes call them.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -42,11 +43,15 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str] 
     """``(dotted path, what is wrong)`` for the first part of a parsed JSON value that cannot be
     stored and sent back: a string (or key) holding a lone UTF-16 surrogate (valid JSON escape,
     not text: it cannot be encoded as UTF-8) or a NUL character (PostgreSQL refuses it), or
-    nesting deeper than ``MAX_JSON_DEPTH``. None when the value is fine."""
+    NaN or an infinity (not JSON), or nesting deeper than ``MAX_JSON_DEPTH``. None when the value
+    is fine."""
     if depth > MAX_JSON_DEPTH:
         return path, f"nesting is deeper than {MAX_JSON_DEPTH} levels"
     if isinstance(value, str):
         return None if (what := _text_problem(value)) is None else (path, f"the string {what}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # Python's decoder takes NaN and Infinity; JSON has no such numbers (nor has JSONB).
+        return path, f"{value} is not a JSON number"
     if isinstance(value, Mapping):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)

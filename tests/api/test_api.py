@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fresh_pg_database
+from conftest import fresh_pg_database, tiny_job_spec
 from doubles import RecordingDispatcher, stub_registry_model
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -45,7 +45,7 @@ from cotune.records import (
 from cotune.settings import HostedJudge, Settings
 from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore
-from cotune.tiny import TINY_SYSTEM, write_tiny_example
+from cotune.tiny import write_tiny_example
 from services.api.app import create_app
 
 JUDGE_ENV = "COTUNE_TEST_HOSTED_JUDGE_KEY"
@@ -173,19 +173,6 @@ def tiny_files(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return ids
 
 
-def tiny_spec(files: dict[str, str], **extra: Any) -> dict[str, Any]:
-    system = json.loads(json.dumps(TINY_SYSTEM))
-    system["components"][1]["args"]["corpus"] = files["corpus"]
-    spec: dict[str, Any] = {
-        "system": system,
-        "data": {"train": files["train"], "val": files["val"], "test": files["test"]},
-        "loop": {"epochs": 1, "rollout_batch": 12, "samples_per_component": 8, "judge_samples": 1},
-        "train": {"lora_r": 4, "lora_alpha": 8},
-    }
-    spec.update(extra)
-    return spec
-
-
 def submit(api: Api, spec: dict[str, Any], headers: Any = None, **kwargs: Any) -> dict[str, Any]:
     response = api.request("POST", "/v1/jobs", json=spec, headers=headers or api.acme, **kwargs)
     assert response.status_code == 200, response.text
@@ -290,7 +277,7 @@ def finish(api: Api, job_id: str, *, kept: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def done_job(api: Api, tiny_files: dict[str, str]) -> str:
-    job = submit(api, tiny_spec(tiny_files))
+    job = submit(api, tiny_job_spec(tiny_files))
     finish(api, job["id"])
     return str(job["id"])
 
@@ -333,25 +320,25 @@ def test_upload_is_checked_listed_downloaded_and_deleted(api: Api) -> None:
             b'{"question": "q"}\n{"question": "x", "expected": 3}\n',
             "data",
             2,
-            "expected",
+            "line 2.expected",
         ),
-        ("a.jsonl", b'{"question": "q"}\n{"id": "1"}\n{"id": "1"}\n', "data", 3, "id"),
-        ("a.jsonl", b'{"question": "q"}\n{"question": "q",\n', "data", 2, None),
-        ("a.jsonl", b'{"question": "q"}\n[1, 2]\n', "data", 2, None),
-        ("a.jsonl", b'{"question": "q"}\n{"question": "\xff"}\n', "data", 2, None),
-        ("a.jsonl", b'{"id": "p1", "text": "t"}\n{"id": "p2"}\n', "corpus", 2, "text"),
-        ("a.jsonl", b'{"id": "p1", "text": "t", "title": 5}\n', "corpus", 1, "title"),
-        ("a.jsonl", b'{"q": "' + b"x" * 5000 + b'"}\n', "data", 1, None),
+        ("a.jsonl", b'{"question": "q"}\n{"id": "1"}\n{"id": "1"}\n', "data", 3, "line 3.id"),
+        ("a.jsonl", b'{"question": "q"}\n{"question": "q",\n', "data", 2, "line 2"),
+        ("a.jsonl", b'{"question": "q"}\n[1, 2]\n', "data", 2, "line 2"),
+        ("a.jsonl", b'{"question": "q"}\n{"question": "\xff"}\n', "data", 2, "line 2"),
+        ("a.jsonl", b'{"id": "p1", "text": "t"}\n{"id": "p2"}\n', "corpus", 2, "line 2.text"),
+        ("a.jsonl", b'{"id": "p1", "text": "t", "title": 5}\n', "corpus", 1, "line 1.title"),
+        ("a.jsonl", b'{"q": "' + b"x" * 5000 + b'"}\n', "data", 1, "line 1"),
         # valid JSON escapes that are not text: a lone surrogate, a NUL (PostgreSQL refuses it)
-        ("a.jsonl", b'{"question": "q"}\n{"question": "a\\ud800"}\n', "data", 2, "question"),
-        ("a.jsonl", b'{"id": "p1", "text": "t\\u0000"}\n', "corpus", 1, "text"),
+        ("a.jsonl", b'{"question": "q"}\n{"question": "a\\ud800"}\n', "data", 2, "line 2.question"),
+        ("a.jsonl", b'{"id": "p1", "text": "t\\u0000"}\n', "corpus", 1, "line 1.text"),
         # nested past the decoder's recursion limit, and decodable but past MAX_JSON_DEPTH
-        ("a.jsonl", b'{"q": ' + b"[" * 2000 + b"]" * 2000 + b"}\n", "data", 1, None),
-        ("a.jsonl", b'{"q": ' + b"[" * 40 + b"]" * 40 + b"}\n", "data", 1, "q" + ".0" * 32),
+        ("a.jsonl", b'{"q": ' + b"[" * 2000 + b"]" * 2000 + b"}\n", "data", 1, "line 1"),
+        ("a.jsonl", b'{"q": ' + b"[" * 40 + b"]" * 40 + b"}\n", "data", 1, "line 1.q" + ".0" * 32),
     ],
 )
 def test_a_bad_upload_names_its_line_and_field(
-    api: Api, name: str, content: bytes, purpose: str, line: int, param: str | None
+    api: Api, name: str, content: bytes, purpose: str, line: int, param: str
 ) -> None:
     response = api.upload(name, content, purpose)
     assert response.status_code == 422, response.text
@@ -469,7 +456,7 @@ def test_another_tenants_ids_answer_404_on_every_route(
     assert not set(tiny_files.values()) & {f["id"] for f in theirs}
     assert api.request("GET", f"/v1/jobs?after={done_job}", headers=api.globex).status_code == 404
     # A spec naming acme's files is refused for globex as if they did not exist.
-    response = api.request("POST", "/v1/jobs", json=tiny_spec(tiny_files), headers=api.globex)
+    response = api.request("POST", "/v1/jobs", json=tiny_job_spec(tiny_files), headers=api.globex)
     error = response.json()["error"]
     assert response.status_code == 422 and error["param"] == "system.components.search.args.corpus"
     assert "you have no file" in error["message"]
@@ -479,7 +466,7 @@ def test_another_tenants_ids_answer_404_on_every_route(
 
 
 def _mutate(files: dict[str, str], how: str) -> dict[str, Any]:
-    spec = tiny_spec(files)
+    spec = tiny_job_spec(files)
     system = spec["system"]
     if how == "data path":
         spec["data"]["train"] = "/srv/data/train.jsonl"
@@ -556,7 +543,7 @@ def test_a_spec_naming_server_things_answers_422(
 def _raw_spec(files: dict[str, str], where: str, escaped: str) -> bytes:
     """A job spec as JSON text with ``escaped`` (a JSON escape such as ``\\ud800``) spliced into
     one string: the client sent it that way, Python's json would have refused to write it."""
-    spec = tiny_spec(files)
+    spec = tiny_job_spec(files)
     marker = "SPLICE-HERE"
     if where == "system.name":
         spec["system"]["name"] = f"kb{marker}"
@@ -599,7 +586,7 @@ def test_a_spec_with_text_that_cannot_be_stored_answers_422_and_writes_nothing(
 
 def test_a_spec_nested_too_deeply_answers_422(api: Api, tiny_files: dict[str, str]) -> None:
     """A spec 600 levels deep reached copy.deepcopy and Python's recursion limit (a 500)."""
-    body = json.dumps(tiny_spec(tiny_files)).replace(
+    body = json.dumps(tiny_job_spec(tiny_files)).replace(
         '"loop": {', '"loop": {"deep": ' + "[" * 600 + "]" * 600 + ", ", 1
     )
     for url in ("/v1/jobs", "/v1/jobs/quote"):
@@ -680,7 +667,7 @@ def test_an_allowed_search_host_and_a_hosted_judge_are_accepted(
 
 
 def test_idempotency_key_creates_one_job(api: Api, tiny_files: dict[str, str]) -> None:
-    spec = tiny_spec(tiny_files)
+    spec = tiny_job_spec(tiny_files)
     key = f"idem-{uuid.uuid4().hex}"
     first = submit(api, spec, headers={**api.acme, "Idempotency-Key": key})
     assert first["status"] == "queued"  # validating_files, then queued by the dispatcher
@@ -709,7 +696,7 @@ def test_idempotency_key_creates_one_job(api: Api, tiny_files: dict[str, str]) -
             ("corpus", tiny_files["corpus"], "corpus"),
         ]
     }
-    theirs = submit(api, tiny_spec(files), headers={**api.globex, "Idempotency-Key": key})
+    theirs = submit(api, tiny_job_spec(files), headers={**api.globex, "Idempotency-Key": key})
     assert theirs["id"] != first["id"] and theirs["organization_id"] == "globex"
     # Files too.
     a = api.upload("x.jsonl", b'{"question": "q"}\n', headers={**api.acme, "Idempotency-Key": key})
@@ -726,7 +713,7 @@ def _key(api: Api, file_id: str) -> str:
 def test_cancel_delete_and_illegal_transitions(
     api: Api, tiny_files: dict[str, str], done_job: str
 ) -> None:
-    job = submit(api, tiny_spec(tiny_files))
+    job = submit(api, tiny_job_spec(tiny_files))
     refused = api.request("DELETE", f"/v1/jobs/{job['id']}", headers=api.acme)
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_finished"
     in_use = api.request("DELETE", f"/v1/files/{tiny_files['corpus']}", headers=api.acme)
@@ -739,7 +726,7 @@ def test_cancel_delete_and_illegal_transitions(
     assert conflict.json()["error"]["code"] == "illegal_transition"
     assert "succeeded" in conflict.json()["error"]["message"]
 
-    gone = submit(api, tiny_spec(tiny_files))
+    gone = submit(api, tiny_job_spec(tiny_files))
     finish(api, gone["id"])
     assert api.artifacts.list(gone["id"])
     deleted = api.request("DELETE", f"/v1/fine_tuning/jobs/{gone['id']}", headers=api.acme)
@@ -759,8 +746,8 @@ def test_running_jobs_per_tenant_are_limited(api: Api, tiny_files: dict[str, str
                 )
             ).scalar()
         if not active:
-            submit(api, tiny_spec(tiny_files))
-        response = api.request("POST", "/v1/jobs", json=tiny_spec(tiny_files), headers=api.acme)
+            submit(api, tiny_job_spec(tiny_files))
+        response = api.request("POST", "/v1/jobs", json=tiny_job_spec(tiny_files), headers=api.acme)
         assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_jobs"
     finally:
         api.accounts.set_limits("acme")
@@ -831,7 +818,7 @@ def test_events_list_and_stream(api: Api, done_job: str, tiny_files: dict[str, s
     assert body.rstrip().endswith('data: {"status": "succeeded", "id": "' + done_job + '"}')
 
     # A live job: the stream follows it until it is terminal.
-    job = submit(api, tiny_spec(tiny_files))
+    job = submit(api, tiny_job_spec(tiny_files))
 
     def later() -> None:
         time.sleep(0.3)
@@ -867,13 +854,13 @@ def test_adapter_and_bundle_downloads(api: Api, done_job: str, tiny_files: dict[
     assert any(n.endswith("adapters/answer/adapter_model.safetensors") for n in names)
     assert manifest["base_models"]["tiny"]["kind"] == "registry"
 
-    base_only = submit(api, tiny_spec(tiny_files))
+    base_only = submit(api, tiny_job_spec(tiny_files))
     finish(api, base_only["id"], kept=False)
     for route in ("adapters/query", "bundle"):
         response = api.request("GET", f"/v1/jobs/{base_only['id']}/{route}", headers=api.acme)
         assert response.status_code == 404 and response.json()["error"]["code"] == "no_adapter"
         assert "no epoch beat the base system" in response.json()["error"]["message"]
-    running = submit(api, tiny_spec(tiny_files))
+    running = submit(api, tiny_job_spec(tiny_files))
     response = api.request("GET", f"/v1/jobs/{running['id']}/adapters/query", headers=api.acme)
     assert response.status_code == 409
     api.request("POST", f"/v1/jobs/{running['id']}/cancel", headers=api.acme)
@@ -912,7 +899,7 @@ def test_the_openai_sdk_lists_retrieves_and_cancels(
     from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=api.acme_key, max_retries=0)
-    queued = submit(api, tiny_spec(tiny_files))["id"]
+    queued = submit(api, tiny_job_spec(tiny_files))["id"]
 
     jobs = list(client.fine_tuning.jobs.list(limit=2))  # pages through with `after`
     ids = [j.id for j in jobs]
@@ -952,7 +939,7 @@ def test_a_hosted_judges_key_never_leaves_the_server(
 ) -> None:
     assert os.environ[JUDGE_ENV] == SECRET
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="cotune"):
-        spec = tiny_spec(tiny_files, judge={"model": "hosted-judge"})
+        spec = tiny_job_spec(tiny_files, judge={"model": "hosted-judge"})
         job = submit(api, spec, headers={**api.acme, "Idempotency-Key": "judge-job"})
         job_id = job["id"]
         for method, url in [
@@ -1116,7 +1103,7 @@ def test_the_thread_dispatcher_runs_a_job_end_to_end(
     app = create_app(settings, dispatcher=dispatcher)
     try:
         with TestClient(app) as client:
-            spec = tiny_spec(tiny_files, judge={"model": "tiny"})
+            spec = tiny_job_spec(tiny_files, judge={"model": "tiny"})
             created = client.post("/v1/jobs", json=spec, headers=api.acme)
             assert created.status_code == 200, created.text
             job_id = created.json()["id"]
@@ -1175,7 +1162,7 @@ def test_a_restarted_embedded_server_resumes_unfinished_jobs(
                 data={"purpose": purpose},
             )
             files[name] = response.json()["id"]
-        job_id = client.post("/v1/jobs", json=tiny_spec(files), headers=headers).json()["id"]
+        job_id = client.post("/v1/jobs", json=tiny_job_spec(files), headers=headers).json()["id"]
     store = JobStore(settings.database_url)
     store.transition(job_id, JobStatus.running)
     dispatcher = ThreadDispatcher(
@@ -1214,7 +1201,7 @@ def test_the_openapi_job_body_is_the_typed_spec(api: Api, tiny_files: dict[str, 
     assert {"system", "data"} <= set(job["required"]) and "base_dir" not in job["properties"]
     root = {**document, "$ref": "#/components/schemas/SpecJobSpec"}
     validator = jsonschema.Draft202012Validator(root)
-    spec = tiny_spec(tiny_files)
+    spec = tiny_job_spec(tiny_files)
     validator.validate(spec)
     assert submit(api, spec)["status"] in ("validating_files", "queued")
     bad = {**spec, "loop": {"epochs": "many"}}
@@ -1234,7 +1221,7 @@ def test_405_names_every_method_the_path_serves(api: Api, done_job: str) -> None
 
 def test_job_lists_leave_the_spec_out(api: Api, tiny_files: dict[str, str]) -> None:
     """Finding 10: list items embedded whole specs (a 100-job page was 4.4 MB)."""
-    spec = tiny_spec(tiny_files)
+    spec = tiny_job_spec(tiny_files)
     spec["system"]["description"] = "d" * 50_000
     job = submit(api, spec)
     assert job["spec"] == spec  # the job itself still shows it

@@ -34,10 +34,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import fresh_pg_database
+from conftest import fresh_pg_database, tiny_job_spec
 from doubles import stub_registry_model
 from fastapi.testclient import TestClient
-from test_api import tiny_spec
 
 from cotune.jobs.threads import ThreadDispatcher
 from cotune.records import Event
@@ -301,7 +300,7 @@ def served(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 )
                 assert response.status_code == 200, response.text
                 files[name] = response.json()["id"]
-            spec = tiny_spec(files, judge={"model": "tiny"})
+            spec = tiny_job_spec(files, judge={"model": "tiny"})
             created = client.post("/v1/jobs", json=spec)
             assert created.status_code == 200, created.text
             job_id = created.json()["id"]

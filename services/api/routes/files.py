@@ -159,7 +159,7 @@ async def upload_file(
                 _store_upload, state, tenant, purpose, upload, idempotency_key
             )
         except DataError as err:
-            raise ApiError(422, "invalid_file", str(err), err.field) from None
+            raise ApiError(422, "invalid_file", str(err), err.param) from None
     finally:
         await form.close()
 
