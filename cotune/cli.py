@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cotune import console
 from cotune.errors import CotuneError
@@ -48,12 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands")
 
-    models = sub.add_parser("models", help="prepare and list local models").add_subparsers()
-    prepare = models.add_parser("prepare", help="download and convert a registry model once")
-    prepare.add_argument("name", help="a registry name, e.g. smollm2-135m")
+    models = sub.add_parser("models", help="register, prepare and list models").add_subparsers()
+    prepare = models.add_parser("prepare", help="download and convert a built-in model once")
+    prepare.add_argument("name", help="a built-in model, e.g. smollm2-135m")
     prepare.add_argument("--force", action="store_true", help="rebuild even if prepared")
     prepare.set_defaults(handler=cmd_models_prepare)
-    listing = models.add_parser("list", help="registry models and whether they are prepared")
+    _add_models_add(models)
+    remove = models.add_parser("remove", help="unregister a model no unfinished job names")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_models_remove)
+    listing = models.add_parser("list", help="built-in and registered models, with their status")
     listing.set_defaults(handler=cmd_models_list)
     tiny = models.add_parser("tiny", help="build the tiny test model into DIR")
     tiny.add_argument("dir", type=Path)
@@ -133,11 +137,82 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_models_add(models: Any) -> None:
+    add = models.add_parser(
+        "add", help="register a model (a hub repository, a local folder or a GGUF) and prepare it"
+    )
+    add.add_argument("name", help="the name jobs give (system.models.<alias>.name, judge.model)")
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="REPO[@REVISION]", help="a Hugging Face Hub repository")
+    source.add_argument("--path", metavar="DIR", help="a local Hugging Face model folder")
+    source.add_argument("--gguf", metavar="FILE", help="a GGUF file (converted to safetensors)")
+    add.add_argument("--chat-template", type=Path, metavar="FILE", help="a Jinja chat template")
+    add.add_argument("--max-model-len", type=int, metavar="N", help="cap the engine's context")
+    add.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="GPUs per engine")
+    add.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    add.set_defaults(handler=cmd_models_add)
+
+
+def _model_store() -> Any:
+    from cotune.settings import get_settings
+    from cotune.store import JobStore
+    from cotune.store.registry import ModelStore
+
+    settings = get_settings()
+    return ModelStore(JobStore(settings.database_url, auto_migrate=settings.should_migrate))
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cotune.model_registry import add_model
+    from cotune.store.registry import ModelOptions, SourceKind
+
+    kind, source = next((k, v) for k in ("hf", "path", "gguf") if (v := getattr(args, k)))
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = args.chat_template.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CotuneError(f"--chat-template {str(args.chat_template)!r}: {err}") from None
+    try:
+        options = ModelOptions(
+            chat_template=template,
+            max_model_len=args.max_model_len,
+            tensor_parallel=args.tensor_parallel,
+            dtype=args.dtype,
+        )
+    except ValidationError as err:
+        problem = err.errors()[0]
+        field = str(problem["loc"][0]).replace("_", "-")
+        raise CotuneError(f"--{field}: {problem['msg']}, got {problem['input']!r}") from None
+    model = add_model(
+        _model_store(),
+        args.name,
+        cast("SourceKind", kind),
+        source,
+        options,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    print(model.model_dump_json(exclude={"options": {"chat_template"}}))
+    return 0
+
+
+def cmd_models_remove(args: argparse.Namespace) -> int:
+    from cotune.model_registry import remove_model
+
+    remove_model(_model_store(), args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     from cotune.models import list_models
 
     for entry in list_models():
-        print(json.dumps(entry))
+        print(json.dumps({**entry, "kind": "built-in"}))
+    for model in _model_store().list_all():
+        print(model.model_dump_json(exclude={"options": {"chat_template"}}))
     return 0
 
 

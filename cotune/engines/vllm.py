@@ -38,11 +38,16 @@ def on_gpu() -> bool:
 
 
 def model_context_length(model_path: str) -> int:
+    """The model's context, capped by its registration's ``max_model_len`` if it has one."""
     import json
+
+    from cotune.models import read_manifest
 
     config = json.loads((Path(model_path) / "config.json").read_text())
     text_config = config.get("text_config", config)
-    return int(text_config.get("max_position_embeddings") or 2048)
+    length = int(text_config.get("max_position_embeddings") or 2048)
+    cap = read_manifest(Path(model_path)).get("options", {}).get("max_model_len")
+    return min(length, int(cap)) if cap else length
 
 
 def _vllm_client_error() -> type[Exception]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from cotune.settings import Settings
     from cotune.store import ArtifactStore, JobRecord
     from cotune.store.accounts import AccountStore, FileRecord
+    from cotune.store.registry import RegisteredModel
 
 _CHUNK = 1 << 20
 
@@ -77,20 +78,22 @@ def file_ref(value: Any, purpose: str, param: str, lookup: FileLookup) -> FileRe
     return record
 
 
-def registry_names() -> set[str]:
-    from cotune.models import REGISTRY
-
-    return set(REGISTRY)
-
-
-def judge_kind(name: str, spec: Mapping[str, Any], settings: Settings) -> str | None:
+def judge_kind(
+    name: str,
+    spec: Mapping[str, Any],
+    settings: Settings,
+    registered: Mapping[str, RegisteredModel] | None = None,
+) -> str | None:
     """Whether a judge's ``model`` names a model of the system (``alias``), a registry model
-    (``registry``) or a hosted judge (``hosted``); None if none of them."""
+    (``registry``: a built-in or a ready registered one, see ``cotune.models.registry_names``)
+    or a hosted judge (``hosted``); None if none of them."""
+    from cotune.models import registry_names
+
     system = spec.get("system")
     models = system.get("models") if isinstance(system, Mapping) else None
     if isinstance(models, Mapping) and name in models:
         return "alias"
-    if name in registry_names():
+    if name in registry_names(registered):
         return "registry"
     if name in settings.judges:
         return "hosted"

@@ -11,7 +11,8 @@ The schema is created by the Alembic revisions in ``cotune/store/migrations`` (n
   it with ``PRAGMA foreign_keys=ON``, which the store sets; ``JobStore.delete_job`` also deletes
   the children explicitly).
 - ``tenants``, ``api_keys`` and ``files`` come with revision 0002 (appended at the end);
-  ``stages.component`` (and the stage key that includes it) with revision 0003.
+  ``stages.component`` (and the stage key that includes it) with revision 0003; ``models``
+  (registered base models) with revision 0004.
 """
 
 from __future__ import annotations
@@ -262,3 +263,24 @@ class FileRow(Base):
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_files_tenant_created", tenant_id, created_at, id),
     )
+
+
+# --------------------------------------------------------------------------- models (0004)
+
+
+class ModelRow(Base):
+    """A base model an admin registered (``cotune models add``); the two built-in models are
+    code (``cotune.models.REGISTRY``) and have no row. ``options`` is a
+    ``cotune.store.registry.ModelOptions``; ``status`` a ``ModelStatus``."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "hf", "path" or "gguf"
+    source: Mapped[str] = mapped_column(String(1024))  # repo@revision, a folder or a file
+    options: Mapped[dict[str, Any]] = mapped_column(JSON())
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prepared_at: Mapped[datetime | None] = mapped_column()

@@ -2,7 +2,9 @@
 
 - ``data.train|val|test`` are ``file-...`` ids of the caller's files with purpose ``data``;
 - a ``bm25`` component's ``args.corpus`` is a ``file-...`` id with purpose ``corpus``;
-- ``system.models.<alias>`` is ``{name: <registry name>}``; a ``path`` answers 422;
+- ``system.models.<alias>`` is ``{name: <registry name>}``: a built-in model or a registered
+  one that is ready (an unknown, removed, preparing or failed one answers 422); a ``path``
+  answers 422;
 - ``judge.model`` names a model of the system, a registry model or a hosted judge from the
   server's settings; ``url``, ``api_key_env`` and ``engine`` answer 422;
 - an ``http_search`` component's ``args.url`` must be on the server's host allow-list.
@@ -20,18 +22,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cotune.errors import SpecError
-from cotune.jobs.materialize import (
-    file_ref,
-    judge_kind,
-    lookup_files,
-    registry_names,
-)
+from cotune.jobs.materialize import file_ref, judge_kind, lookup_files
+from cotune.models import check_model_name, registry_names
 from cotune.spec.job import JobSpec, parse_job
 from cotune.spec.refs import SPLITS, FileRef, file_refs, is_file_id
 
 if TYPE_CHECKING:
     from cotune.settings import Settings
     from cotune.store.accounts import FileRecord
+    from cotune.store.registry import RegisteredModel
 
 
 # Deepest nesting a spec or an uploaded row may have: real specs stay under 10 levels; without a
@@ -79,10 +78,17 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
-def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Settings) -> JobSpec:
+def check_job_for_http(
+    spec: Any,
+    tenant: str | None,
+    files: Any,
+    settings: Settings,
+    registered: Mapping[str, RegisteredModel] | None = None,
+) -> JobSpec:
     """Validate a job spec sent over HTTP against the caller's files and the server's registry
-    and settings; returns the parsed ``JobSpec`` (data still file ids, not runnable as is: see
-    ``materialize``). Raises ``SpecError`` with ``param`` (the API answers 422)."""
+    (``registered``: the job store's registered models) and settings; returns the parsed
+    ``JobSpec`` (data still file ids, not runnable as is: see ``materialize``). Raises
+    ``SpecError`` with ``param`` (the API answers 422)."""
     if not isinstance(spec, Mapping):
         raise SpecError("a job spec must be a JSON object")
     problem = json_problem(spec)
@@ -102,7 +108,7 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
             "'system' must be given inline (a JSON object); over HTTP a spec names no server path",
             param="system",
         )
-    registry = registry_names()
+    registry = registry_names(registered)
     for model in refs_of("model"):
         raise SpecError(
             f"system.models.{model.owner}: a model 'path' is not accepted over HTTP; name a "
@@ -115,12 +121,12 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
             if not isinstance(ref, Mapping):
                 continue
             name = ref.get("name")
-            if isinstance(name, str) and name not in registry:
-                raise SpecError(
-                    f"system.models.{alias}: unknown model {name!r}; the server's registry "
-                    f"knows {sorted(registry)}",
-                    param=f"system.models.{alias}.name",
-                )
+            if isinstance(name, str):
+                where = f"system.models.{alias}.name"
+                try:
+                    check_model_name(name, where, registered)
+                except SpecError as err:
+                    raise SpecError(f"{where}: {err.message}", param=where) from None
 
     components = system.get("components")
     for i, component in enumerate(components if isinstance(components, list) else []):
@@ -146,7 +152,9 @@ def check_job_for_http(spec: Any, tenant: str | None, files: Any, settings: Sett
                     param=f"judge.{key}",
                 )
         name = judge.get("model")
-        if isinstance(name, str) and judge_kind(name, spec, settings) is None:
+        if isinstance(name, str) and judge_kind(name, spec, settings, registered) is None:
+            if registered is not None and name in registered:  # registered, not ready
+                check_model_name(name, "judge.model", registered)
             raise SpecError(
                 f"judge.model: {name!r} is neither a model of the system "
                 f"({sorted(models) if isinstance(models, Mapping) else []}), a registry model "

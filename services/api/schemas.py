@@ -217,12 +217,17 @@ class QuoteObject(BaseModel):
 
 
 class ModelObject(BaseModel):
+    """OpenAI's model object, plus what a job needs to know: a base model's preparation status
+    (jobs may name ``ready`` ones; a built-in shows ``registered`` until it is prepared)."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "cotune"
     kind: Literal["base", "judge"]
     description: str | None = None
+    status: Literal["registered", "preparing", "ready", "failed"] | None = None
+    error: str | None = None
 
 
 class HealthObject(BaseModel):

@@ -14,6 +14,7 @@ from cotune.jobs.threads import Dispatcher
 from cotune.settings import Settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
+from cotune.store.registry import ModelStore, RegisteredModel
 from services.api.limits import RateLimits
 
 if TYPE_CHECKING:
@@ -41,6 +42,17 @@ class ApiState:
     def lifecycle(self) -> Lifecycle:
         """The one job lifecycle (creating and cancelling jobs go through it here too)."""
         return Lifecycle(self.store, self.artifacts, self.settings, accounts=self.accounts)
+
+    @property
+    def models(self) -> ModelStore:
+        """The registered models (rows in the job store's database)."""
+        return ModelStore(self.store)
+
+    def registered(self) -> dict[str, RegisteredModel]:
+        """The registered models by name, read now (for a job's validation)."""
+        from cotune.model_registry import catalog
+
+        return catalog(self.models)
 
     def redact(self, text: str | None) -> str | None:
         """``text`` without server folders, for anything sent over HTTP."""

@@ -120,7 +120,7 @@ def test_alembic_command_line_uses_env_url(tmp_path: Path) -> None:
         assert s.get_job(_job(s)) is not None
         with s.engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
-                "0003_stage_component"
+                "0004_models"
             )
 
 

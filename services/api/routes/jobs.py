@@ -71,7 +71,7 @@ def create_job(
         existing = state.accounts.job_for_idempotency_key(tenant, idempotency_key)
         if existing is not None:
             return _same_job(state, tenant, existing, spec)
-    job = check_job_for_http(spec, tenant, state.accounts, state.settings)
+    job = check_job_for_http(spec, tenant, state.accounts, state.settings, state.registered())
     _check_room(state, tenant)
     job_id = state.lifecycle.create(
         job.system.name, spec, tenant_id=tenant, idempotency_key=idempotency_key
@@ -91,7 +91,7 @@ def create_job(
     openapi_extra=JOB_SPEC_BODY,
 )
 def quote(spec: SpecBody, tenant: Tenant, state: State) -> QuoteObject:
-    job = check_job_for_http(spec, tenant, state.accounts, state.settings)
+    job = check_job_for_http(spec, tenant, state.accounts, state.settings, state.registered())
     rows = split_rows(spec, state.accounts, tenant)
     priced = quote_job(job, n_train=rows["train"], n_val=rows["val"], n_test=rows["test"])
     return QuoteObject(**priced)

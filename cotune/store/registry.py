@@ -1,0 +1,186 @@
+"""Registered base models (table ``models``, revision ``0004_models``).
+
+An admin registers a model with ``cotune models add`` (``cotune.model_registry``); its row
+records where it comes from, its options and how far its preparation got: ``registered`` ->
+``preparing`` -> ``ready`` or ``failed`` (with the error). The two built-in models
+(``cotune.models.REGISTRY``) are code and have no row.
+
+Races: a name is the primary key, so of two ``add`` calls one wins (the other gets
+``ModelExists``). ``remove`` checks the unfinished jobs first and then deletes; a job created
+in between still fails cleanly later (its worker no longer finds the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cotune.errors import CotuneError
+from cotune.store.jobs import JobStore
+from cotune.store.models import Job, ModelRow, matchable, utcnow
+from cotune.store.status import TERMINAL
+
+SourceKind = Literal["hf", "path", "gguf"]
+SOURCE_KINDS: tuple[str, ...] = ("hf", "path", "gguf")
+
+
+class ModelStatus(StrEnum):
+    registered = "registered"
+    preparing = "preparing"
+    ready = "ready"
+    failed = "failed"
+
+
+class ModelExists(CotuneError):
+    """``add`` of a name that is already registered."""
+
+
+class ModelOptions(BaseModel):
+    """How a registered model is served and trained (``cotune models add`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chat_template: str | None = Field(
+        default=None,
+        description="a Jinja chat template (the file's contents) replacing the model's own",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="the longest prompt + output the engine accepts"
+    )
+    tensor_parallel: int = Field(default=1, ge=1, le=64, description="GPUs one engine spans")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="the weights' dtype when loaded (auto: as saved)"
+    )
+
+
+class RegisteredModel(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    kind: SourceKind
+    source: str
+    options: ModelOptions
+    status: ModelStatus
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    prepared_at: datetime | None = None
+
+    @property
+    def description(self) -> str:
+        """What the API may show: the hub repository, never a server path."""
+        if self.kind == "hf":
+            return f"Hugging Face Hub: {self.source}"
+        return "a local model folder" if self.kind == "path" else "a GGUF file, converted"
+
+
+def spec_names_model(spec: dict[str, Any], name: str) -> bool:
+    """Whether a stored job spec names the model ``name`` for a component's model or the
+    judge."""
+    system = spec.get("system")
+    models = system.get("models") if isinstance(system, dict) else None
+    if isinstance(models, dict):
+        for ref in models.values():
+            if isinstance(ref, dict) and ref.get("name") == name:
+                return True
+    judge = spec.get("judge")
+    return isinstance(judge, dict) and judge.get("model") == name
+
+
+class ModelStore:
+    """Registered models over the job store's database (SQLite or PostgreSQL)."""
+
+    def __init__(self, db: str | Engine | JobStore) -> None:
+        if isinstance(db, JobStore):
+            self.engine = db.engine
+        elif isinstance(db, str):
+            self.engine = JobStore(db).engine
+        else:
+            self.engine = db
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def add(
+        self, name: str, kind: SourceKind, source: str, options: ModelOptions
+    ) -> RegisteredModel:
+        """A new row in ``registered``; a failed registration of the same name is replaced."""
+        now = utcnow()
+        row = ModelRow(
+            name=name,
+            kind=kind,
+            source=source,
+            options=options.model_dump(mode="json"),
+            status=ModelStatus.registered.value,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._tx() as s:
+                s.execute(
+                    delete(ModelRow).where(
+                        ModelRow.name == name, ModelRow.status == ModelStatus.failed.value
+                    )
+                )
+                s.add(row)
+        except IntegrityError:
+            found = self.get(name)
+            status = found.status.value if found else "registered"
+            raise ModelExists(
+                f"model {name!r} is already registered ({status}); `cotune models remove "
+                f"{name}` first"
+            ) from None
+        return RegisteredModel.model_validate(row)
+
+    def get(self, name: str) -> RegisteredModel | None:
+        if not matchable(name):
+            return None
+        with self._sessions() as s:
+            row = s.get(ModelRow, name)
+            return None if row is None else RegisteredModel.model_validate(row)
+
+    def list_all(self) -> list[RegisteredModel]:
+        with self._sessions() as s:
+            rows = s.scalars(select(ModelRow).order_by(ModelRow.name)).all()
+            return [RegisteredModel.model_validate(r) for r in rows]
+
+    def set_status(
+        self,
+        name: str,
+        status: ModelStatus,
+        *,
+        error: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Record a preparation step; ``source``: the pinned source once it is known."""
+        now = utcnow()
+        values: dict[str, Any] = {"status": status.value, "error": error, "updated_at": now}
+        if source is not None:
+            values["source"] = source
+        if status is ModelStatus.ready:
+            values["prepared_at"] = now
+        with self._tx() as s:
+            s.execute(update(ModelRow).where(ModelRow.name == name).values(**values))
+
+    def delete(self, name: str) -> bool:
+        with self._tx() as s:
+            result = s.execute(delete(ModelRow).where(ModelRow.name == name))
+            return bool(getattr(result, "rowcount", 0))
+
+    def jobs_using(self, name: str) -> list[str]:
+        """Ids of the unfinished jobs (created, queued, running, ...) that name ``name``."""
+        done = [status.value for status in TERMINAL]
+        with self._sessions() as s:
+            rows = s.execute(select(Job.id, Job.spec).where(Job.status.not_in(done))).all()
+        return [job_id for job_id, spec in rows if spec_names_model(dict(spec), name)]
