@@ -30,7 +30,7 @@ from cotune.records import (
     TrainOut,
 )
 from cotune.runtime import Runtime, open_runtime
-from cotune.scoring import Scorer, ScoreCache
+from cotune.scoring import ScoreCache, Scorer
 from cotune.settings import DEFAULT_LEASE_SECONDS
 from cotune.spec.job import JobSpec
 from cotune.store import ArtifactStore, JobStore

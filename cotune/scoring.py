@@ -57,7 +57,10 @@ ScoreCache = dict[str, CachedScore]
 def cache_key(trace: Trace) -> str:
     """What a score depends on: the inputs, the gold shown as a reference, the output."""
     return json.dumps(
-        [trace.inputs, trace.expected, trace.output], sort_keys=True, default=str, separators=(",", ":")
+        [trace.inputs, trace.expected, trace.output],
+        sort_keys=True,
+        default=str,
+        separators=(",", ":"),
     )
 
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cotune.engines.base import GenerationRequest, InferenceEngine, Message
 from cotune.judge.batch import generate_or_error
-from cotune.judge.parse import JudgeParseError, pydantic_reason, extract_json
-from cotune.judge.prompt import INPUT_CHARS, SPAN_CHARS, render_text, clip, repair_messages
+from cotune.judge.parse import JudgeParseError, extract_json, pydantic_reason
+from cotune.judge.prompt import INPUT_CHARS, SPAN_CHARS, clip, render_text, repair_messages
 from cotune.judge.schema import MAX_TEXT
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec

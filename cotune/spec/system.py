@@ -318,8 +318,8 @@ def _check_rubric(system: SystemSpec) -> None:
         if system.rubric is None or not system.rubric.strip():
             raise SpecError(
                 "field 'rubric' is required with metric 'judge': say what a good final "
-                f"output ({system.output!r}) is, e.g. rubric: \"answers the question in a few "
-                "words, with a fact from the passages\"; the judge scores each output 0-1 "
+                f'output ({system.output!r}) is, e.g. rubric: "answers the question in a few '
+                'words, with a fact from the passages"; the judge scores each output 0-1 '
                 "against it",
                 param="rubric",
             )

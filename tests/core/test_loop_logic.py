@@ -726,6 +726,27 @@ def test_quote_prices_every_stage(example_dir: Path) -> None:
     assert no_judge["total"]["judge_calls"] == 0 and no_judge["total"]["engine_requests"] > 0
 
 
+def test_quote_prices_judge_scoring(tmp_path: Path, model_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    judged = make_job(without_gold(tmp_path / "judged", model_dir), loop={"judge_samples": 2})
+    quote = quote_job(judged, n_train=24, n_val=12, n_test=12)
+    per = quote["per_stage"]
+    # each scored output: K = 2 samples, each with room for one repair
+    assert per["baseline"]["judge_calls"] == 12 * 2 * 2
+    assert per["test"]["judge_calls"] == 2 * 12 * 2 * 2
+    assert per["rollout"]["judge_calls"] == 12 * 2 * 2
+    assert per["verify"]["judge_calls"] > 0 and per["synthesize"]["judge_calls"] > 0
+    # the budget caps learning, not measuring
+    capped = judged.model_copy(
+        update={"budget": judged.budget.model_copy(update={"max_judge_calls": 10})}
+    )
+    measuring = per["baseline"]["judge_calls"] + per["test"]["judge_calls"]
+    measuring += judged.loop.epochs * per["evaluate"]["judge_calls"]
+    total = quote_job(capped, n_train=24, n_val=12, n_test=12)["total"]
+    assert total["judge_calls"] == measuring + 10
+
+
 def test_the_loop_stops_when_the_token_budget_runs_out(
     example_dir: Path, harness: Callable[..., Harness]
 ) -> None:
@@ -737,3 +758,90 @@ def test_the_loop_stops_when_the_token_budget_runs_out(
     assert baseline.completion_tokens > 0
     assert report.stop_reason is not None and "max_generated_tokens 1" in report.stop_reason
     assert [e.epoch for e in report.epochs] == []
+
+
+# -- 8. metric judge: no gold anywhere --------------------------------------------------------
+
+RUBRIC = "names the colour of the thing the question asks about, and nothing else"
+
+
+def without_gold(folder: Path, model_dir: Path) -> Path:
+    """The tiny-kb example as a judge-scored job would have it: ``metric: judge`` with a
+    rubric, and no ``expected`` in any split."""
+    import yaml
+
+    write_tiny_example(folder, splits=SPLITS, model_path=str(model_dir))
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system.update(metric="judge", rubric=RUBRIC)
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text(
+            "".join(
+                json.dumps({k: v for k, v in r.items() if k != "expected"}) + "\n" for r in rows
+            )
+        )
+    return folder
+
+
+def rarely_easy(key: str) -> bool:
+    """The few keys the base query writer gets right (about one in five)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) % 5 == 0
+
+
+def right_colour(key: str, output: str) -> float:
+    """The scripted judge's rule: it knows the world, the data holds no gold."""
+    return float(output == FACTS[key])
+
+
+def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = without_gold(tmp_path / "judged", model_dir)
+    trainer = FakeTrainer()
+
+    def learned(adapter: str | None) -> bool:
+        """An adapter writes the right query once it was trained on verified corrections."""
+        epoch = adapter_epoch(adapter)
+        return any(
+            call.component == "query"
+            and call.seed == epoch
+            and any(r.source == "correction" for r in call.rows)
+            for call in trainer.calls
+        )
+
+    engine = ScriptedEngine(query_ok=lambda key, adapter: learned(adapter) or rarely_easy(key))
+    judge = ScriptedJudge(fix_query, score=right_colour)
+    run = harness(make_job(folder), engine=engine, judge=judge, trainer=trainer)
+    assert run.job.system.metric == "judge" and run.job.system.pass_threshold == 0.5
+    assert all(e.expected is None for s in ("train", "val", "test") for e in run.context().split(s))
+    report = run.run()
+
+    # the base rarely meets the rubric; the trained epoch meets it on every val example
+    assert report.base_val_score is not None and report.base_val_score < 0.5
+    assert [e.val_score for e in report.epochs] == [1.0]
+    assert report.epochs[0].kept and report.best_epoch == 1
+    assert report.test_score == 1.0 and report.base_test_score is not None
+    assert report.base_test_score < 1.0
+
+    # every trace was scored by the judge, never against gold
+    rollout = run.output(1, Stage.rollout, RolloutOut)
+    assert all(t.expected is None and t.score_samples is not None for t in rollout.traces)
+    assert all(t.score_reason and "scripted score" in t.score_reason for t in rollout.traces)
+    # corrections were verified by the judge scoring the replayed output higher
+    accepted = run.store.candidates(run.job_id, accepted=True)
+    assert accepted and {c.source for c in accepted} == {"judge"}
+    assert all(c.original_score == 0.0 and c.replay_scores == [1.0] for c in accepted)
+    [query] = [c for c in trainer.calls if c.component == "query"]
+    assert any(r.source == "correction" for r in query.rows)
+    # the scoring requests were spent by the stages that scored, and counted as judge calls
+    spent = {s.stage: s.judge_calls for s in report.stages}
+    for stage in (Stage.baseline, Stage.rollout, Stage.verify, Stage.evaluate, Stage.test):
+        assert spent[stage] > 0, stage
+    assert sum(spent.values()) == len(judge.requests)
+    # the credit judge saw why each failed output scored low
+    credit = [r for r in judge.requests if r not in judge.score_requests]
+    assert credit and all("Why it got that score:" in r.messages[-1]["content"] for r in credit)

@@ -165,6 +165,31 @@ def test_pass_threshold_accepts_a_fraction() -> None:
     assert parse_system(spec).pass_threshold == 0.5
 
 
+def test_metric_judge_needs_a_rubric() -> None:
+    err = refused(lambda s: s.update(metric="judge"))
+    assert_names(err, None, "'rubric'", "rubric")
+    assert "required with metric 'judge'" in str(err) and "e.g. rubric:" in str(err)
+    err = refused(lambda s: s.update(metric="judge", rubric=""))
+    assert_names(err, None, "'rubric'", "rubric")
+
+
+def test_a_rubric_is_refused_with_a_gold_metric() -> None:
+    err = refused(lambda s: s.update(metric="f1", rubric="short answers"))
+    assert_names(err, None, "'rubric'", "rubric")
+    assert "only for metric 'judge'" in str(err) and "metric 'f1'" in str(err)
+    assert "'expected'" in str(err)
+
+
+def test_a_judged_system_passes_at_half_unless_it_says_otherwise() -> None:
+    spec = base()
+    spec.update(metric="judge", rubric="names the colour")
+    system = parse_system(spec)
+    assert system.rubric == "names the colour" and system.pass_threshold == 0.5
+    assert parse_system(system.model_dump(mode="json")) == system  # a dumped spec reloads
+    spec.update(pass_threshold=0.8)
+    assert parse_system(spec).pass_threshold == 0.8
+
+
 def test_missing_prompt() -> None:
     err = refused(lambda s: comp(s, "answer").pop("prompt"))
     assert_names(err, "answer", "'prompt'", "components.answer.prompt")
