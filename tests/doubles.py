@@ -68,6 +68,30 @@ def stub_registry_model(home: Path, name: str = "tiny") -> Path:
     return model
 
 
+JUDGED_RUBRIC = "names the colour of the thing the question asks about, and nothing else"
+
+
+def write_judged_tiny_example(
+    folder: Path, *, model_path: str, splits: tuple[int, int, int]
+) -> Path:
+    """The tiny-kb example as a judge-scored job has it: ``metric: judge`` with a rubric, and
+    no ``expected`` in any split."""
+    import yaml
+
+    from cotune.tiny import write_tiny_example
+
+    write_tiny_example(folder, splits=splits, model_path=model_path)
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system.update(metric="judge", rubric=JUDGED_RUBRIC)
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [{k: v for k, v in row.items() if k != "expected"} for row in rows]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
 def question_key(text: str) -> str:
     """The key a tiny-kb question (or a prompt holding one) asks about."""
     match = QUESTION.search(text)

@@ -29,6 +29,7 @@ from doubles import (
     critique,
     is_hard,
     question_key,
+    write_judged_tiny_example,
 )
 
 from cotune.data import load_examples
@@ -729,7 +730,10 @@ def test_quote_prices_every_stage(example_dir: Path) -> None:
 def test_quote_prices_judge_scoring(tmp_path: Path, model_dir: Path) -> None:
     from cotune.quote import quote_job
 
-    judged = make_job(without_gold(tmp_path / "judged", model_dir), loop={"judge_samples": 2})
+    judged = make_job(
+        write_judged_tiny_example(tmp_path / "judged", model_path=str(model_dir), splits=SPLITS),
+        loop={"judge_samples": 2},
+    )
     quote = quote_job(judged, n_train=24, n_val=12, n_test=12)
     per = quote["per_stage"]
     # each scored output: K = 2 samples, each with room for one repair
@@ -762,28 +766,6 @@ def test_the_loop_stops_when_the_token_budget_runs_out(
 
 # -- 8. metric judge: no gold anywhere --------------------------------------------------------
 
-RUBRIC = "names the colour of the thing the question asks about, and nothing else"
-
-
-def without_gold(folder: Path, model_dir: Path) -> Path:
-    """The tiny-kb example as a judge-scored job would have it: ``metric: judge`` with a
-    rubric, and no ``expected`` in any split."""
-    import yaml
-
-    write_tiny_example(folder, splits=SPLITS, model_path=str(model_dir))
-    system = yaml.safe_load((folder / "system.yaml").read_text())
-    system.update(metric="judge", rubric=RUBRIC)
-    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
-    for split in ("train", "val", "test"):
-        path = folder / f"{split}.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        path.write_text(
-            "".join(
-                json.dumps({k: v for k, v in r.items() if k != "expected"}) + "\n" for r in rows
-            )
-        )
-    return folder
-
 
 def rarely_easy(key: str) -> bool:
     """The few keys the base query writer gets right (about one in five)."""
@@ -800,7 +782,9 @@ def right_colour(key: str, output: str) -> float:
 def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
     tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
 ) -> None:
-    folder = without_gold(tmp_path / "judged", model_dir)
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
     trainer = FakeTrainer()
 
     def learned(adapter: str | None) -> bool:
