@@ -190,6 +190,18 @@ def test_a_judged_system_passes_at_half_unless_it_says_otherwise() -> None:
     assert parse_system(spec).pass_threshold == 0.8
 
 
+def test_the_judged_kb_qa_example_validates_with_its_data() -> None:
+    from cotune.data import load_examples
+    from cotune.quote import quote_job
+    from cotune.spec.job import load_job
+
+    job = load_job(Path(__file__).parents[2] / "examples" / "kb-qa" / "job-judged.yaml")
+    assert job.system.metric == "judge" and job.system.rubric and job.judge is not None
+    train = job.data_path("train")
+    assert train is not None and load_examples(train, job.system)
+    assert quote_job(job)["per_stage"]["baseline"]["judge_calls"] > 0
+
+
 def test_missing_prompt() -> None:
     err = refused(lambda s: comp(s, "answer").pop("prompt"))
     assert_names(err, "answer", "'prompt'", "components.answer.prompt")
