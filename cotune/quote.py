@@ -2,9 +2,9 @@
 
 Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
 and corrected), every LLM output to run to its ``max_tokens``. With ``metric: judge`` every
-scored output also costs K judge samples, each repaired once (no cache hit assumed); the
-budget caps what learning spends (rollout, credit, verify, synthesize), not measuring
-(baseline, evaluate, test).
+scored output also costs K judge samples, each repaired once (no cache hit assumed). The
+budget counts every judge call but cuts only learning (rollout, credit, verify, synthesize),
+never measuring (baseline, evaluate, test): the total is at most the budget plus measuring.
 """
 
 from __future__ import annotations
