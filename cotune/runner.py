@@ -79,8 +79,9 @@ class JobContext:
     stage_limit: int | None = None
     stages_run: int = 0
     _splits: dict[str, list[Example]] = field(default_factory=dict)
-    # Judge scores (metric judge) by (inputs, gold, output), for every stage this process runs.
-    _score_cache: ScoreCache = field(default_factory=dict)
+    # Judge scores (metric judge) by (inputs, gold, output): seeded from the stored stages
+    # once, then shared by every stage this process runs.
+    _score_cache: ScoreCache | None = None
     # A running stage's events, written when it finishes (run_stage): a stage that dies and
     # runs again on another worker leaves its events once, not once per attempt.
     _held_events: list[Event] | None = None
@@ -132,9 +133,33 @@ class JobContext:
             temperature=judge.temperature,
             max_tokens=min(judge.max_tokens, SCORE_MAX_TOKENS),
             seed=self.job.loop.seed,
-            cache=self._score_cache,
+            cache=self._stored_scores(),
             max_calls=judge_calls_left(self) if capped else None,
         )
+
+    def _stored_scores(self) -> ScoreCache:
+        """The judge's scores in this job's stored stage outputs: a worker that runs one stage
+        of a job per task judges no output another task judged."""
+        from cotune.records import VerifyOut, stage_output_model
+        from cotune.scoring import CachedScore, cache_key
+
+        if self._score_cache is not None:
+            return self._score_cache
+        cache: ScoreCache = {}
+        for state in self.store.stage_states(self.job_id):
+            if state.status != "done" or not state.output_key or state.component:
+                continue
+            output = stage_output_model(state.stage).model_validate(
+                self.artifacts.get_json(state.output_key)
+            )
+            traces = output.shown_traces()
+            if isinstance(output, VerifyOut):
+                traces = list(output.replays.values())
+            for trace in traces:
+                if trace.score_samples is not None:
+                    cache[cache_key(trace)] = CachedScore(trace.score_samples, trace.score_reason)
+        self._score_cache = cache
+        return cache
 
     def judge_engine(self) -> InferenceEngine:
         from cotune.models import resolve_model

@@ -779,16 +779,12 @@ def right_colour(key: str, output: str) -> float:
     return float(output == FACTS[key])
 
 
-def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
-    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
-) -> None:
-    folder = write_judged_tiny_example(
-        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
-    )
+def judged_run(folder: Path, harness: Callable[..., Harness], **loop: Any) -> Harness:
+    """The judge-scored tiny-kb job: the base query writer is rarely right; an adapter trained
+    on verified corrections always is. The scripted judge scores by ``right_colour``."""
     trainer = FakeTrainer()
 
     def learned(adapter: str | None) -> bool:
-        """An adapter writes the right query once it was trained on verified corrections."""
         epoch = adapter_epoch(adapter)
         return any(
             call.component == "query"
@@ -799,7 +795,18 @@ def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
 
     engine = ScriptedEngine(query_ok=lambda key, adapter: learned(adapter) or rarely_easy(key))
     judge = ScriptedJudge(fix_query, score=right_colour)
-    run = harness(make_job(folder), engine=engine, judge=judge, trainer=trainer)
+    return harness(make_job(folder, loop=loop), engine=engine, judge=judge, trainer=trainer)
+
+
+def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    run = judged_run(folder, harness)
+    judge, trainer = run.judge, run.trainer
+    assert judge is not None
     assert run.job.system.metric == "judge" and run.job.system.pass_threshold == 0.5
     assert all(e.expected is None for s in ("train", "val", "test") for e in run.context().split(s))
     report = run.run()
@@ -829,3 +836,29 @@ def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
     # the credit judge saw why each failed output scored low
     credit = [r for r in judge.requests if r not in judge.score_requests]
     assert credit and all("Why it got that score:" in r.messages[-1]["content"] for r in credit)
+
+
+def test_a_job_run_one_stage_per_call_judges_no_output_twice(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """How workers drive a job (a new context per stage): the judge's scores stored with the
+    finished stages seed each new context's cache, so the whole job asks the judge exactly
+    what one uninterrupted run asks."""
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    whole = judged_run(folder, harness, epochs=2)
+    expected = whole.run()
+    assert whole.judge is not None and whole.judge.score_requests
+
+    stepped = judged_run(folder, harness, epochs=2)
+    while True:
+        try:
+            report = run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert stepped.judge is not None
+    assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
+    assert report.best_val_score == expected.best_val_score
+    assert report.test_score == expected.test_score
