@@ -8,9 +8,10 @@ calls ``scorer.score(traces)``, which sets each trace's ``score`` and ``passed``
 - ``JudgeScorer`` (``metric: judge``): the judge scores each final output 0-1 under the
   system's ``rubric`` (``cotune.judge.score``), K samples averaged; ``pass_threshold`` decides
   pass/fail. Scores are cached by (inputs, gold, output), shared by every scorer of a job's
-  process, so an output met again (a replay that changed nothing, an unchanged val output) is
-  not judged twice. A trace whose samples all failed, or that the budget left unjudged, stays
-  unscored (``score`` None): it counts as failed and a replay of it cannot be verified.
+  context and seeded from its stored stages (``JobContext.scorer``), so an output met again (a
+  replay that changed nothing, an unchanged val output) is not judged twice. A trace whose
+  samples all failed, or that the budget left unjudged, stays unscored (``score`` None): it
+  counts as failed and a replay of it cannot be verified.
 
 ``calls`` is what this scorer spent in judge requests: the stage that used it records them,
 so they count against ``budget.max_judge_calls`` like the credit stage's.
