@@ -5,8 +5,9 @@ the prediction into text, calls the metric once per accepted gold value and keep
 Normalisation follows SQuAD: lowercase, drop punctuation and the articles a/an/the, squash
 whitespace.
 
-``judge`` is a placeholder name: the system is scored by the LLM judge, not against gold, so it
-needs no ``expected`` and ``score`` refuses it.
+``judge`` is a placeholder name: the system is scored by the LLM judge under its ``rubric``
+(``cotune.scoring.JudgeScorer``), not against gold, so it needs no ``expected`` and ``score``
+refuses it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def score(metric_name: str, prediction: Any, gold: str | list[str] | None) -> fl
     metric = _lookup(metric_name)
     if metric_name == JUDGE:
         raise MetricError(
-            f"metric {JUDGE!r} has no gold comparison: the judge scores it (cotune.judge)"
+            f"metric {JUDGE!r} has no gold comparison: the judge scores it (cotune.scoring)"
         )
     golds = [gold] if isinstance(gold, str) else gold
     if not golds or not all(isinstance(g, str) for g in golds):

@@ -181,6 +181,12 @@ class JobReport(BaseModel):
 class StageOut(BaseModel):
     """A stage's output."""
 
+    judge_calls: int = Field(
+        0,
+        description="judge requests spent, repairs included: the credit stage's, and with "
+        "metric judge every stage's scoring",
+    )
+
     def details(self) -> dict[str, int | float]:
         """Counts of what the stage produced, for its ``StageRecord``."""
         return {}
@@ -226,7 +232,6 @@ class CreditOut(StageOut):
         default_factory=list, description="the judge's samples per judged trace (no judge: none)"
     )
     judge_failures: int = Field(0, description="judge samples that gave no valid verdict")
-    judge_calls: int = Field(0, description="judge requests spent, repairs included")
 
     def details(self) -> dict[str, int | float]:
         return {

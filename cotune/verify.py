@@ -4,6 +4,10 @@ The judge only proposes. A proposal is accepted when replaying the system with t
 span output raises the final score above the original trace's. With greedy components one
 replay settles it; with sampling, R seeded replays of the corrected and of the unmodified span
 are compared on their means. Without a judge, proposals come from re-sampling the component.
+Replays are scored by the job's ``Scorer`` like every rollout: the task metric, or with
+``metric: judge`` the judge's mean score over its K samples (cached, so an unchanged output is
+not judged again). A replay the scorer left unscored is no evidence, and an unscored original
+has nothing to beat: neither verifies a candidate.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 
 from cotune.engines.base import GenerationRequest
 from cotune.records import Candidate
-from cotune.runtime import Runtime, Trace, parse_output, score_traces
+from cotune.runtime import Runtime, Trace, parse_output
+from cotune.scoring import GoldScorer, Scorer
 from cotune.spec import SystemSpec
 
 
@@ -122,14 +127,16 @@ def verify(
     replays: int = 1,
     seed: int = 0,
     require_gain: bool = True,
+    scorer: Scorer | None = None,
 ) -> tuple[list[Candidate], dict[int, Trace]]:
     """Replay every proposal; return one Candidate each (accepted or not) and, by candidate
     index, the first replay trace (its downstream spans feed synthesis when it passed).
     ``require_gain=False`` (the no-verification ablation) accepts every candidate, whatever
-    its replay showed; the replay scores are still recorded."""
+    its replay showed; the replay scores are still recorded. ``scorer`` defaults to the
+    task metric against gold."""
     if not proposals:
         return [], {}
-    system = runtime.system
+    scorer = scorer or GoldScorer(runtime.system)
     corrected_runs: list[list[Trace]] = []
     baseline_runs: list[list[Trace]] = []
     for r in range(replays):
@@ -137,21 +144,22 @@ def verify(
         corrected = runtime.replay_many(
             [(p.trace, p.span_id, p.output) for p in proposals], seed=run_seed
         )
-        score_traces(system, corrected)
+        scorer.score(corrected)
         corrected_runs.append(corrected)
         if replays > 1:
             unchanged = runtime.replay_many(
                 [(p.trace, p.span_id, p.trace.span(p.span_id).output) for p in proposals],
                 seed=run_seed,
             )
-            score_traces(system, unchanged)
+            scorer.score(unchanged)
             baseline_runs.append(unchanged)
 
     candidates = []
     for i, proposal in enumerate(proposals):
-        scores = [run[i].score or 0.0 for run in corrected_runs]
+        known = proposal.trace.score is not None
+        scores = [s for run in corrected_runs if known and (s := run[i].score) is not None]
         original = proposal.trace.score or 0.0
-        base = [run[i].score or 0.0 for run in baseline_runs] or [original]
+        base = [s for run in baseline_runs if (s := run[i].score) is not None] or [original]
         candidate = Candidate(
             epoch=epoch,
             trace_id=proposal.trace.trace_id,

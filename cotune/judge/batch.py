@@ -44,7 +44,7 @@ def _try_parse(
     return None
 
 
-def _generate(
+def generate_or_error(
     engine: InferenceEngine, requests: list[GenerationRequest]
 ) -> tuple[list[GenerationResult], str | None]:
     """The engine's replies, or why the call failed: an ``EngineError`` (a judge endpoint that
@@ -105,7 +105,7 @@ def judge_traces(
     if not batch:
         return outcomes
 
-    results, error = _generate(engine, [s.request for s in batch])
+    results, error = generate_or_error(engine, [s.request for s in batch])
     if error is not None:
         for sample in batch:
             sample.outcome.calls += 1
@@ -136,7 +136,7 @@ def judge_traces(
         )
         for sample, reason in to_repair
     ]
-    results, error = _generate(engine, repairs)
+    results, error = generate_or_error(engine, repairs)
     if error is not None:
         for sample, reason in to_repair:
             sample.outcome.calls += 1

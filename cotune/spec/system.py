@@ -31,6 +31,7 @@ COMPONENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 NAME_MAX = 255  # system and component names are stored in varchar(255) columns
 # Set by the loader from where a file was read; a spec that sets it is refused (unknown field).
 LOADER_ONLY = ("base_dir",)
+JUDGE_PASS_THRESHOLD = 0.5  # pass_threshold's default with metric judge
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -161,7 +162,18 @@ class SystemSpec(_Strict):
         description="exact_match, f1, contains, list_equal, judge or a registered metric",
     )
     pass_threshold: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="a trace whose score reaches this passes"
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="a trace whose score reaches this passes (default 1.0; 0.5 with metric "
+        "judge, whose scores are rarely exactly 1)",
+    )
+    rubric: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4000,
+        description="metric judge only, and required there: what a good final output is; the "
+        "judge scores each output 0-1 against it (gold, where a row has it, is a reference)",
     )
 
     # Set by the loader, never serialised (a spec that sets it is refused).
@@ -293,6 +305,32 @@ def check_system(system: SystemSpec) -> None:
         raise SpecError(
             f"'metric': unknown metric {system.metric!r}; known: {sorted(known_metrics())}",
             param="metric",
+        )
+    _check_rubric(system)
+
+
+def _check_rubric(system: SystemSpec) -> None:
+    """A rubric goes with ``metric: judge`` and only with it; a judged system without a
+    threshold of its own passes at 0.5."""
+    from cotune.metrics import JUDGE
+
+    if system.metric == JUDGE:
+        if system.rubric is None or not system.rubric.strip():
+            raise SpecError(
+                "field 'rubric' is required with metric 'judge': say what a good final "
+                f'output ({system.output!r}) is, e.g. rubric: "answers the question in a few '
+                'words, with a fact from the passages"; the judge scores each output 0-1 '
+                "against it",
+                param="rubric",
+            )
+        if "pass_threshold" not in system.model_fields_set:
+            system.pass_threshold = JUDGE_PASS_THRESHOLD
+    elif system.rubric is not None:
+        raise SpecError(
+            f"field 'rubric' is only for metric 'judge'; metric {system.metric!r} scores the "
+            "output against each row's 'expected' (drop 'rubric', or set metric: judge to "
+            "have the judge score outputs against it)",
+            param="rubric",
         )
 
 

@@ -201,6 +201,12 @@ class TraceObject(BaseModel):
     output: Any = None
     score: float | None = None
     passed: bool | None = None
+    score_samples: list[float] | None = Field(
+        None, description="metric judge: each judge sample's score (``score`` is their mean)"
+    )
+    score_reason: str | None = Field(
+        None, description="metric judge: the judge's reason (or why its replies were unusable)"
+    )
 
 
 class QuoteObject(BaseModel):

@@ -1132,6 +1132,70 @@ def test_the_thread_dispatcher_runs_a_job_end_to_end(
         store.close()
 
 
+def test_a_judge_scored_job_without_gold_runs_over_http(
+    api: Api, settings: Settings, tiny_files: dict[str, str], tmp_path: Path
+) -> None:
+    """``metric: judge`` with a rubric, data without ``expected``: accepted, run by the real
+    ``ThreadDispatcher`` with the scripted engine, judge (scoring by rule) and trainer, and
+    the judge's scores listed with the traces."""
+    from doubles import (
+        JUDGED_RUBRIC,
+        FakeTrainer,
+        ScriptedEngine,
+        ScriptedJudge,
+        critique,
+        write_judged_tiny_example,
+    )
+
+    from cotune.tiny import make_world
+
+    facts = make_world().facts
+    folder = write_judged_tiny_example(tmp_path / "judged", model_path="unused", splits=(12, 6, 6))
+    files = dict(tiny_files)
+    for split in ("train", "val"):
+        uploaded = api.upload(f"{split}.jsonl", (folder / f"{split}.jsonl").read_bytes(), "data")
+        assert uploaded.status_code == 200, uploaded.text
+        files[split] = uploaded.json()["id"]
+    spec = tiny_spec(files, judge={"model": "tiny"})
+    del spec["data"]["test"]
+    spec["system"].update(metric="judge", rubric=JUDGED_RUBRIC)
+
+    judge = ScriptedJudge(
+        lambda key, gold, i: [critique("query", f"color of {key}", "search the key")],
+        score=lambda key, output: float(output == facts[key]),
+    )
+    store = JobStore(settings.database_url)
+    dispatcher = ThreadDispatcher(
+        store,
+        AccountStore(store),
+        ArtifactStore(settings.artifacts),
+        settings,
+        context_options={
+            "engines": {"tiny": ScriptedEngine()},
+            "judge": judge,
+            "trainer": FakeTrainer(),
+        },
+    )
+    app = create_app(settings, dispatcher=dispatcher)
+    try:
+        with TestClient(app) as client:
+            created = client.post("/v1/jobs", json=spec, headers=api.acme)
+            assert created.status_code == 200, created.text
+            job_id = created.json()["id"]
+            assert dispatcher.wait_idle(timeout=60)
+            job = client.get(f"/v1/jobs/{job_id}", headers=api.acme).json()
+            assert job["status"] == "succeeded", job
+            traces = client.get(
+                f"/v1/jobs/{job_id}/traces?stage=rollout&limit=100", headers=api.acme
+            ).json()["data"]
+            assert traces and all(t["expected"] is None for t in traces)
+            assert all(t["score_samples"] and t["score_reason"] for t in traces)
+            assert judge.score_requests
+    finally:
+        dispatcher.shutdown(wait=True)
+        store.close()
+
+
 def test_a_restarted_embedded_server_resumes_unfinished_jobs(
     env: Path, tmp_path: Path, tiny_files: dict[str, str], api: Api
 ) -> None:

@@ -29,6 +29,7 @@ from doubles import (
     critique,
     is_hard,
     question_key,
+    write_judged_tiny_example,
 )
 
 from cotune.data import load_examples
@@ -726,6 +727,30 @@ def test_quote_prices_every_stage(example_dir: Path) -> None:
     assert no_judge["total"]["judge_calls"] == 0 and no_judge["total"]["engine_requests"] > 0
 
 
+def test_quote_prices_judge_scoring(tmp_path: Path, model_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    judged = make_job(
+        write_judged_tiny_example(tmp_path / "judged", model_path=str(model_dir), splits=SPLITS),
+        loop={"judge_samples": 2},
+    )
+    quote = quote_job(judged, n_train=24, n_val=12, n_test=12)
+    per = quote["per_stage"]
+    # each scored output: K = 2 samples, each with room for one repair
+    assert per["baseline"]["judge_calls"] == 12 * 2 * 2
+    assert per["test"]["judge_calls"] == 2 * 12 * 2 * 2
+    assert per["rollout"]["judge_calls"] == 12 * 2 * 2
+    assert per["verify"]["judge_calls"] > 0 and per["synthesize"]["judge_calls"] > 0
+    # the budget caps learning, not measuring
+    capped = judged.model_copy(
+        update={"budget": judged.budget.model_copy(update={"max_judge_calls": 10})}
+    )
+    measuring = per["baseline"]["judge_calls"] + per["test"]["judge_calls"]
+    measuring += judged.loop.epochs * per["evaluate"]["judge_calls"]
+    total = quote_job(capped, n_train=24, n_val=12, n_test=12)["total"]
+    assert total["judge_calls"] == measuring + 10
+
+
 def test_the_loop_stops_when_the_token_budget_runs_out(
     example_dir: Path, harness: Callable[..., Harness]
 ) -> None:
@@ -737,3 +762,103 @@ def test_the_loop_stops_when_the_token_budget_runs_out(
     assert baseline.completion_tokens > 0
     assert report.stop_reason is not None and "max_generated_tokens 1" in report.stop_reason
     assert [e.epoch for e in report.epochs] == []
+
+
+# -- 8. metric judge: no gold anywhere --------------------------------------------------------
+
+
+def rarely_easy(key: str) -> bool:
+    """The few keys the base query writer gets right (about one in five)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) % 5 == 0
+
+
+def right_colour(key: str, output: str) -> float:
+    """The scripted judge's rule: it knows the world, the data holds no gold."""
+    return float(output == FACTS[key])
+
+
+def judged_run(folder: Path, harness: Callable[..., Harness], **loop: Any) -> Harness:
+    """The judge-scored tiny-kb job: the base query writer is rarely right; an adapter trained
+    on verified corrections always is. The scripted judge scores by ``right_colour``."""
+    trainer = FakeTrainer()
+
+    def learned(adapter: str | None) -> bool:
+        epoch = adapter_epoch(adapter)
+        return any(
+            call.component == "query"
+            and call.seed == epoch
+            and any(r.source == "correction" for r in call.rows)
+            for call in trainer.calls
+        )
+
+    engine = ScriptedEngine(query_ok=lambda key, adapter: learned(adapter) or rarely_easy(key))
+    judge = ScriptedJudge(fix_query, score=right_colour)
+    return harness(make_job(folder, loop=loop), engine=engine, judge=judge, trainer=trainer)
+
+
+def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    run = judged_run(folder, harness)
+    judge, trainer = run.judge, run.trainer
+    assert judge is not None
+    assert run.job.system.metric == "judge" and run.job.system.pass_threshold == 0.5
+    assert all(e.expected is None for s in ("train", "val", "test") for e in run.context().split(s))
+    report = run.run()
+
+    # the base rarely meets the rubric; the trained epoch meets it on every val example
+    assert report.base_val_score is not None and report.base_val_score < 0.5
+    assert [e.val_score for e in report.epochs] == [1.0]
+    assert report.epochs[0].kept and report.best_epoch == 1
+    assert report.test_score == 1.0 and report.base_test_score is not None
+    assert report.base_test_score < 1.0
+
+    # every trace was scored by the judge, never against gold
+    rollout = run.output(1, Stage.rollout, RolloutOut)
+    assert all(t.expected is None and t.score_samples is not None for t in rollout.traces)
+    assert all(t.score_reason and "scripted score" in t.score_reason for t in rollout.traces)
+    # corrections were verified by the judge scoring the replayed output higher
+    accepted = run.store.candidates(run.job_id, accepted=True)
+    assert accepted and {c.source for c in accepted} == {"judge"}
+    assert all(c.original_score == 0.0 and c.replay_scores == [1.0] for c in accepted)
+    [query] = [c for c in trainer.calls if c.component == "query"]
+    assert any(r.source == "correction" for r in query.rows)
+    # the scoring requests were spent by the stages that scored, and counted as judge calls
+    spent = {s.stage: s.judge_calls for s in report.stages}
+    for stage in (Stage.baseline, Stage.rollout, Stage.verify, Stage.evaluate, Stage.test):
+        assert spent[stage] > 0, stage
+    assert sum(spent.values()) == len(judge.requests)
+    # the credit judge saw why each failed output scored low
+    credit = [r for r in judge.requests if r not in judge.score_requests]
+    assert credit and all("Why it got that score:" in r.messages[-1]["content"] for r in credit)
+
+
+def test_a_job_run_one_stage_per_call_judges_no_output_twice(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """How workers drive a job (a new context per stage): the judge's scores stored with the
+    finished stages seed each new context's cache, so the whole job asks the judge exactly
+    what one uninterrupted run asks."""
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    whole = judged_run(folder, harness, epochs=2)
+    expected = whole.run()
+    assert whole.judge is not None and whole.judge.score_requests
+
+    stepped = judged_run(folder, harness, epochs=2)
+    while True:
+        try:
+            report = run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert stepped.judge is not None
+    assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
+    assert report.best_val_score == expected.best_val_score
+    assert report.test_score == expected.test_score
