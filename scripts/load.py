@@ -156,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
             api.kill()
         fleet.stop()
     report(args, clients, sigterm_at, api_exit)
-    accounts.close()
     return 0
 
 
@@ -186,7 +185,8 @@ def report(args: argparse.Namespace, clients: list[Any], sigterm_at: float, api_
         "",
         f"- before the SIGTERM: {len(before)} requests, {errors} not 200",
         f"- after the SIGTERM: {dict(shutdown)}; broken answers (neither 200 nor refused at "
-        f"connect): {broken}; the API exited with status {api_exit}",
+        f"connect): {broken}; the API exited with status {api_exit} (uvicorn finishes what it "
+        "accepted, then re-raises the signal: -15 is its graceful exit)",
     ]
     print("\n".join(lines))
 
