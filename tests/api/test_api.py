@@ -1156,7 +1156,7 @@ def test_a_judge_scored_job_without_gold_runs_over_http(
         uploaded = api.upload(f"{split}.jsonl", (folder / f"{split}.jsonl").read_bytes(), "data")
         assert uploaded.status_code == 200, uploaded.text
         files[split] = uploaded.json()["id"]
-    spec = tiny_spec(files, judge={"model": "tiny"})
+    spec = tiny_job_spec(files, judge={"model": "tiny"})
     del spec["data"]["test"]
     spec["system"].update(metric="judge", rubric=JUDGED_RUBRIC)
 
