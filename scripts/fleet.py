@@ -50,18 +50,9 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 def pg_database(admin_url: str) -> str:
     """A new database on the server of ``admin_url``, migrated to head; its URL."""
-    from sqlalchemy import create_engine, make_url, text
+    from cotune.store import create_database
 
-    from cotune.store import migrate
-
-    name = f"cotune_fleet_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    return url
+    return create_database(admin_url, "cotune_fleet")
 
 
 def fleet_env(database_url: str, broker_url: str, folder: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ from cotune.engines.base import GenerationRequest, GenerationResult, InferenceEn
 from cotune.errors import EngineError
 from cotune.judge.outcome import JudgeOutcome
 from cotune.judge.parse import JudgeParseError, parse_verdict
-from cotune.judge.prompt import judge_messages, repair_messages
+from cotune.judge.prompt import judge_messages, repair_request
 from cotune.judge.schema import verdict_schema
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec
@@ -126,16 +126,7 @@ def judge_traces(
     if not to_repair:
         return outcomes
 
-    repairs = [
-        GenerationRequest(
-            messages=repair_messages(sample.request.messages, sample.text, reason),
-            max_tokens=sample.request.max_tokens,
-            temperature=sample.request.temperature,
-            seed=sample.request.seed,
-            json_schema=sample.request.json_schema,
-        )
-        for sample, reason in to_repair
-    ]
+    repairs = [repair_request(sample.request, sample.text, reason) for sample, reason in to_repair]
     results, error = generate_or_error(engine, repairs)
     if error is not None:
         for sample, reason in to_repair:

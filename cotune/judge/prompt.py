@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cotune.engines.base import Message
+from cotune.engines.base import GenerationRequest, Message
 from cotune.judge.schema import ERROR_TYPES
 from cotune.prompts import render_value
 from cotune.runtime import Span, Trace
@@ -193,3 +193,14 @@ def repair_messages(
             ),
         },
     ]
+
+
+def repair_request(request: GenerationRequest, bad_text: str, reason: str) -> GenerationRequest:
+    """The repair of one bad reply: its request's settings, :func:`repair_messages` as prompt."""
+    return GenerationRequest(
+        messages=repair_messages(request.messages, bad_text, reason),
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        seed=request.seed,
+        json_schema=request.json_schema,
+    )

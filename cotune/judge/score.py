@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cotune.engines.base import GenerationRequest, InferenceEngine, Message
 from cotune.judge.batch import generate_or_error
 from cotune.judge.parse import JudgeParseError, extract_json, pydantic_reason
-from cotune.judge.prompt import INPUT_CHARS, SPAN_CHARS, clip, render_text, repair_messages
+from cotune.judge.prompt import INPUT_CHARS, SPAN_CHARS, clip, render_text, repair_request
 from cotune.judge.schema import MAX_TEXT
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec
@@ -164,16 +164,7 @@ def judge_scores(
             to_repair.append((sample, reason))
     if not to_repair:
         return outcomes
-    repairs = [
-        GenerationRequest(
-            messages=repair_messages(s.request.messages, s.text, reason),
-            max_tokens=s.request.max_tokens,
-            temperature=s.request.temperature,
-            seed=s.request.seed,
-            json_schema=s.request.json_schema,
-        )
-        for s, reason in to_repair
-    ]
+    repairs = [repair_request(s.request, s.text, reason) for s, reason in to_repair]
     results, error = generate_or_error(engine, repairs)
     for i, (sample, reason) in enumerate(to_repair):
         if error is not None:
