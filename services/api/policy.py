@@ -28,9 +28,9 @@ from cotune.spec.job import JobSpec, parse_job
 from cotune.spec.refs import SPLITS, FileRef, file_refs, is_file_id
 
 if TYPE_CHECKING:
+    from cotune.model_records import RegisteredModel
     from cotune.settings import Settings
     from cotune.store.accounts import FileRecord
-    from cotune.store.registry import RegisteredModel
 
 
 # Deepest nesting a spec or an uploaded row may have: real specs stay under 10 levels; without a
