@@ -25,7 +25,9 @@ def quote_job(
         if given is not None:
             return given
         path = job.data_path(split)  # type: ignore[arg-type]
-        return 0 if path is None else len(load_examples(path, job.system, split=split))
+        if path is None:
+            return 0
+        return len(load_examples(path, job.system, split, job.data.format))
 
     system, loop = job.system, job.loop
     n_train, n_val, n_test = count("train", n_train), count("val", n_val), count("test", n_test)

@@ -90,7 +90,9 @@ class JobContext:
         if name not in self._splits:
             path = self.job.data_path(name)  # type: ignore[arg-type]
             self._splits[name] = (
-                [] if path is None else load_examples(path, self.job.system, split=name)
+                []
+                if path is None
+                else load_examples(path, self.job.system, name, self.job.data.format)
             )
         return self._splits[name]
 
