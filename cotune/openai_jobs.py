@@ -251,20 +251,21 @@ class BuiltJob:
         return err
 
 
-def job_spec_from_request(body: Any, check_model: Any = None) -> BuiltJob:
+def job_spec_from_request(body: Any) -> BuiltJob:
     """The native job spec of a create body: a single-model job in OpenAI's shape, or a job
     spec (a ``system``, as the SDK's ``extra_body`` sends it) with OpenAI's fields beside it.
-    ``check_model(name, param)`` raises ``SpecError`` for a model jobs may not name. Raises
-    ``SpecError`` naming the request's field."""
+    Raises ``SpecError`` naming the request's field. The files and the model are checked
+    later, against the caller's files and the server's registry (the API's policy): pass
+    that check's errors through ``BuiltJob.renamed``."""
     if not isinstance(body, Mapping):
         raise SpecError("a job must be a JSON object")
-    if "system" in body:
-        return _compound(body, check_model)
+    if "system" in body or not {"model", "training_file"} & set(body):
+        return _compound(body)  # a spec (a spec without a system is refused naming it)
     try:
         request = OpenAIJobCreate.model_validate(body)
     except ValidationError as err:
         raise spec_error_from(err) from None
-    return _single(request, check_model)
+    return _single(request)
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
@@ -274,7 +275,7 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
             raise SpecError(f"{key}: cotune {what}; leave it out", param=key)
 
 
-def _compound(body: Mapping[str, Any], check_model: Any) -> BuiltJob:
+def _compound(body: Mapping[str, Any]) -> BuiltJob:
     spec = {k: v for k, v in body.items() if k not in OPENAI_FIELDS}
     given = {k: body[k] for k in OPENAI_FIELDS if body.get(k) is not None}
     if not given:
@@ -340,10 +341,8 @@ def _hyperparameters(request: OpenAIJobCreate) -> tuple[Hyperparameters | None, 
     return request.hyperparameters, "hyperparameters"
 
 
-def _single(request: OpenAIJobCreate, check_model: Any) -> BuiltJob:
+def _single(request: OpenAIJobCreate) -> BuiltJob:
     _refuse_unsupported(request.model_dump())
-    if check_model is not None:
-        check_model(request.model, "model")
     if request.validation_file is None:
         raise SpecError(
             "validation_file: cotune scores the trained model on a validation file (its "

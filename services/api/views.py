@@ -112,7 +112,8 @@ def job_object(record: JobRecord, state: ApiState, *, with_spec: bool = True) ->
         fine_tuned_model=fine_tuned,
         organization_id=record.tenant_id or "",
         hyperparameters=Hyperparameters(
-            n_epochs=loop.epochs,
+            # given rows (OpenAI-style jobs) are one loop epoch of train.epochs passes
+            n_epochs=train.epochs if train.rows == "given" else loop.epochs,
             batch_size=train.batch_size,
             learning_rate=train.learning_rate,
             method=train.method,
