@@ -55,6 +55,15 @@ def job_create_schemas() -> dict[str, Any]:
         "system's models",
         "properties": {
             **compound["properties"],
+            # training_file and validation_file may stand for data.train and data.val
+            "data": {
+                "description": "the example files: train, val and optionally test (train and "
+                "val may be given as training_file and validation_file instead)",
+                "anyOf": [
+                    {"$ref": f"#/components/schemas/{PREFIX}DataSplits"},
+                    {"type": "object"},
+                ],
+            },
             **{k: openai["properties"][k] for k in COMPOUND_OPENAI_FIELDS},
         },
     }
