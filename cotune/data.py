@@ -123,17 +123,9 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
 # -- examples ---------------------------------------------------------------------------------
 
 
-def load_examples(
-    path: str | Path, system: SystemSpec, split: str = "train", data_format: str = "rows"
-) -> list[Example]:
-    """A split's examples; ``data_format`` is the job's ``data.format`` (``openai``: OpenAI's
-    fine-tuning JSONL, read by ``cotune.openai_jobs``)."""
-    if data_format == "openai":
-        from cotune.openai_jobs import read_openai_rows
-
-        if Path(path).suffix.lower() not in JSONL_SUFFIXES:
-            raise DataError("OpenAI's fine-tuning data is a .jsonl file", path=str(path))
-        return read_openai_rows(iter_rows(path), str(path), split).examples
+def load_examples(path: str | Path, system: SystemSpec, split: str = "train") -> list[Example]:
+    """A split's examples of rows (a job's ``data.format: openai`` splits are read by
+    ``cotune.openai_jobs.load_split``)."""
     return parse_examples(iter_rows(path), system, split=split, source=str(path))
 
 

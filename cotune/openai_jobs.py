@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from cotune.data import Example, Row
+from cotune.data import JSONL_SUFFIXES, Example, Row, iter_rows, load_examples
 from cotune.errors import DataError, SpecError
-from cotune.spec.job import TrainConfig, parse_job
+from cotune.spec.job import JobSpec, TrainConfig, parse_job
+from cotune.spec.refs import Split
 from cotune.spec.system import COMPONENT_NAME, Float, Int, _Strict, spec_error_from
 
 ROLES = ("system", "user", "assistant")
@@ -170,6 +171,18 @@ def read_openai_rows(rows: Iterable[Row], source: str, split: str = "train") -> 
     if kind is None:
         raise DataError("no rows", path=source)
     return OpenAIRows(kind=kind, rows=n, examples=examples)
+
+
+def load_split(job: JobSpec, split: Split) -> list[Example]:
+    """A job's split as examples, read as its ``data.format`` says (none for an unset one)."""
+    path = job.data_path(split)
+    if path is None:
+        return []
+    if job.data.format != "openai":
+        return load_examples(path, job.system, split=split)
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        raise DataError("OpenAI's fine-tuning data is a .jsonl file", path=str(path))
+    return read_openai_rows(iter_rows(path), str(path), split).examples
 
 
 # -- OpenAI's job-creation body -> a job spec ------------------------------------------------
