@@ -156,6 +156,7 @@ def test_a_supervised_job_created_over_the_sdk_trains_and_downloads(
     assert done.status == "succeeded", done
     assert done.fine_tuned_model == f"tiny-colors:{job.id}"
     assert done.hyperparameters.n_epochs == 1
+    assert done.method is not None and done.method.type == "supervised"
     assert job.id in [j.id for j in client.fine_tuning.jobs.list()]
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     # two assistant turns a conversation, four conversations: eight given rows
@@ -172,6 +173,12 @@ def test_a_supervised_job_created_over_the_sdk_trains_and_downloads(
     adapter = next(p.parent for p in tmp_path.rglob("adapter_config.json"))
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert lora_delta(tiny_model_dir, adapter) > 0
+    bundle = httpx.get(
+        f"{live.url}/v1/jobs/{job.id}/bundle",
+        headers={"Authorization": f"Bearer {live.key}"},
+        timeout=60,
+    )
+    assert bundle.status_code == 200, bundle.text
 
 
 def test_a_dpo_job_trains_on_preference_rows(live: Live) -> None:
@@ -187,6 +194,9 @@ def test_a_dpo_job_trains_on_preference_rows(live: Live) -> None:
         method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "beta": 0.2}}},
     )
     assert job.status in ("validating_files", "queued", "running")
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
+    assert job.method.dpo.hyperparameters.beta == 0.2
     done = wait_done(live, client, job.id)
     assert done.status == "succeeded", done
     response = httpx.get(
