@@ -40,7 +40,7 @@ from cotune.runner import (
 )
 from cotune.runtime import Runtime, Trace, mean_score
 from cotune.scoring import Scorer
-from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources
+from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources, given_rows
 
 
 class JobCancelled(Exception):
@@ -215,6 +215,12 @@ def synthesize(
 ) -> SynthesizeOut:
     """Cumulative buffer: last epoch's rows + bootstrapped + corrections + augmentation."""
     system, loop = ctx.job.system, ctx.job.loop
+    if ctx.job.train.rows == "given":
+        buffer = given_rows(system, ctx.split("train"))
+        counts = buffer.counts()
+        shown = {name: count.model_dump() for name, count in counts.items()}
+        ctx.event(f"epoch {epoch}: buffer {shown} (the train split's own outputs)")
+        return SynthesizeOut(buffer=buffer.rows(), counts=counts)
     previous = stored_output(ctx, epoch - 1, Stage.synthesize, SynthesizeOut)
     buffer = Buffer.from_rows(previous.buffer) if previous else Buffer()
     traces = rollout_out.traces
@@ -319,9 +325,11 @@ def evaluate_epoch(ctx: JobContext, epoch: int, trained: TrainOut, best_val: flo
     that trained nothing has nothing new to keep."""
     result = evaluate_split(ctx, "val", trained.adapters)
     trained_any = any(c.trained for c in trained.components.values())
-    kept = trained_any and result.score >= best_val
+    kept = trained_any and (ctx.job.loop.keep == "last" or result.score >= best_val)
     if not trained_any:
         verdict = "not kept (no component was trained)"
+    elif ctx.job.loop.keep == "last":
+        verdict = f"kept (loop.keep last; best so far {best_val:.3f})"
     else:
         verdict = "kept" if kept else f"not kept (best so far {best_val:.3f})"
     ctx.event(f"epoch {epoch}: val {result.score:.3f}, {verdict}")

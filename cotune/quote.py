@@ -19,13 +19,12 @@ from cotune.spec.job import JobSpec
 def quote_job(
     job: JobSpec, *, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None
 ) -> dict[str, Any]:
-    from cotune.data import load_examples
+    from cotune.openai_jobs import load_split
 
     def count(split: str, given: int | None) -> int:
         if given is not None:
             return given
-        path = job.data_path(split)  # type: ignore[arg-type]
-        return 0 if path is None else len(load_examples(path, job.system, split=split))
+        return len(load_split(job, split))  # type: ignore[arg-type]
 
     system, loop = job.system, job.loop
     n_train, n_val, n_test = count("train", n_train), count("val", n_val), count("test", n_test)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cotune.data import Example, load_examples
+from cotune.data import Example
 from cotune.engines import InferenceEngine, cached_engines, get_engine
+from cotune.openai_jobs import load_split
 from cotune.records import (
     Event,
     Stage,
@@ -88,10 +89,7 @@ class JobContext:
 
     def split(self, name: str) -> list[Example]:
         if name not in self._splits:
-            path = self.job.data_path(name)  # type: ignore[arg-type]
-            self._splits[name] = (
-                [] if path is None else load_examples(path, self.job.system, split=name)
-            )
+            self._splits[name] = load_split(self.job, name)  # type: ignore[arg-type]
         return self._splits[name]
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:

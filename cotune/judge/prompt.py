@@ -68,8 +68,11 @@ def _card_line(system: SystemSpec, component: Component) -> str:
         f"- {component.name} [llm: model {_model_name(system, component.model)}; {trainable}]: "
         f"{flow}; output: {_output_format(component)}"
     )
-    assert component.prompt is not None
-    line += f"; prompt: {clip(_one_line(component.prompt), 200)!r}"
+    if component.chat:
+        line += f"; prompt: the conversation in {component.reads[0]!r}, as it is"
+    else:
+        assert component.prompt is not None
+        line += f"; prompt: {clip(_one_line(component.prompt), 200)!r}"
     if component.system:
         line += f"; system prompt: {clip(_one_line(component.system), 200)!r}"
     return line

@@ -105,6 +105,11 @@ class Component(_Strict):
     system: str | None = Field(
         default=None, description="llm: an optional system message, a template like 'prompt'"
     )
+    chat: bool = Field(
+        default=False,
+        description="llm: the one field it reads holds a conversation, a list of {role, content} "
+        "messages (OpenAI's chat format), sent to the model as it is instead of a prompt",
+    )
     trainable: bool | None = Field(
         default=None, description="llm: false keeps it frozen (no adapter); default trainable"
     )
@@ -376,7 +381,9 @@ def _check_component(
                 f"declared in 'models': {sorted(system.models)}",
                 param=f"{param}.model",
             )
-        if not c.prompt:
+        if c.chat:
+            _check_chat_component(c, where, param)
+        elif not c.prompt:
             raise SpecError(
                 f"{where}: field 'prompt' is required for an llm component", param=f"{param}.prompt"
             )
@@ -400,7 +407,16 @@ def _check_component(
                         param=f"{param}.{key}",
                     )
     else:
-        llm_only = {"model", "prompt", "system", "trainable", "output", "max_tokens", "temperature"}
+        llm_only = {
+            "model",
+            "prompt",
+            "system",
+            "chat",
+            "trainable",
+            "output",
+            "max_tokens",
+            "temperature",
+        }
         # Set *and* different from the default: a spec dumped with its defaults reloads.
         given = {
             k
@@ -420,6 +436,23 @@ def _check_component(
                 f"{where}: field 'args.function': {c.args['function']!r} is not a registered "
                 f"python tool; registered: {sorted(python_tools)}",
                 param=f"{param}.args.function",
+            )
+
+
+def _check_chat_component(c: Component, where: str, param: str) -> None:
+    """A chat component sends its one field's messages as they are: no template to render."""
+    if len(c.reads) != 1:
+        raise SpecError(
+            f"{where}: field 'reads': a chat component reads one field (the conversation), "
+            f"got {c.reads}",
+            param=f"{param}.reads",
+        )
+    for key in ("prompt", "system"):
+        if getattr(c, key) is not None:
+            raise SpecError(
+                f"{where}: field {key!r}: a chat component sends its conversation as it is; "
+                "it has no template",
+                param=f"{param}.{key}",
             )
 
 
