@@ -89,9 +89,7 @@ def test_the_task_score_may_not_fall_for_a_closer_output() -> None:
         }
         return Candidate.model_validate(fields | kwargs)
 
-    closer = candidate(
-        replay_scores=[0.0, 0.0], replay_graded=[0.6, 0.6], original_graded=0.3
-    )
+    closer = candidate(replay_scores=[0.0, 0.0], replay_graded=[0.6, 0.6], original_graded=0.3)
     assert closer.closer and not closer.verified
     # the unmodified span's replays passed once: closer by the companion, worse by the metric
     worse = candidate(

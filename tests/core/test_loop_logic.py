@@ -491,6 +491,7 @@ def test_graded_verification_accepts_closer_answers_and_scores_stay_exact_match(
     if graded:
         assert any(t.graded_score for t in evaluated.traces)
 
+
 # -- 4. the best epoch ------------------------------------------------------------------------
 
 
