@@ -171,8 +171,9 @@ def verify_candidates(
     credit: CreditOut,
     current: dict[str, str],
 ) -> VerifyOut:
-    """Replay each proposal; keep those that raise the score. Without judge proposals for a
-    trace, candidates come from re-sampling its trainable components."""
+    """Replay each proposal; keep those that raise the score or, with graded verification,
+    move the output strictly closer to gold without lowering it. Without judge proposals for
+    a trace, candidates come from re-sampling its trainable components."""
     from cotune.verify import gold_proposals, judge_proposals, resample_proposals, verify
 
     loop = ctx.job.loop
@@ -198,11 +199,14 @@ def verify_candidates(
         seed=loop.seed + epoch,
         require_gain=loop.verify_by_replay,
         scorer=scorer,
+        graded=loop.graded_verification,
     )
     ctx.store.add_candidates(ctx.job_id, candidates, replace_epoch=epoch)
     accepted = sum(c.accepted for c in candidates)
     how = "verified by replay" if loop.verify_by_replay else "accepted unverified (ablation)"
-    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}")
+    closer = sum(c.accepted_by == "graded" for c in candidates)
+    graded = f" ({closer} of them closer to gold, not yet right)" if closer else ""
+    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}{graded}")
     return VerifyOut(candidates=candidates, replays=replays, judge_calls=scorer.calls)
 
 

@@ -58,6 +58,9 @@ class Trace(BaseModel):
     # metric judge: each judge sample's score (their mean is ``score``) and the first reason
     score_samples: list[float] | None = None
     score_reason: str | None = None
+    # a binary task metric's graded companion (cotune.metrics.companion_score): how close the
+    # output came; graded verification reads it, final scores never do
+    graded_score: float | None = None
     replay_of: str | None = None  # the trace this one replays
     replaced_span: str | None = None
 

@@ -4,7 +4,9 @@ Every stage that scores (baseline, rollout, verify's replays, augmentation, eval
 calls ``scorer.score(traces)``, which sets each trace's ``score`` and ``passed`` in place:
 
 - ``GoldScorer``: the task metric against each row's ``expected`` (``cotune.metrics``); a
-  trace without gold stays unscored.
+  trace without gold stays unscored. Where the metric is binary and has a graded companion
+  (``exact_match``, ``contains``, ``list_equal``) it also sets ``graded_score``, which only
+  graded verification reads (``cotune.verify``); ``score`` stays the task metric.
 - ``JudgeScorer`` (``metric: judge``): the judge scores each final output 0-1 under the
   system's ``rubric`` (``cotune.judge.score``), K samples averaged; ``pass_threshold`` decides
   pass/fail. Scores are cached by (inputs, gold, output), shared by every scorer of a job's
@@ -43,7 +45,15 @@ class GoldScorer:
     calls: int = 0
 
     def score(self, traces: Sequence[Trace]) -> None:
+        from cotune.metrics import companion_score, has_companion
+
         score_traces(self.system, traces)
+        if has_companion(self.system.metric):
+            for trace in traces:
+                if trace.expected is not None:
+                    trace.graded_score = companion_score(
+                        self.system.metric, trace.output, trace.expected
+                    )
 
 
 @dataclass(frozen=True)

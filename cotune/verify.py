@@ -8,6 +8,12 @@ Replays are scored by the job's ``Scorer`` like every rollout: the task metric, 
 ``metric: judge`` the judge's mean score over its K samples (cached, so an unchanged output is
 not judged again). A replay the scorer left unscored is no evidence, and an unscored original
 has nothing to beat: neither verifies a candidate.
+
+A correction is replayed on its own example only, so nothing it does can lower another
+example's score. Graded verification (``graded=True``, ``loop.graded_verification``) also
+accepts a candidate that moves the output strictly closer to gold by the task metric's graded
+companion while the task score does not fall (``Candidate.closer``); it applies where the
+scorer sets ``graded_score`` (a binary gold metric, ``cotune.metrics.companion_score``).
 """
 
 from __future__ import annotations
@@ -128,12 +134,13 @@ def verify(
     seed: int = 0,
     require_gain: bool = True,
     scorer: Scorer | None = None,
+    graded: bool = False,
 ) -> tuple[list[Candidate], dict[int, Trace]]:
     """Replay every proposal; return one Candidate each (accepted or not) and, by candidate
     index, the first replay trace (its downstream spans feed synthesis when it passed).
     ``require_gain=False`` (the no-verification ablation) accepts every candidate, whatever
     its replay showed; the replay scores are still recorded. ``scorer`` defaults to the
-    task metric against gold."""
+    task metric against gold. ``graded`` also accepts candidates that are ``closer``."""
     if not proposals:
         return [], {}
     scorer = scorer or GoldScorer(runtime.system)
@@ -157,9 +164,11 @@ def verify(
     candidates = []
     for i, proposal in enumerate(proposals):
         known = proposal.trace.score is not None
-        scores = [s for run in corrected_runs if known and (s := run[i].score) is not None]
+        # a replay counts where the scorer scored it; its graded score goes with it
+        scored = [run[i] for run in corrected_runs if known and run[i].score is not None]
         original = proposal.trace.score or 0.0
-        base = [s for run in baseline_runs if (s := run[i].score) is not None] or [original]
+        unchanged = [run[i] for run in baseline_runs if run[i].score is not None]
+        base = [t.score for t in unchanged if t.score is not None] or [original]
         candidate = Candidate(
             epoch=epoch,
             trace_id=proposal.trace.trace_id,
@@ -169,11 +178,26 @@ def verify(
             proposed_output=proposal.output,
             original_output=proposal.trace.span(proposal.span_id).output,
             original_score=original,
-            replay_scores=scores,
+            replay_scores=[t.score for t in scored if t.score is not None],
             baseline_scores=base if replays > 1 else [],
             accepted=False,
             critique=proposal.critique,
+            original_graded=proposal.trace.graded_score,
+            replay_graded=_graded(scored),
+            baseline_graded=_graded(unchanged),
         )
-        candidate.accepted = candidate.verified or not require_gain
+        if candidate.verified:
+            candidate.accepted_by = "score"
+        elif graded and candidate.closer:
+            candidate.accepted_by = "graded"
+        elif not require_gain:
+            candidate.accepted_by = "unverified"
+        candidate.accepted = candidate.accepted_by is not None
         candidates.append(candidate)
     return candidates, {i: corrected_runs[0][i] for i in range(len(proposals))}
+
+
+def _graded(traces: Sequence[Trace]) -> list[float]:
+    """Every trace's graded score, or none if one lacks it (no companion for the metric)."""
+    values = [t.graded_score for t in traces]
+    return [v for v in values if v is not None] if None not in values else []

@@ -91,6 +91,13 @@ class LoopConfig(_Strict):
         "score; false accepts every candidate (an ablation: the replays still run and are "
         "recorded)",
     )
+    graded_verification: bool = Field(
+        default=True,
+        description="with a binary metric (exact_match, contains, list_equal), also accept a "
+        "candidate whose replay moves the output strictly closer to gold by the metric's "
+        "graded companion (token F1, a number's distance, list items right) while its task "
+        "score does not fall; final scores stay the task metric (docs/algorithm.md)",
+    )
     candidate_temperature: Float = Field(
         default=0.8, gt=0.0, le=2.0, description="sampling temperature of re-sampled candidates"
     )

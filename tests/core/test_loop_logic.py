@@ -37,6 +37,7 @@ from cotune.loop import run_job
 from cotune.records import (
     EPOCH_STAGES,
     CreditOut,
+    EvaluateOut,
     JobReport,
     RolloutOut,
     Stage,
@@ -436,6 +437,59 @@ def test_a_gold_inside_another_word_is_not_a_gold_candidate(example_dir: Path) -
         passed=False,
     )
     assert gold_proposals(job.system, [trace]) == []
+
+
+# -- 3b. graded verification --------------------------------------------------------------------
+
+
+class HalfRightAfterTraining(ScriptedEngine):
+    """The base answer writer answers ``wrong``; with an adapter it names passage 1's colour
+    followed by " one": closer to gold by token F1, never an exact match."""
+
+    def __init__(self) -> None:
+        super().__init__(answer_wrong=lambda adapter: adapter is None)
+
+    def generate(self, requests: Any, adapter: str | None = None) -> Any:
+        results = super().generate(requests, adapter)
+        if self.calls[-1].component == "answer" and adapter is not None:
+            for result in results:
+                result.text = f"{result.text} one"
+        return results
+
+
+@pytest.mark.parametrize("graded", [True, False])
+def test_graded_verification_accepts_closer_answers_and_scores_stay_exact_match(
+    example_dir: Path, harness: Callable[..., Harness], graded: bool
+) -> None:
+    def closer(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        return [critique("answer", f"{gold} one", f"{MARKER} name the colour")]
+
+    job = make_job(
+        example_dir,
+        loop={"graded_verification": graded, "gold_candidates": False, "augment_rollouts": 0},
+    )
+    run = harness(job, engine=HalfRightAfterTraining(), judge=ScriptedJudge(closer))
+    report = run.run()
+
+    checked = run.output(1, Stage.verify, VerifyOut)
+    assert checked.candidates and not any(c.verified for c in checked.candidates)
+    for candidate in checked.candidates:  # "red one" against "red": F1 2/3 > 0, EM 0
+        assert candidate.replay_scores == [0.0]
+        assert candidate.replay_graded == [pytest.approx(2 / 3)]
+        assert candidate.accepted_by == ("graded" if graded else None)
+    assert checked.details()["accepted_graded"] == (len(checked.candidates) if graded else 0)
+    stored = run.store.candidates(run.job_id, accepted=True)
+    assert len(stored) == (len(checked.candidates) if graded else 0)
+    answer_rows = run.output(1, Stage.synthesize, SynthesizeOut).buffer.sft.get("answer", [])
+    assert bool(answer_rows) == graded
+    assert any("closer to gold" in m for m in run.messages()) == graded
+
+    # Final scores are the task metric: the trained writer's "red one" is closer, not right.
+    evaluated = run.output(1, Stage.evaluate, EvaluateOut)
+    assert evaluated.score == 0.0 and report.best_val_score == 0.0
+    assert report.test_score == 0.0
+    if graded:
+        assert any(t.graded_score for t in evaluated.traces)
 
 
 # -- 4. the best epoch ------------------------------------------------------------------------
