@@ -1,5 +1,5 @@
 """One job, two different base models (issue 13): ``examples/two-bases``, whose query writer
-runs on the tiny model and whose answer writer on a second tiny model, trained together end to
+runs on a second tiny model and whose answer writer on the tiny model, trained together end to
 end, then bundled and served.
 
 The second model is the tiny model built with another seed (``tiny_model_b_dir``): its own
@@ -12,33 +12,27 @@ built-in ``tiny`` is a copy of the test's tiny model and ``tiny-b`` is registere
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from doubles import SERVER_START_SECONDS
 
 from cotune.spec.job import JobSpec
 
 JOB = """\
 system: system.yaml
 data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}
-judge: {model: first, max_tokens: 256}
+judge: {model: answers, max_tokens: 256}
 loop: {epochs: 1, rollout_batch: 16, samples_per_component: 16, judge_samples: 1, seed: 0}
 train: {epochs: 2, batch_size: 8, learning_rate: 5.0e-3, dpo_learning_rate: 1.0e-3,
         lora_r: 8, lora_alpha: 16}
 """
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-bases"
-BASES = {"first": "tiny", "second": "tiny-b"}  # alias -> model name, as the example says
-USES = {"query": "first", "answer": "second"}  # component -> alias
+BASES = {"queries": "tiny-b", "answers": "tiny"}  # alias -> model name, as the example says
+USES = {"query": "queries", "answer": "answers"}  # component -> alias
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +104,7 @@ def test_each_component_trains_its_own_adapter_on_its_own_base(
     for component, alias in USES.items():
         folder = out / "adapters" / component
         config = json.loads((folder / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == str(home / "models" / BASES[alias])
+        assert config["base_model_name_or_path"] == BASES[alias]  # the name, not a path
         weights = load_file(folder / "adapter_model.safetensors")
         lora_b = [w for name, w in weights.items() if "lora_B" in name]
         assert lora_b and any(abs(w).max() > 0 for w in lora_b)  # B starts at zero
@@ -147,74 +141,34 @@ def test_the_manifest_lists_both_base_models(bundle: Path, home: Path) -> None:
     for alias, name in BASES.items():
         assert bases[alias]["name"] == name and bases[alias]["kind"] == "registry"
         assert bases[alias]["components"] == [c for c, a in USES.items() if a == alias]
-    assert bases["first"]["fingerprint"] != bases["second"]["fingerprint"]
-
-
-def serve_and_ask(bundle: Path, home: Path, alias: str, component: str, port: int) -> str:
-    """Start ``serve.sh ALIAS`` (a real vLLM server on CPU), ask the component's adapter one
-    question, stop the server; the answer. One server at a time keeps memory down."""
-    from cotune.tiny import QUERY_PROMPT, make_world
-
-    from test_bundle import serve_env
-
-    env = serve_env(PORT=str(port), COTUNE_HOME=str(home))
-    log = bundle.parent / f"serve-{alias}.log"
-    started = time.monotonic()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            ["bash", str(bundle / "serve.sh"), alias, "--seed", "0"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"serve.sh {alias} exited with {process.returncode}:\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > started + SERVER_START_SECONDS:
-                pytest.fail(f"serve.sh {alias} was not healthy after {SERVER_START_SECONDS} s")
-            time.sleep(1)
-        served = {m["id"] for m in httpx.get(f"{url}/models", timeout=10).json()["data"]}
-        assert served == {alias, component}
-        world = make_world()
-        key = sorted(world.facts)[0]
-        response = httpx.post(
-            f"{url}/chat/completions",
-            json={
-                "model": component,
-                "messages": [
-                    {"role": "user", "content": QUERY_PROMPT.format(question=world.question(key))}
-                ],
-                "max_tokens": 8,
-                "temperature": 0,
-            },
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["model"] == component and body["usage"]["completion_tokens"] > 0
-        return str(body["choices"][0]["message"]["content"])
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+    assert bases["queries"]["fingerprint"] != bases["answers"]["fingerprint"]
 
 
 @pytest.mark.slow
 def test_the_bundle_serves_both_adapters(bundle: Path, home: Path) -> None:
-    from test_bundle import free_port
+    """``serve.sh BASE`` for each base in turn (one vLLM server at a time keeps memory down):
+    each serves its base and its component's adapter, and the adapter answers."""
+    from e2e import serve_env, serving
 
+    from cotune.tiny import QUERY_PROMPT, make_world
+
+    world = make_world()
+    prompt = QUERY_PROMPT.format(question=world.question(sorted(world.facts)[0]))
     for component, alias in USES.items():
-        assert serve_and_ask(bundle, home, alias, component, free_port())
+        log = bundle.parent / f"serve-{alias}.log"
+        with serving(bundle, serve_env(COTUNE_HOME=str(home)), log, alias) as url:
+            served = {m["id"] for m in httpx.get(f"{url}/models", timeout=10).json()["data"]}
+            assert served == {alias, component}
+            response = httpx.post(
+                f"{url}/chat/completions",
+                json={
+                    "model": component,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["model"] == component and body["usage"]["completion_tokens"] > 0
