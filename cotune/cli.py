@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_models_list)
     tiny = models.add_parser("tiny", help="build the tiny test model into DIR")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--seed", type=int, default=0, help="another seed builds a different tiny model (0)"
+    )
     tiny.set_defaults(handler=cmd_models_tiny)
 
     ev = sub.add_parser("eval", help="run a system over a data file and score it")
@@ -219,7 +222,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_tiny(args: argparse.Namespace) -> int:
     from cotune.tiny import build_tiny_model
 
-    info = build_tiny_model(args.dir, progress=print)
+    info = build_tiny_model(args.dir, seed=args.seed, progress=print)
     print(json.dumps(info))
     return 0
 

@@ -39,18 +39,31 @@ def _builder_version() -> str:
     return hashlib.sha256(source).hexdigest()[:12]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
-    """The tiny Llama trained on the tiny-kb format; rebuilt when cotune/tiny.py changes."""
+def _tiny_model(seed: int) -> Path:
+    """The tiny model built with ``seed``, cached; rebuilt when cotune/tiny.py changes."""
     from cotune.tiny import build_tiny_model
 
-    folder = CACHE / f"tiny-model-{_builder_version()}"
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    folder = CACHE / f"tiny-model-{_builder_version()}{suffix}"
     if not (folder / "cotune_tiny.json").exists():
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        build_tiny_model(partial)
+        build_tiny_model(partial, seed=seed)
         partial.rename(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny Llama trained on the tiny-kb format; rebuilt when cotune/tiny.py changes."""
+    return _tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b_dir() -> Path:
+    """A second, different tiny model (seed 1: its own tokenizer, weights and world of the same
+    rule), for jobs whose components use two base models."""
+    return _tiny_model(seed=1)
 
 
 @pytest.fixture(scope="session")

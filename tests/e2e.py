@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests: the tiny-kb job as a user writes it, ``cotune serve`` in a
-subprocess, the ``cotune`` command as a user runs it, and the checks on what a user downloads."""
+subprocess, the ``cotune`` command as a user runs it, the checks on what a user downloads, and a
+bundle's ``serve.sh`` run as a user runs it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,24 +180,26 @@ def check_downloads(env: dict[str, str], url: str, key: str, job_id: str, out: P
 
 
 @contextlib.contextmanager
-def serving(bundle: Path, env: dict[str, str], log: Path) -> Any:
-    """The bundle's ``serve.sh`` (vLLM's OpenAI server on CPU), yielding its ``/v1`` URL once
-    healthy; the server's process group is stopped afterwards."""
+def serving(bundle: Path, env: dict[str, str], log: Path, *args: str) -> Iterator[str]:
+    """The bundle's ``serve.sh ARGS`` (vLLM's OpenAI server on CPU; ARGS name the base model
+    where the bundle has several), yielding its ``/v1`` URL once healthy; the server's process
+    group is stopped afterwards."""
     import httpx
+    from doubles import SERVER_START_SECONDS
 
     port = free_port()
     env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(PORT=str(port), PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["bash", str(bundle / "serve.sh"), "--seed", "0"],
+            ["bash", str(bundle / "serve.sh"), *args, "--seed", "0"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"serve.sh exited with {proc.returncode}\n{log.read_text()[-4000:]}")
@@ -203,8 +207,19 @@ def serving(bundle: Path, env: dict[str, str], log: Path) -> Any:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                pytest.fail(f"serve.sh not healthy in 240 s\n{log.read_text()[-4000:]}")
+                pytest.fail(
+                    f"serve.sh not healthy in {SERVER_START_SECONDS} s\n{log.read_text()[-4000:]}"
+                )
             time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop(proc)
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    """The environment a bundle's ``serve.sh`` runs in: this interpreter's vLLM, on CPU."""
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the API server runs its own engine core
+    env.update(PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env

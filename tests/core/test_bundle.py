@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from doubles import SERVER_START_SECONDS
+from e2e import serve_env, serving
 
 from cotune.bundle import (
     ADAPTER_FILES,
@@ -104,14 +101,6 @@ def bundle(
 
 def bundle_files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
-
-
-def serve_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the API server runs its own engine core
-    env.update(PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(extra)
-    return env
 
 
 def printed_command(script: Path, *args: str, **env: str) -> list[str]:
@@ -460,53 +449,13 @@ def test_one_server_per_base_model(
 # -- serve.sh for real: a vLLM server on CPU --------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served_bundle(
     bundle: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = serve_env(PORT=str(port), COTUNE_MODEL_TINY=str(tiny_model_dir))
-    started = time.monotonic()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            ["bash", str(bundle / "serve.sh"), "--seed", "0"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        deadline = started + SERVER_START_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"serve.sh exited with {process.returncode}:\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve.sh's server was not healthy after {SERVER_START_SECONDS} s:\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
-            time.sleep(1)
-        print(f"serve.sh: vLLM healthy after {time.monotonic() - started:.1f} s")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+    with serving(bundle, serve_env(COTUNE_MODEL_TINY=str(tiny_model_dir)), log) as url:
+        yield url
 
 
 @pytest.mark.slow
