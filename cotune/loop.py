@@ -260,6 +260,29 @@ def train_components(
     ctx: JobContext, epoch: int, synthesized: SynthesizeOut, current: dict[str, str]
 ) -> TrainOut:
     """One LoRA adapter per trainable component: SFT from the base, then DPO."""
+    from cotune.engines import stepped_aside
+
+    # The engines step aside while the trainer runs (on a GPU: they sleep, DESIGN.md §7).
+    with stepped_aside() as switch:
+        adapters, results = _train_each(ctx, epoch, synthesized, current)
+    ctx.event(
+        f"epoch {epoch}: engines stepped aside in {switch.release_seconds:.1f} s and came "
+        f"back in {switch.reacquire_seconds:.1f} s",
+        release_seconds=round(switch.release_seconds, 3),
+        reacquire_seconds=round(switch.reacquire_seconds, 3),
+    )
+    return TrainOut(
+        adapters=adapters,
+        components=results,
+        trained_tokens=sum(r.trained_tokens for r in results.values()),
+        release_seconds=round(switch.release_seconds, 3),
+        reacquire_seconds=round(switch.reacquire_seconds, 3),
+    )
+
+
+def _train_each(
+    ctx: JobContext, epoch: int, synthesized: SynthesizeOut, current: dict[str, str]
+) -> tuple[dict[str, str], dict[str, ComponentTraining]]:
     from cotune.models import resolve_model
     from cotune.training import train_adapter
 
@@ -301,11 +324,7 @@ def train_components(
             seconds=round(result.seconds, 2),
         )
         ctx.event(f"epoch {epoch}: trained {component.name} on {len(rows)} rows")
-    return TrainOut(
-        adapters=adapters,
-        components=results,
-        trained_tokens=sum(r.trained_tokens for r in results.values()),
-    )
+    return adapters, results
 
 
 def evaluate_epoch(ctx: JobContext, epoch: int, trained: TrainOut, best_val: float) -> EvaluateOut:

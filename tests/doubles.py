@@ -129,6 +129,15 @@ class ScriptedEngine:
     def supports_json_schema(self) -> bool:
         return True
 
+    # No model to step aside: the loop's release/reacquire are no-ops here.
+    released = False
+
+    def release(self) -> None:
+        pass
+
+    def reacquire(self) -> None:
+        pass
+
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
     ) -> list[GenerationResult]:
@@ -203,6 +212,15 @@ class ScriptedJudge:
 
     def supports_json_schema(self) -> bool:
         return True
+
+    # No model to step aside: the loop's release/reacquire are no-ops here.
+    released = False
+
+    def release(self) -> None:
+        pass
+
+    def reacquire(self) -> None:
+        pass
 
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None

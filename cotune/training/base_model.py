@@ -111,10 +111,11 @@ def _free_memory(gpu: bool) -> None:
         import torch
 
         torch.cuda.empty_cache()
-    _trim_heap()
+    trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     import contextlib
     import ctypes
     import sys
