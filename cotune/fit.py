@@ -10,8 +10,8 @@ on the generous side: a refusal shows its numbers so an admin can judge them.
 - Training (LoRA SFT/DPO, while the engines sleep): the weights in bf16 (QLoRA: the linear
   layers in 4-bit NF4, 4.5 bits a parameter, the rest bf16), the LoRA parameters with their
   gradients and Adam moments (16 bytes each, fp32), the activations of one micro-batch
-  (``TrainConfig.micro_batch_tokens``; QLoRA checkpoints them) and the logits, against one GPU
-  (FSDP across the worker's GPUs: all of them) x memory x the share.
+  (``TrainConfig.micro_batch_tokens``; QLoRA checkpoints them) and the logits, against
+  ``train_gpus`` GPUs (FSDP shards the rest; activations counted whole) x memory x the share.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class DeviceBudget(BaseModel):
     gpus: int = Field(ge=1, description="GPUs on the worker")
     memory_gib: float = Field(gt=0, description="memory of one GPU")
     share: float = Field(gt=0, le=1, description="the share of each GPU cotune may take")
+    train_gpus: int = Field(default=1, ge=1, description="GPUs one adapter trains on (FSDP)")
 
 
 class Shape(BaseModel):
@@ -149,7 +150,7 @@ def estimate(
         weights = parameters * 2.0
         activations = tokens * s.hidden * ACTIVATION_BYTES * s.layers
     logits = tokens * s.vocab * (2 + 4 + 4)  # bf16 logits, their fp32 copy and its gradient
-    training_gpus = budget.gpus if budget.gpus > 1 else 1
+    training_gpus = min(budget.train_gpus, budget.gpus)
     training = (weights + lora * LORA_STATE_BYTES + activations + logits) / GiB
     training += OVERHEAD_GIB * training_gpus
     share = budget.share if engine_share is None else engine_share
@@ -203,7 +204,7 @@ def check_fits(
             f"{budget.memory_gib} GiB x share {budget.share / max(engines, 1):.2f}) and "
             f"~{found.training_gib} GiB to train{' in 4-bit' if train.qlora else ' in bf16'} "
             f"(available: {found.training_available_gib} GiB = "
-            f"{budget.gpus if budget.gpus > 1 else 1} GPU(s) x {budget.memory_gib} GiB x share "
+            f"{min(budget.train_gpus, budget.gpus)} GPU(s) x {budget.memory_gib} GiB x share "
             f"{budget.share}); use a smaller model, train.qlora, a smaller "
             "train.micro_batch_tokens or a worker with more GPU memory",
             param=param,
@@ -211,7 +212,7 @@ def check_fits(
     return found
 
 
-def measured_budget(gpus: int | None, share: float) -> DeviceBudget | None:
+def measured_budget(gpus: int | None, share: float, train_gpus: int = 1) -> DeviceBudget | None:
     """This machine's CUDA GPUs (``gpus``: how many to use, None: all); None without CUDA."""
     import torch
 
@@ -221,7 +222,9 @@ def measured_budget(gpus: int | None, share: float) -> DeviceBudget | None:
     if count < 1:
         return None
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / GiB
-    return DeviceBudget(gpus=count, memory_gib=round(memory, 2), share=share)
+    return DeviceBudget(
+        gpus=count, memory_gib=round(memory, 2), share=share, train_gpus=min(train_gpus, count)
+    )
 
 
 def check_job_fits(

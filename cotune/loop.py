@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -284,9 +285,8 @@ def _train_each(
     ctx: JobContext, epoch: int, synthesized: SynthesizeOut, current: dict[str, str]
 ) -> tuple[dict[str, str], dict[str, ComponentTraining]]:
     from cotune.models import resolve_model
-    from cotune.training import train_adapter
 
-    trainer = ctx.trainer or train_adapter
+    trainer = ctx.trainer or _default_trainer(ctx)
     system, buffer = ctx.job.system, synthesized.buffer
     adapters = dict(current)
     results: dict[str, ComponentTraining] = {}
@@ -325,6 +325,19 @@ def _train_each(
         )
         ctx.event(f"epoch {epoch}: trained {component.name} on {len(rows)} rows")
     return adapters, results
+
+
+def _default_trainer(ctx: JobContext) -> Callable[..., Any]:
+    """``train_adapter``, or its FSDP launcher when the worker trains on several GPUs."""
+    from cotune.settings import get_settings
+    from cotune.training import train_adapter
+
+    gpus = (ctx.settings or get_settings()).train_gpus
+    if gpus > 1:
+        from cotune.training.fsdp import train_adapter_fsdp
+
+        return partial(train_adapter_fsdp, gpus=gpus)
+    return train_adapter
 
 
 def evaluate_epoch(ctx: JobContext, epoch: int, trained: TrainOut, best_val: float) -> EvaluateOut:

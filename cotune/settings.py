@@ -181,6 +181,13 @@ class Settings(BaseSettings):
         "gpu_memory_utilization, divided among a job's engines; a trainer gets it while the "
         "engines sleep",
     )
+    train_gpus: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs one adapter trains on; more than 1 trains with accelerate FSDP "
+        "(written, never run on several GPUs: README 'GPU')",
+    )
     release_cpu_engine: bool = Field(
         default=False,
         description="CPU only: shut the vLLM engine down while a trainer runs and start it "
@@ -249,6 +256,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"COTUNE_HTTP_SEARCH_PRIVATE_HOSTS: {stray} are not in "
                 "COTUNE_HTTP_SEARCH_ALLOWED_HOSTS"
+            )
+        if self.gpus is not None and self.train_gpus > max(self.gpus, 1):
+            raise ValueError(
+                f"COTUNE_TRAIN_GPUS: {self.train_gpus} is more than COTUNE_GPUS {self.gpus}"
             )
         if self.environment != "development":
             problems = self.unsafe_settings()

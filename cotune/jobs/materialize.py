@@ -207,6 +207,6 @@ def check_models_prepared(job: JobSpec, settings: Settings | None = None) -> Non
         for alias, ref in system.models.items()
     }
     if settings is not None and settings.gpus != 0:
-        budget = measured_budget(settings.gpus, settings.gpu_memory_share)
+        budget = measured_budget(settings.gpus, settings.gpu_memory_share, settings.train_gpus)
         if budget is not None:
             check_job_fits(job, budget, lambda alias, _ref: folders[alias])

@@ -188,7 +188,10 @@ def check_gpu_fit(job: JobSpec, settings: Settings) -> None:
     from cotune.models import is_model_folder, models_dir
 
     budget = DeviceBudget(
-        gpus=settings.gpus or 1, memory_gib=settings.gpu_memory_gib, share=settings.gpu_memory_share
+        gpus=settings.gpus or 1,
+        memory_gib=settings.gpu_memory_gib,
+        share=settings.gpu_memory_share,
+        train_gpus=settings.train_gpus,
     )
 
     def folder(_alias: str, ref: Any) -> Path | None:

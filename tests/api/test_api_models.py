@@ -178,7 +178,9 @@ def test_a_model_too_large_for_the_workers_gpus_answers_422_with_the_numbers(
         assert "does not fit the worker's GPUs" in error["message"]
         assert "54.4 GiB = 4 GPU(s) x 16.0 GiB x share 0.85" in error["message"]
         # Eight such GPUs: served over four (its tensor_parallel), trained over all (FSDP).
-        state.settings = settings.model_copy(update={"gpus": 8, "gpu_memory_gib": 80.0})
+        state.settings = settings.model_copy(
+            update={"gpus": 8, "train_gpus": 8, "gpu_memory_gib": 80.0}
+        )
         response = client.post("/v1/jobs", json=spec(files, "chat-huge"))
         assert response.status_code == 200, response.text
     finally:
