@@ -25,7 +25,7 @@ from doubles import SERVER_START_SECONDS
 from cotune.engines.base import GenerationRequest, InferenceEngine
 from cotune.engines.openai import OpenAIEngine
 from cotune.engines.transformers import TransformersEngine
-from cotune.engines.vllm import model_context_length
+from cotune.engines.vllm import model_context_length, on_gpu
 from cotune.errors import EngineError
 from cotune.tiny import ANSWER_PROMPT, QUERY_PROMPT, make_world
 
@@ -314,6 +314,22 @@ def test_transformers_engine_released_on_cpu_keeps_its_model(
     assert hf_engine.released
     assert [r.text for r in hf_engine.generate(requests, adapter=str(adapter_dir))] == tuned
     assert not hf_engine.released
+
+
+def test_the_switch_benchmark_prints_its_table(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import engine_switch
+    finally:
+        sys.path.pop(0)
+    assert engine_switch.main(["--model", str(tiny_model_dir), "--cycles", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    modes = {row.split("|")[1].strip(): row for row in rows[2:]}
+    released = "sleep" if on_gpu() else "release"
+    assert set(modes) == ({"sleep"} if on_gpu() else {"stay", "release"})
+    assert float(modes[released].strip("|").split("|")[-1]) > 0  # memory given back
 
 
 # -- OpenAI-compatible, against a real vLLM server --------------------------------------------
