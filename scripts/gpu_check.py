@@ -81,11 +81,13 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
     rows, pairs = rows_and_pairs(rows_count)
     base = TrainConfig(method="sft", lora_r=8, lora_alpha=16, learning_rate=2e-3, epochs=2)
     dtype = "fp32" if cpu else "bf16"
+    dpo = base.model_copy(update={"method": "sft+dpo"})
+    qlora = base.model_copy(update={"qlora": True})
     runs = [
         (f"{dtype}-sft", f"{dtype} SFT", base, []),
-        (f"{dtype}-dpo", f"{dtype} SFT then DPO", base.model_copy(update={"method": "sft+dpo"}), pairs),
-        ("qlora-sft", "4-bit QLoRA SFT", base.model_copy(update={"qlora": True}), []),
-    ]  # fmt: skip
+        (f"{dtype}-dpo", f"{dtype} SFT then DPO", dpo, pairs),
+        ("qlora-sft", "4-bit QLoRA SFT", qlora, []),
+    ]
     results = []
     for key, name, config, run_pairs in runs:
         row: dict[str, Any] = {"part": "train", "run": name, "rows": len(rows)}
