@@ -117,7 +117,14 @@ def _save_epoch(ctx: JobContext, epoch: int) -> None:
 
 
 def baseline(ctx: JobContext) -> EvalOut:
-    """The base system on val: the bar the first epoch must clear."""
+    """The base system on val: the bar the first epoch must clear. First, where the job's
+    engines are real, its models must resolve here and fit this worker's GPUs (a GPU worker
+    does not validate the job itself: the API checks against ``Settings.gpu_memory_gib``)."""
+    if ctx.engines is None:
+        from cotune.jobs.materialize import check_models_prepared
+        from cotune.settings import get_settings
+
+        check_models_prepared(ctx.job, ctx.settings or get_settings())
     result = evaluate_split(ctx, "val", {})
     ctx.event(f"base system scores {result.score:.3f} on val")
     return result
