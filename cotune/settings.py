@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cotune.engines.vllm import DEFAULT_GPU_MEMORY_SHARE
+
 ENV_PREFIX = "COTUNE_"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 JUDGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -174,7 +176,7 @@ class Settings(BaseSettings):
         "is created (None: the API skips it; a worker measures its own GPUs before training)",
     )
     gpu_memory_share: float = Field(
-        default=0.85,
+        default=DEFAULT_GPU_MEMORY_SHARE,
         gt=0,
         le=1,
         description="the share of each GPU's memory cotune may take: vLLM's "

@@ -25,6 +25,9 @@ from typing import Any
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
 from cotune.errors import EngineError
 
+# vLLM's own default is 0.9; the rest of the GPU is left to what else the process holds.
+DEFAULT_GPU_MEMORY_SHARE = 0.85
+
 
 @dataclass(frozen=True)
 class VLLMSettings:
@@ -36,7 +39,7 @@ class VLLMSettings:
     kv_cache_gib: int = 1
     # GPU: the share of each GPU's memory this engine may take (``Settings.gpu_memory_share``
     # divided among the job's engines).
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_SHARE
     # CPU: shut the engine down while a trainer runs and start it again after
     # (``Settings.release_cpu_engine``); by default it stays loaded.
     release_on_cpu: bool = False
@@ -103,7 +106,7 @@ class VLLMEngine:
         self.stats = EngineStats()
         self._adapter_ids: dict[tuple[str, int, int], int] = {}
         self._gpu = on_gpu()
-        self._switch = threading.Lock()
+        self._switch = threading.RLock()  # generate holds it and may reacquire
         self._released = False
         self._llm: Any = self._start()
 
@@ -244,19 +247,22 @@ class VLLMEngine:
     ) -> list[GenerationResult]:
         if not requests:
             return []
-        self.reacquire()
         started = time.perf_counter()
         params = [self._sampling(r) for r in requests]
-        try:
-            outputs = self._llm.chat(
-                [r.messages for r in requests],
-                # One SamplingParams for a uniform batch, as a plain vllm.LLM.chat call does.
-                sampling_params=params[0] if all(p == params[0] for p in params) else params,
-                lora_request=self.lora_request(adapter),
-                use_tqdm=False,
-            )
-        except (ValueError, _vllm_client_error()) as err:  # e.g. a prompt over max_model_len
-            raise EngineError(f"vLLM refused a request on {self.model_id}: {err}") from err
+        # Held while generating: a release from another thread (another job's train stage)
+        # waits for this batch instead of aborting it.
+        with self._switch:
+            self.reacquire()
+            try:
+                outputs = self._llm.chat(
+                    [r.messages for r in requests],
+                    # One SamplingParams for a uniform batch, as a plain vllm.LLM.chat call does.
+                    sampling_params=params[0] if all(p == params[0] for p in params) else params,
+                    lora_request=self.lora_request(adapter),
+                    use_tqdm=False,
+                )
+            except (ValueError, _vllm_client_error()) as err:  # e.g. a prompt over the limit
+                raise EngineError(f"vLLM refused a request on {self.model_id}: {err}") from err
         results = [
             GenerationResult(
                 text=out.outputs[0].text,
