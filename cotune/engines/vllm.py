@@ -190,11 +190,25 @@ class VLLMEngine:
             self._released = False
 
     def _shutdown(self) -> None:
+        """Free the engine's model and KV cache, leaving the process's other engines working.
+
+        ``EngineCore.shutdown`` ends with ``cleanup_dist_env_and_memory()``, which destroys
+        the process-wide parallel groups every in-process engine uses (another engine's next
+        batch then fails: "pipeline model parallel group is not initialized"). In-process, do
+        its other steps and detach the client's finalizer, which would call it on collection.
+        """
         llm, self._llm = self._llm, None
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del llm, core
+        client = llm.llm_engine.engine_core
+        core = getattr(client, "engine_core", None)  # the in-process client's EngineCore
+        finalizer = getattr(client, "_finalizer", None)
+        if core is None or finalizer is None:  # a separate engine process: shut it down
+            client.shutdown()
+        elif finalizer.detach() is not None:
+            core.structured_output_manager.clear_backend()
+            core.model_executor.shutdown()
+            core.scheduler.shutdown()
+            gc.unfreeze()
+        del llm, client, core
         gc.collect()
         from cotune.training.base_model import trim_heap
 

@@ -252,10 +252,11 @@ def test_transformers_reloads_an_adapter_retrained_in_place(
 
 
 def test_vllm_cpu_engine_released_and_reacquired_serves_the_same(
-    tiny_model_dir: Path, adapter_dir: Path
+    tiny_model_dir: Path, adapter_dir: Path, vllm_engine: Any
 ) -> None:
     """With ``release_on_cpu`` the engine is shut down and started again: the same greedy
-    outputs, base and adapter, and the adapter still counted as loaded once."""
+    outputs, base and adapter, and the adapter still counted as loaded once. The process's
+    other engine keeps working meanwhile (vLLM's own shutdown tears down state they share)."""
     from cotune.engines.vllm import VLLMEngine, VLLMSettings
 
     engine = VLLMEngine(tiny_model_dir, VLLMSettings(max_lora_rank=16, release_on_cpu=True))
@@ -265,9 +266,11 @@ def test_vllm_cpu_engine_released_and_reacquired_serves_the_same(
         tuned = [r.text for r in engine.generate(requests, adapter=str(adapter_dir))]
         assert tuned != base
 
+        other = [r.text for r in vllm_engine.generate(requests)]
         engine.release()
         engine.release()  # idempotent
         assert engine.released and engine.llm is None
+        assert [r.text for r in vllm_engine.generate(requests)] == other
         engine.reacquire()
         engine.reacquire()  # idempotent
         assert not engine.released and engine.llm is not None
