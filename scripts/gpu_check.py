@@ -1,7 +1,8 @@
 """The GPU check's Python part (``scripts/gpu_check.sh`` runs it; README "GPU").
 
 ``train``: cotune's own trainer (``cotune.training.train_adapter``) on the tiny model: bf16 SFT,
-SFT then DPO, and 4-bit QLoRA SFT, each printed as a row of SFT tokens/s and peak GPU memory.
+SFT then DPO, and 4-bit QLoRA SFT, then SFT and QLoRA SFT of a model with SmolLM2-135M's layer
+sizes (random weights, the tiny tokenizer), each a row of tokens/s and peak GPU memory.
 ``vllm``: CUDA vLLM rollouts through ``cotune.engines.vllm`` (base and the SFT adapter), then
 ``release()`` (sleep level 1) and ``reacquire()`` (wake up), the memory given back and whether
 the outputs stayed the same; "not run" when vLLM does not import.
@@ -74,6 +75,48 @@ def rows_and_pairs(count: int) -> tuple[list[Any], list[Any]]:
     return rows, pairs
 
 
+# SmolLM2-135M's layer sizes with random weights and the tiny model's tokenizer: a size at which
+# tokens/s and peak memory mean something. The CPU dry run builds a small stand-in instead.
+WIDE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+}
+WIDE_CPU = {
+    **WIDE,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+def random_model(tiny: Path, out: Path, sizes: dict[str, int]) -> Path:
+    """The tiny model's config and tokenizer with other layer sizes, random weights."""
+    if (out / "config.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(tiny))
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny / name).is_file():
+            shutil.copyfile(tiny / name, out / name)
+    return out
+
+
 def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[dict[str, Any]]:
     from cotune.spec.job import TrainConfig
     from cotune.training import train_adapter
@@ -83,21 +126,31 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
     dtype = "fp32" if cpu else "bf16"
     dpo = base.model_copy(update={"method": "sft+dpo"})
     qlora = base.model_copy(update={"qlora": True})
+    wide = "3-layer stand-in" if cpu else "SmolLM2-135M layer sizes"
     runs = [
-        (f"{dtype}-sft", f"{dtype} SFT", base, []),
-        (f"{dtype}-dpo", f"{dtype} SFT then DPO", dpo, pairs),
-        ("qlora-sft", "4-bit QLoRA SFT", qlora, []),
+        (f"{dtype}-sft", f"{dtype} SFT", base, [], False),
+        (f"{dtype}-dpo", f"{dtype} SFT then DPO", dpo, pairs, False),
+        ("qlora-sft", "4-bit QLoRA SFT", qlora, [], False),
+        (f"{dtype}-sft-wide", f"{dtype} SFT, {wide} (random)", base, [], True),
+        ("qlora-sft-wide", f"4-bit QLoRA SFT, {wide} (random)", qlora, [], True),
     ]
     results = []
-    for key, name, config, run_pairs in runs:
+    for key, name, config, run_pairs, is_wide in runs:
         row: dict[str, Any] = {"part": "train", "run": name, "rows": len(rows)}
         if config.qlora and cpu:
             results.append({**row, "status": "not run: QLoRA needs CUDA (bitsandbytes)"})
             continue
         reset_peak()
         try:
+            base_model = (
+                random_model(model, out / "wide-model", WIDE_CPU if cpu else WIDE)
+                if is_wide
+                else model
+            )
             started = time.perf_counter()
-            result = train_adapter(model, rows, run_pairs, config, out / "adapters" / key, seed=0)
+            result = train_adapter(
+                base_model, rows, run_pairs, config, out / "adapters" / key, seed=0
+            )
             seconds = time.perf_counter() - started
             row.update(
                 status="ok",

