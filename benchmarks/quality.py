@@ -3,22 +3,25 @@
 For each task, with SmolLM2-135M-Instruct for every component (and, on a CPU, as the judge),
 it runs these variants on the same fixed splits and compares their test scores item by item:
 
-===========  ==================================================================================
-variant      what it is (the JobSpec settings that make it; the rest as the task's job.yaml)
-===========  ==================================================================================
-base         the untrained system, evaluated once on test
-bootstrap    DSPy BootstrapFinetune's method: SFT on the spans of passing traces only (rollouts
-             and sampled augmentation rollouts); ``judge: null``, ``resample_candidates: 0``,
-             ``gold_candidates: false`` (where the loop has it), ``method: sft``; same epochs,
-             batch and sample budget as full
-full         cotune: judge + replay-verified corrections (re-sampling where the judge proposes
-             nothing) + synthesis, SFT then DPO: the task's job.yaml
-no-verify    full with ``loop.verify_by_replay: false``: every proposal is accepted, whatever
-             replaying it showed (the replays still run and are recorded)
-no-judge     ``judge: null``, ``gold_candidates: false``: candidates come only from re-sampling,
-             still verified by replay
-sft-only     full with ``method: sft`` (no DPO)
-===========  ==================================================================================
+============== ==================================================================================
+variant        what it is (the JobSpec settings that make it; the rest as the task's job.yaml)
+============== ==================================================================================
+base           the untrained system, evaluated once on test
+bootstrap      DSPy BootstrapFinetune's method: SFT on the spans of passing traces only (rollouts
+               and sampled augmentation rollouts); ``judge: null``, ``resample_candidates: 0``,
+               ``gold_candidates: false`` (where the loop has it), ``method: sft``; same epochs,
+               batch and sample budget as full
+full           cotune: judge + replay-verified corrections (re-sampling where the judge proposes
+               nothing; graded verification with a binary metric) + synthesis, SFT then DPO:
+               the task's job.yaml
+no-verify      full with ``loop.verify_by_replay: false``: every proposal is accepted, whatever
+               replaying it showed (the replays still run and are recorded)
+binary-verify  full with ``loop.graded_verification: false``: only corrections that raise the
+               task score are accepted, not those that move the output closer to gold
+no-judge       ``judge: null``, ``gold_candidates: false``: candidates come only from re-sampling,
+               still verified by replay
+sft-only       full with ``method: sft`` (no DPO)
+============== ==================================================================================
 
 Each variant runs in-process (``cotune.embedded.run_embedded``) into
 ``<out>/runs/<task>/<variant>/`` and is skipped when its ``metrics.json`` exists (the spec it
@@ -66,6 +69,7 @@ VARIANTS: dict[str, str] = {
     "bootstrap": "SFT on spans of passing traces only (BootstrapFinetune), same budget",
     "full": "judge + replay-verified corrections + synthesis, SFT then DPO",
     "no-verify": "full, proposals accepted without replay verification",
+    "binary-verify": "full, verified by the task metric only (no graded verification)",
     "no-judge": "no judge: re-sampled candidates only, verified by replay",
     "sft-only": "full without DPO",
 }
@@ -169,6 +173,8 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
         train["method"] = "sft"
     elif variant == "no-verify":
         loop["verify_by_replay"] = False
+    elif variant == "binary-verify":
+        loop["graded_verification"] = False
     elif variant not in ("base", "full"):
         raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
     return job
@@ -582,7 +588,8 @@ def write_report(
         "",
         "Variants: "
         + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())
-        + ". The no-verify ablation is the loop's `verify_by_replay: false`.",
+        + ". The no-verify ablation is the loop's `verify_by_replay: false`, binary-verify "
+        "its `graded_verification: false`.",
         "",
     ]
     sections = kept_sections(md.read_text(encoding="utf-8")) if md.exists() else {}

@@ -165,8 +165,8 @@ def _model_store() -> Any:
 def cmd_models_add(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from cotune.model_records import ModelOptions, SourceKind
     from cotune.model_registry import add_model
-    from cotune.store.registry import ModelOptions, SourceKind
 
     kind, source = next((k, v) for k in ("hf", "path", "gguf") if (v := getattr(args, k)))
     template = None

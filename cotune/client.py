@@ -150,7 +150,7 @@ class Client:
                     f"{ref.param}: expected a local file or a file id, got {ref.value!r}"
                 )
             # Data splits are relative to the job file, corpora to the system file.
-            folder = job_folder if ref.purpose == "data" else system_folder
+            folder = job_folder if ref.purpose in ("data", "fine-tune") else system_folder
             path = Path(ref.value).expanduser()
             path = (path if path.is_absolute() else folder / path).resolve()
             if not path.is_file():

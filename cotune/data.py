@@ -32,6 +32,7 @@ class Example(BaseModel):
     id: str
     inputs: dict[str, Any]
     expected: list[str] | None = None
+    rejected: str | None = None  # a dispreferred output (OpenAI's preference rows)
 
 
 # -- readers ----------------------------------------------------------------------------------
@@ -123,6 +124,8 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
 
 
 def load_examples(path: str | Path, system: SystemSpec, split: str = "train") -> list[Example]:
+    """A split's examples of rows (a job's ``data.format: openai`` splits are read by
+    ``cotune.openai_jobs.load_split``)."""
     return parse_examples(iter_rows(path), system, split=split, source=str(path))
 
 

@@ -39,8 +39,9 @@ from cotune.runner import (
     run_stage,
     stored_output,
 )
-from cotune.runtime import Runtime, Trace, mean_score, score_traces
-from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources
+from cotune.runtime import Runtime, Trace, mean_score
+from cotune.scoring import Scorer
+from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources, given_rows
 
 
 class JobCancelled(Exception):
@@ -135,11 +136,11 @@ def rollout(ctx: JobContext, epoch: int, current: dict[str, str]) -> RolloutOut:
     train = ctx.split("train")
     rng = random.Random(ctx.job.loop.seed * 1000 + epoch)
     batch = rng.sample(train, min(ctx.job.loop.rollout_batch, len(train)))
-    runtime = ctx.runtime(current)
-    traces = _run_batched(ctx, runtime, batch, Stage.rollout)
+    runtime, scorer = ctx.runtime(current), ctx.scorer(capped=True)
+    traces = _run_batched(ctx, runtime, batch, Stage.rollout, scorer)
     score = mean_score(traces)
     ctx.event(f"epoch {epoch}: rollout of {len(traces)} train examples scores {score:.3f}")
-    return RolloutOut(traces=traces, score=score)
+    return RolloutOut(traces=traces, score=score, judge_calls=scorer.calls)
 
 
 def assign_credit(ctx: JobContext, epoch: int, rollout_out: RolloutOut) -> CreditOut:
@@ -178,13 +179,14 @@ def verify_candidates(
     credit: CreditOut,
     current: dict[str, str],
 ) -> VerifyOut:
-    """Replay each proposal; keep those that raise the score. Without judge proposals for a
-    trace, candidates come from re-sampling its trainable components."""
+    """Replay each proposal; keep those that raise the score or, with graded verification,
+    move the output strictly closer to gold without lowering it. Without judge proposals for
+    a trace, candidates come from re-sampling its trainable components."""
     from cotune.verify import gold_proposals, judge_proposals, resample_proposals, verify
 
     loop = ctx.job.loop
     failed = [t for t in rollout_out.traces if not t.passed]
-    runtime = ctx.runtime(current)
+    runtime, scorer = ctx.runtime(current), ctx.scorer(capped=True)
     proposals = judge_proposals(ctx.job.system, failed, credit.outcomes)
     if loop.gold_candidates:
         proposals += gold_proposals(ctx.job.system, failed)
@@ -204,12 +206,16 @@ def verify_candidates(
         replays=loop.replays,
         seed=loop.seed + epoch,
         require_gain=loop.verify_by_replay,
+        scorer=scorer,
+        graded=loop.graded_verification,
     )
     ctx.store.add_candidates(ctx.job_id, candidates, replace_epoch=epoch)
     accepted = sum(c.accepted for c in candidates)
     how = "verified by replay" if loop.verify_by_replay else "accepted unverified (ablation)"
-    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}")
-    return VerifyOut(candidates=candidates, replays=replays)
+    closer = sum(c.accepted_by == "graded" for c in candidates)
+    graded = f" ({closer} of them closer to gold, not yet right)" if closer else ""
+    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}{graded}")
+    return VerifyOut(candidates=candidates, replays=replays, judge_calls=scorer.calls)
 
 
 def synthesize(
@@ -221,6 +227,12 @@ def synthesize(
 ) -> SynthesizeOut:
     """Cumulative buffer: last epoch's rows + bootstrapped + corrections + augmentation."""
     system, loop = ctx.job.system, ctx.job.loop
+    if ctx.job.train.rows == "given":
+        buffer = given_rows(system, ctx.split("train"))
+        counts = buffer.counts()
+        shown = {name: count.model_dump() for name, count in counts.items()}
+        ctx.event(f"epoch {epoch}: buffer {shown} (the train split's own outputs)")
+        return SynthesizeOut(buffer=buffer.rows(), counts=counts)
     previous = stored_output(ctx, epoch - 1, Stage.synthesize, SynthesizeOut)
     buffer = Buffer.from_rows(previous.buffer) if previous else Buffer()
     traces = rollout_out.traces
@@ -239,6 +251,7 @@ def synthesize(
     )
     augmented = 0
     runtime = None
+    scorer = ctx.scorer(capped=True)
     for round_ in range(loop.augment_rollouts):
         short = [
             c.name
@@ -253,6 +266,7 @@ def synthesize(
             runtime,
             ctx.split("train"),
             Stage.synthesize,
+            scorer,
             temperature=loop.candidate_temperature,
             seed=loop.seed * 31 + epoch * 101 + round_,
         )
@@ -261,7 +275,9 @@ def synthesize(
     counts = buffer.counts()
     shown = {name: count.model_dump() for name, count in counts.items()}
     ctx.event(f"epoch {epoch}: buffer {shown} ({augmented} rows from augmentation)")
-    return SynthesizeOut(buffer=buffer.rows(), counts=counts, augmented=augmented)
+    return SynthesizeOut(
+        buffer=buffer.rows(), counts=counts, augmented=augmented, judge_calls=scorer.calls
+    )
 
 
 def train_components(
@@ -352,13 +368,17 @@ def evaluate_epoch(ctx: JobContext, epoch: int, trained: TrainOut, best_val: flo
     that trained nothing has nothing new to keep."""
     result = evaluate_split(ctx, "val", trained.adapters)
     trained_any = any(c.trained for c in trained.components.values())
-    kept = trained_any and result.score >= best_val
+    kept = trained_any and (ctx.job.loop.keep == "last" or result.score >= best_val)
     if not trained_any:
         verdict = "not kept (no component was trained)"
+    elif ctx.job.loop.keep == "last":
+        verdict = f"kept (loop.keep last; best so far {best_val:.3f})"
     else:
         verdict = "kept" if kept else f"not kept (best so far {best_val:.3f})"
     ctx.event(f"epoch {epoch}: val {result.score:.3f}, {verdict}")
-    return EvaluateOut(score=result.score, traces=result.traces, kept=kept)
+    return EvaluateOut(
+        score=result.score, traces=result.traces, kept=kept, judge_calls=result.judge_calls
+    )
 
 
 def final_test(ctx: JobContext, current: dict[str, str]) -> TestOut:
@@ -369,15 +389,19 @@ def final_test(ctx: JobContext, current: dict[str, str]) -> TestOut:
         return TestOut(base=None, best=None, adapters=current)
     base = evaluate_split(ctx, "test", {})
     best = evaluate_split(ctx, "test", current) if current else base
-    return TestOut(base=base.score, best=best.score, adapters=current, traces=best.traces)
+    calls = base.judge_calls + (best.judge_calls if current else 0)
+    return TestOut(
+        base=base.score, best=best.score, adapters=current, traces=best.traces, judge_calls=calls
+    )
 
 
 def evaluate_split(ctx: JobContext, split: str, adapter_keys: dict[str, str]) -> EvalOut:
     examples = ctx.split(split)
     if split == "val" and ctx.job.loop.val_limit:
         examples = examples[: ctx.job.loop.val_limit]
-    traces = _run_batched(ctx, ctx.runtime(adapter_keys), examples, Stage.evaluate)
-    return EvalOut(score=mean_score(traces), traces=traces)
+    scorer = ctx.scorer(capped=False)  # measuring what an epoch is worth is never cut short
+    traces = _run_batched(ctx, ctx.runtime(adapter_keys), examples, Stage.evaluate, scorer)
+    return EvalOut(score=mean_score(traces), traces=traces, judge_calls=scorer.calls)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -388,13 +412,14 @@ def _run_batched(
     runtime: Runtime,
     examples: list[Example],
     stage: Stage,
+    scorer: Scorer,
     batch: int = 64,
     **kwargs: Any,
 ) -> list[Trace]:
     traces: list[Trace] = []
     for start in range(0, len(examples), batch):
         chunk = runtime.run(examples[start : start + batch], **kwargs)
-        score_traces(runtime.system, chunk)
+        scorer.score(chunk)
         traces.extend(chunk)
         if ctx.progress:
             ctx.progress(stage.value, len(traces), len(examples))

@@ -5,8 +5,14 @@ the prediction into text, calls the metric once per accepted gold value and keep
 Normalisation follows SQuAD: lowercase, drop punctuation and the articles a/an/the, squash
 whitespace.
 
-``judge`` is a placeholder name: the system is scored by the LLM judge, not against gold, so it
-needs no ``expected`` and ``score`` refuses it.
+A binary metric may have a *graded companion* (``companion_score``): a score in [0, 1] that
+is 1 whenever the metric is, and otherwise says how close the prediction came. Verification may
+use it (``loop.graded_verification``) to accept a correction that moves an output closer to
+gold without making it right; final scores are always the task metric.
+
+``judge`` is a placeholder name: the system is scored by the LLM judge under its ``rubric``
+(``cotune.scoring.JudgeScorer``), not against gold, so it needs no ``expected`` and ``score``
+refuses it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 
 _METRICS: dict[str, MetricFn] = {}
+_COMPANIONS: dict[str, MetricFn] = {}
 
 
 class MetricError(CotuneError, ValueError):
@@ -75,7 +82,7 @@ def score(metric_name: str, prediction: Any, gold: str | list[str] | None) -> fl
     metric = _lookup(metric_name)
     if metric_name == JUDGE:
         raise MetricError(
-            f"metric {JUDGE!r} has no gold comparison: the judge scores it (cotune.judge)"
+            f"metric {JUDGE!r} has no gold comparison: the judge scores it (cotune.scoring)"
         )
     golds = [gold] if isinstance(gold, str) else gold
     if not golds or not all(isinstance(g, str) for g in golds):
@@ -91,6 +98,20 @@ def score(metric_name: str, prediction: Any, gold: str | list[str] | None) -> fl
             raise MetricError(f"metric {metric_name!r} returned {value!r}, not a number in [0, 1]")
         best = max(best, float(value))
     return best
+
+
+def has_companion(metric_name: str) -> bool:
+    return metric_name in _COMPANIONS
+
+
+def companion_score(metric_name: str, prediction: Any, gold: str | list[str]) -> float:
+    """The graded companion of ``metric_name`` against the accepted gold value(s), the best
+    over them; refused for a metric without one (``has_companion``)."""
+    if metric_name not in _COMPANIONS:
+        raise MetricError(f"metric {metric_name!r} has no graded companion")
+    golds = [gold] if isinstance(gold, str) else gold
+    text = as_text(prediction)
+    return max(_COMPANIONS[metric_name](text, accepted) for accepted in golds)
 
 
 def _lookup(name: str) -> MetricFn:
@@ -176,3 +197,62 @@ def list_equal(prediction: str, gold: str) -> float:
 @register_metric(JUDGE)
 def judge(prediction: str, gold: str) -> float:  # pragma: no cover - score() refuses it first
     raise MetricError(f"metric {JUDGE!r}: the judge scores it")
+
+
+# -- graded companions of the binary metrics (docs/algorithm.md has the table) -----------------
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text.strip().rstrip(".").replace(",", ""))
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def number_closeness(prediction: str, gold: str) -> float | None:
+    """1 - |p - g| / max(|p|, |g|), floored at 0, when both sides are one number; else None.
+    1 only when equal; 7 is closer to 9 than 3 is."""
+    p, g = _number(prediction), _number(gold)
+    if p is None or g is None:
+        return None
+    scale = max(abs(p), abs(g))
+    return 1.0 if scale == 0 else max(0.0, 1 - abs(p - g) / scale)
+
+
+def exact_match_companion(prediction: str, gold: str) -> float:
+    """1 on an exact match; else a number's closeness where both sides are numbers, else
+    token F1 (which is also 1 for the right words in another order)."""
+    if exact_match(prediction, gold):
+        return 1.0
+    closeness = number_closeness(prediction, gold)
+    return f1(prediction, gold) if closeness is None else closeness
+
+
+def contains_companion(prediction: str, gold: str) -> float:
+    """The share of gold tokens the prediction has (recall): extra words never cost under
+    ``contains``, so they do not here either. 1 whenever ``contains`` is."""
+    gold_tokens = normalize(gold).split()
+    if not gold_tokens:
+        return 1.0
+    same = sum((Counter(normalize(prediction).split()) & Counter(gold_tokens)).values())
+    return same / len(gold_tokens)
+
+
+def list_equal_companion(prediction: str, gold: str) -> float:
+    """Items right over the longer list's length, as multisets like ``list_equal`` (order
+    free): 2 of 3 gold items and nothing else is 2/3; an extra wrong item costs as a missing one."""
+
+    def items(text: str) -> Counter[str]:
+        return Counter(n for n in map(normalize, split_items(text)) if n)
+
+    predicted, wanted = items(prediction), items(gold)
+    longer = max(sum(predicted.values()), sum(wanted.values()))
+    return 1.0 if longer == 0 else sum((predicted & wanted).values()) / longer
+
+
+_COMPANIONS.update(
+    exact_match=exact_match_companion,
+    contains=contains_companion,
+    list_equal=list_equal_companion,
+)

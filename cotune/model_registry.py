@@ -38,7 +38,8 @@ from cotune.models import (
 )
 
 if TYPE_CHECKING:
-    from cotune.store.registry import ModelOptions, ModelStore, RegisteredModel, SourceKind
+    from cotune.model_records import ModelOptions, RegisteredModel, SourceKind
+    from cotune.store.registry import ModelStore
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # What a model folder may bring into the cache; pickles (*.bin, *.pt, ...) never.
@@ -60,7 +61,7 @@ def add_model(
     progress: Progress | None = print,
 ) -> RegisteredModel:
     """Register ``name`` and prepare it; returns the ready row (raises after marking it failed)."""
-    from cotune.store.registry import ModelStatus
+    from cotune.model_records import ModelStatus
 
     say: Progress = progress or (lambda _message: None)
     check_new_name(name)

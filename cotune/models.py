@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cotune.errors import CotuneError, SpecError
+from cotune.model_records import SOURCE_KINDS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from cotune.model_records import RegisteredModel
     from cotune.spec import ModelRef
-    from cotune.store.registry import RegisteredModel
 
 Progress = Callable[[str], Any]
 
@@ -54,8 +55,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_EOS = "<|im_end|>"
-# The manifest's source kinds of registered models (``cotune.store.registry.SOURCE_KINDS``).
-REGISTERED_KINDS = ("hf", "path", "gguf")
 
 
 class ModelNotPreparedError(SpecError):
@@ -180,7 +179,7 @@ def prepared_registered() -> set[str]:
         if folder.name not in REGISTRY
         and not folder.name.startswith(".")
         and is_model_folder(folder)
-        and read_manifest(folder).get("source", {}).get("kind") in REGISTERED_KINDS
+        and read_manifest(folder).get("source", {}).get("kind") in SOURCE_KINDS
     }
 
 

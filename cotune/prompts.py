@@ -24,6 +24,11 @@ def render_value(value: Any) -> str:
 
 
 def render_messages(component: Component, values: Mapping[str, Any]) -> list[Message]:
+    if component.chat:  # the conversation itself (checked when its data was loaded)
+        return [
+            {"role": str(m["role"]), "content": str(m["content"])}
+            for m in values[component.reads[0]]
+        ]
     rendered = {name: render_value(values[name]) for name in component.reads}
     messages: list[Message] = []
     if component.system:

@@ -1,26 +1,30 @@
 """Pricing a job before running it: engine calls, generated tokens and judge calls per stage.
 
 Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
-and corrected), every LLM output to run to its ``max_tokens``.
+and corrected), every LLM output to run to its ``max_tokens``. With ``metric: judge`` every
+scored output also costs K judge samples, each repaired once (no cache hit assumed). The
+budget counts every judge call but cuts only learning (rollout, credit, verify, synthesize),
+never measuring (baseline, evaluate, test): the total is at most the budget plus measuring.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cotune.judge.score import SCORE_MAX_TOKENS
+from cotune.metrics import JUDGE
 from cotune.spec.job import JobSpec
 
 
 def quote_job(
     job: JobSpec, *, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None
 ) -> dict[str, Any]:
-    from cotune.data import load_examples
+    from cotune.openai_jobs import load_split
 
     def count(split: str, given: int | None) -> int:
         if given is not None:
             return given
-        path = job.data_path(split)  # type: ignore[arg-type]
-        return 0 if path is None else len(load_examples(path, job.system, split=split))
+        return len(load_split(job, split))  # type: ignore[arg-type]
 
     system, loop = job.system, job.loop
     n_train, n_val, n_test = count("train", n_train), count("val", n_val), count("test", n_test)
@@ -30,12 +34,15 @@ def quote_job(
     per_run_tokens = sum(c.max_tokens for c in llms)
     batch = min(loop.rollout_batch, n_train)
     judge_max = job.judge.max_tokens if job.judge else 0
+    judged = system.metric == JUDGE and job.judge is not None
+    score_calls = 2 * loop.judge_samples if judged else 0  # per scored output, with repairs
+    score_tokens = min(judge_max, SCORE_MAX_TOKENS)
 
     def run(examples: int) -> dict[str, int]:
         return {
-            "engine_requests": examples * len(llms),
-            "generated_tokens": examples * per_run_tokens,
-            "judge_calls": 0,
+            "engine_requests": examples * (len(llms) + score_calls),
+            "generated_tokens": examples * (per_run_tokens + score_calls * score_tokens),
+            "judge_calls": examples * score_calls,
         }
 
     judge_calls = batch * loop.judge_samples * 2 if job.judge else 0  # with one repair each
@@ -64,7 +71,10 @@ def quote_job(
         for k in ("engine_requests", "generated_tokens", "judge_calls")
     }
     if job.budget.max_judge_calls is not None:
-        total["judge_calls"] = min(total["judge_calls"], job.budget.max_judge_calls)
+        measuring = sum(stages[s]["judge_calls"] for s in ("baseline", "test"))
+        measuring += loop.epochs * stages["evaluate"]["judge_calls"]
+        learning = min(total["judge_calls"] - measuring, job.budget.max_judge_calls)
+        total["judge_calls"] = learning + measuring
     return {
         "job": system.name,
         "epochs": loop.epochs,

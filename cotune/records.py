@@ -9,7 +9,7 @@ under ``(job, epoch, stage)`` and read back through ``stage_output_model``.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -113,6 +113,11 @@ class Event(BaseModel):
     created_at: float | None = None
 
 
+# Why a candidate was accepted: its replay raised the task score ("score"), graded verification
+# found it strictly closer to gold ("graded"), or verification was off ("unverified").
+AcceptedBy = Literal["score", "graded", "unverified"]
+
+
 class Candidate(BaseModel):
     """A proposed output for a span and what replaying the system with it showed."""
 
@@ -128,20 +133,45 @@ class Candidate(BaseModel):
     baseline_scores: list[float] = Field(default_factory=list)
     accepted: bool
     critique: str | None = None
+    # graded verification (loop.graded_verification): the task metric's graded companion of
+    # the original trace, of each replay and of each unmodified replay; empty without one
+    original_graded: float | None = None
+    replay_graded: list[float] = Field(default_factory=list)
+    baseline_graded: list[float] = Field(default_factory=list)
+    accepted_by: AcceptedBy | None = None  # None: refused (or stored before this existed)
 
     @property
     def verified(self) -> bool:
         """Replaying with it raised the score: above the original trace's (one replay) or
         the mean of the seeded replays of the unmodified span. ``accepted`` is the same unless
-        the job turned verification off (``loop.verify_by_replay: false``)."""
+        the job turned verification off (``loop.verify_by_replay: false``) or on graded
+        verification accepted it as ``closer``."""
         if not self.replay_scores:
             return False
-        reference = (
-            sum(self.baseline_scores) / len(self.baseline_scores)
-            if self.baseline_scores
-            else self.original_score
+        return _mean(self.replay_scores) > self._reference_score
+
+    @property
+    def closer(self) -> bool:
+        """Graded verification's rule: the replays' graded companion is strictly above the
+        reference's (the original trace's, or the unmodified replays' mean) while their task
+        score is not below the reference's. Without graded scores it is False."""
+        if not self.replay_scores or not self.replay_graded:
+            return False
+        reference = _mean(self.baseline_graded) if self.baseline_graded else self.original_graded
+        if reference is None:
+            return False
+        return (
+            _mean(self.replay_graded) > reference
+            and _mean(self.replay_scores) >= self._reference_score
         )
-        return sum(self.replay_scores) / len(self.replay_scores) > reference
+
+    @property
+    def _reference_score(self) -> float:
+        return _mean(self.baseline_scores) if self.baseline_scores else self.original_score
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 class JobReport(BaseModel):
@@ -180,6 +210,12 @@ class JobReport(BaseModel):
 
 class StageOut(BaseModel):
     """A stage's output."""
+
+    judge_calls: int = Field(
+        0,
+        description="judge requests spent, repairs included: the credit stage's, and with "
+        "metric judge every stage's scoring",
+    )
 
     def details(self) -> dict[str, int | float]:
         """Counts of what the stage produced, for its ``StageRecord``."""
@@ -226,7 +262,6 @@ class CreditOut(StageOut):
         default_factory=list, description="the judge's samples per judged trace (no judge: none)"
     )
     judge_failures: int = Field(0, description="judge samples that gave no valid verdict")
-    judge_calls: int = Field(0, description="judge requests spent, repairs included")
 
     def details(self) -> dict[str, int | float]:
         return {
@@ -248,6 +283,7 @@ class VerifyOut(StageOut):
         return {
             "candidates": len(self.candidates),
             "verified": sum(c.verified for c in self.candidates),
+            "accepted_graded": sum(c.accepted_by == "graded" for c in self.candidates),
         }
 
 

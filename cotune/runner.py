@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cotune.data import Example, load_examples
+from cotune.data import Example
 from cotune.engines import InferenceEngine, cached_engines, get_engine
+from cotune.openai_jobs import load_split
 from cotune.records import (
-    CreditOut,
     Event,
     Stage,
     StageOut,
@@ -31,6 +31,7 @@ from cotune.records import (
     TrainOut,
 )
 from cotune.runtime import Runtime, open_runtime
+from cotune.scoring import ScoreCache, Scorer
 from cotune.settings import DEFAULT_LEASE_SECONDS, Settings, get_settings
 from cotune.spec.job import JobSpec
 from cotune.store import ArtifactStore, JobStore
@@ -81,16 +82,16 @@ class JobContext:
     stage_limit: int | None = None
     stages_run: int = 0
     _splits: dict[str, list[Example]] = field(default_factory=dict)
+    # Judge scores (metric judge) by (inputs, gold, output): seeded from the stored stages
+    # once, then shared by every stage this process runs.
+    _score_cache: ScoreCache | None = None
     # A running stage's events, written when it finishes (run_stage): a stage that dies and
     # runs again on another worker leaves its events once, not once per attempt.
     _held_events: list[Event] | None = None
 
     def split(self, name: str) -> list[Example]:
         if name not in self._splits:
-            path = self.job.data_path(name)  # type: ignore[arg-type]
-            self._splits[name] = (
-                [] if path is None else load_examples(path, self.job.system, split=name)
-            )
+            self._splits[name] = load_split(self.job, name)  # type: ignore[arg-type]
         return self._splits[name]
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
@@ -112,6 +113,53 @@ class JobContext:
             tools=tools,
             engine_options=self.local_engine_options(),
         )
+
+    def scorer(self, *, capped: bool) -> Scorer:
+        """The job's scorer for one stage: the task metric, or the judge under the rubric.
+        ``capped`` keeps a judge within what ``budget.max_judge_calls`` has left; measuring
+        (baseline, evaluate, test) is not capped, so a kept epoch is always measured."""
+        from cotune.judge.score import SCORE_MAX_TOKENS
+        from cotune.metrics import JUDGE
+        from cotune.scoring import GoldScorer, JudgeScorer
+
+        system, judge = self.job.system, self.job.judge
+        if system.metric != JUDGE:
+            return GoldScorer(system)
+        assert judge is not None  # JobSpec requires one with metric judge
+        return JudgeScorer(
+            self.judge_engine(),
+            system,
+            samples=self.job.loop.judge_samples,
+            temperature=judge.temperature,
+            max_tokens=min(judge.max_tokens, SCORE_MAX_TOKENS),
+            seed=self.job.loop.seed,
+            cache=self._stored_scores(),
+            max_calls=judge_calls_left(self) if capped else None,
+        )
+
+    def _stored_scores(self) -> ScoreCache:
+        """The judge's scores in this job's stored stage outputs: a worker that runs one stage
+        of a job per task judges no output another task judged."""
+        from cotune.records import VerifyOut, stage_output_model
+        from cotune.scoring import CachedScore, cache_key
+
+        if self._score_cache is not None:
+            return self._score_cache
+        cache: ScoreCache = {}
+        for state in self.store.stage_states(self.job_id):
+            if state.status != "done" or not state.output_key or state.component:
+                continue
+            output = stage_output_model(state.stage).model_validate(
+                self.artifacts.get_json(state.output_key)
+            )
+            traces = output.shown_traces()
+            if isinstance(output, VerifyOut):
+                traces = list(output.replays.values())
+            for trace in traces:
+                if trace.score_samples is not None:
+                    cache[cache_key(trace)] = CachedScore(trace.score_samples, trace.score_reason)
+        self._score_cache = cache
+        return cache
 
     def judge_engine(self) -> InferenceEngine:
         from cotune.models import resolve_model
@@ -217,7 +265,7 @@ def run_stage(
         engine_calls=after_counters["calls"] - before["calls"],
         prompt_tokens=after_counters["prompt_tokens"] - before["prompt_tokens"],
         completion_tokens=after_counters["completion_tokens"] - before["completion_tokens"],
-        judge_calls=output.judge_calls if isinstance(output, CreditOut) else 0,
+        judge_calls=output.judge_calls,
         trained_tokens=output.trained_tokens if isinstance(output, TrainOut) else 0,
         details=output.details(),
     )

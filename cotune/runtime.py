@@ -55,6 +55,12 @@ class Trace(BaseModel):
     output: Any = None
     score: float | None = None
     passed: bool | None = None
+    # metric judge: each judge sample's score (their mean is ``score``) and the first reason
+    score_samples: list[float] | None = None
+    score_reason: str | None = None
+    # a binary task metric's graded companion (cotune.metrics.companion_score): how close the
+    # output came; graded verification reads it, final scores never do
+    graded_score: float | None = None
     replay_of: str | None = None  # the trace this one replays
     replaced_span: str | None = None
 
@@ -280,11 +286,12 @@ class Runtime:
 
 
 def score_traces(system: SystemSpec, traces: Sequence[Trace]) -> None:
-    """Score each trace's final output against its gold values, in place."""
-    from cotune.metrics import score
+    """Score each trace's final output against its gold values, in place. With metric judge
+    this leaves them unscored: the judge scores them (``cotune.scoring.JudgeScorer``)."""
+    from cotune.metrics import JUDGE, score
 
     for trace in traces:
-        if trace.expected is None:
+        if trace.expected is None or system.metric == JUDGE:
             continue
         trace.score = score(system.metric, trace.output, trace.expected)
         trace.passed = trace.score >= system.pass_threshold

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cotune.prompts import render_value
+from cotune.data import Example
+from cotune.prompts import render_messages, render_value
 from cotune.records import BufferCount, BufferRows, Candidate
 from cotune.runtime import Span, Trace
 from cotune.spec import SystemSpec
@@ -174,3 +175,19 @@ def check_sources(traces: Iterable[Trace], train_ids: set[str]) -> None:
                 f"trace {trace.trace_id} is of example {trace.example_id!r}, "
                 "which is not a train example; it may not feed synthesis"
             )
+
+
+def given_rows(system: SystemSpec, examples: Iterable[Example]) -> Buffer:
+    """``train.rows: given``: each train example's gold output is an SFT row of the system's
+    one component (its first accepted answer), a ``rejected`` output a DPO pair against it."""
+    component = system.trainable_components[0]
+    buffer = Buffer()
+    for example in examples:
+        if not example.expected:
+            continue
+        messages = [dict(m) for m in render_messages(component, example.inputs)]
+        chosen = example.expected[0]
+        buffer.add_sft(component.name, SFTRow(messages, chosen, "given"))
+        if example.rejected is not None and example.rejected.strip() != chosen.strip():
+            buffer.add_pair(component.name, DPOPair(messages, chosen, example.rejected))
+    return buffer

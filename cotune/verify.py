@@ -4,6 +4,16 @@ The judge only proposes. A proposal is accepted when replaying the system with t
 span output raises the final score above the original trace's. With greedy components one
 replay settles it; with sampling, R seeded replays of the corrected and of the unmodified span
 are compared on their means. Without a judge, proposals come from re-sampling the component.
+Replays are scored by the job's ``Scorer`` like every rollout: the task metric, or with
+``metric: judge`` the judge's mean score over its K samples (cached, so an unchanged output is
+not judged again). A replay the scorer left unscored is no evidence, and an unscored original
+has nothing to beat: neither verifies a candidate.
+
+A correction is replayed on its own example only, so nothing it does can lower another
+example's score. Graded verification (``graded=True``, ``loop.graded_verification``) also
+accepts a candidate that moves the output strictly closer to gold by the task metric's graded
+companion while the task score does not fall (``Candidate.closer``); it applies where the
+scorer sets ``graded_score`` (a binary gold metric, ``cotune.metrics.companion_score``).
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ from typing import Any
 
 from cotune.engines.base import GenerationRequest
 from cotune.records import Candidate
-from cotune.runtime import Runtime, Trace, parse_output, score_traces
+from cotune.runtime import Runtime, Trace, parse_output
+from cotune.scoring import GoldScorer, Scorer
 from cotune.spec import SystemSpec
 
 
@@ -122,14 +133,17 @@ def verify(
     replays: int = 1,
     seed: int = 0,
     require_gain: bool = True,
+    scorer: Scorer | None = None,
+    graded: bool = False,
 ) -> tuple[list[Candidate], dict[int, Trace]]:
     """Replay every proposal; return one Candidate each (accepted or not) and, by candidate
     index, the first replay trace (its downstream spans feed synthesis when it passed).
     ``require_gain=False`` (the no-verification ablation) accepts every candidate, whatever
-    its replay showed; the replay scores are still recorded."""
+    its replay showed; the replay scores are still recorded. ``scorer`` defaults to the
+    task metric against gold. ``graded`` also accepts candidates that are ``closer``."""
     if not proposals:
         return [], {}
-    system = runtime.system
+    scorer = scorer or GoldScorer(runtime.system)
     corrected_runs: list[list[Trace]] = []
     baseline_runs: list[list[Trace]] = []
     for r in range(replays):
@@ -137,21 +151,24 @@ def verify(
         corrected = runtime.replay_many(
             [(p.trace, p.span_id, p.output) for p in proposals], seed=run_seed
         )
-        score_traces(system, corrected)
+        scorer.score(corrected)
         corrected_runs.append(corrected)
         if replays > 1:
             unchanged = runtime.replay_many(
                 [(p.trace, p.span_id, p.trace.span(p.span_id).output) for p in proposals],
                 seed=run_seed,
             )
-            score_traces(system, unchanged)
+            scorer.score(unchanged)
             baseline_runs.append(unchanged)
 
     candidates = []
     for i, proposal in enumerate(proposals):
-        scores = [run[i].score or 0.0 for run in corrected_runs]
+        known = proposal.trace.score is not None
+        # a replay counts where the scorer scored it; its graded score goes with it
+        scored = [run[i] for run in corrected_runs if known and run[i].score is not None]
         original = proposal.trace.score or 0.0
-        base = [run[i].score or 0.0 for run in baseline_runs] or [original]
+        unchanged = [run[i] for run in baseline_runs if run[i].score is not None]
+        base = [t.score for t in unchanged if t.score is not None] or [original]
         candidate = Candidate(
             epoch=epoch,
             trace_id=proposal.trace.trace_id,
@@ -161,11 +178,26 @@ def verify(
             proposed_output=proposal.output,
             original_output=proposal.trace.span(proposal.span_id).output,
             original_score=original,
-            replay_scores=scores,
+            replay_scores=[t.score for t in scored if t.score is not None],
             baseline_scores=base if replays > 1 else [],
             accepted=False,
             critique=proposal.critique,
+            original_graded=proposal.trace.graded_score,
+            replay_graded=_graded(scored),
+            baseline_graded=_graded(unchanged),
         )
-        candidate.accepted = candidate.verified or not require_gain
+        if candidate.verified:
+            candidate.accepted_by = "score"
+        elif graded and candidate.closer:
+            candidate.accepted_by = "graded"
+        elif not require_gain:
+            candidate.accepted_by = "unverified"
+        candidate.accepted = candidate.accepted_by is not None
         candidates.append(candidate)
     return candidates, {i: corrected_runs[0][i] for i in range(len(proposals))}
+
+
+def _graded(traces: Sequence[Trace]) -> list[float]:
+    """Every trace's graded score, or none if one lacks it (no companion for the metric)."""
+    values = [t.graded_score for t in traces]
+    return [v for v in values if v is not None] if None not in values else []

@@ -18,96 +18,25 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from fleet import PROCESS_ENV, Fleet, fleet_env, holder_pid, pg_database  # noqa: E402
 
-PROCESS_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "2",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 JOB: dict[str, Any] = {
     "system": "system.yaml",
     "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
     "loop": {"epochs": 2, "rollout_batch": 16, "samples_per_component": 24, "seed": 0},
     "train": {"epochs": 2, "batch_size": 8, "learning_rate": 5.0e-3, "lora_r": 8, "lora_alpha": 16},
 }
-
-
-def pg_database(admin_url: str) -> str:
-    from sqlalchemy import create_engine, make_url, text
-
-    from cotune.store import migrate
-
-    name = f"cotune_chaos_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    return url
-
-
-class Fleet:
-    """Beat and workers as subprocesses of this script, each in its own process group."""
-
-    def __init__(self, env: dict[str, str], folder: Path) -> None:
-        self.env, self.folder = env, folder
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.count = 0
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        self.count += 1
-        log = open(self.folder / f"proc-{self.count}.log", "wb")  # noqa: SIM115 - kept by Popen
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", *args],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[proc.pid] = proc
-        return proc
-
-    def worker(self) -> subprocess.Popen[bytes]:
-        n = self.count
-        return self.start(
-            "worker", "-Q", "gpu,cpu", "--pool", "solo", "-n", f"chaos{n}@%h", "-l", "info",
-            "--without-gossip", "--without-mingle",
-        )  # fmt: skip
-
-    def kill(self, pid: int) -> None:
-        os.killpg(pid, signal.SIGKILL)
-        self.procs.pop(pid).wait(timeout=30)
-
-    def stop(self) -> None:
-        for pid in list(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                self.kill(pid)
-
-
-def holder_pid(owner: str | None) -> int | None:
-    """A worker's lease owner is ``host:pid:task``."""
-    parts = (owner or "").split(":")
-    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,27 +63,21 @@ def run(args: argparse.Namespace) -> int:
     spec = {**JOB, "loop": {**JOB["loop"], "epochs": args.epochs}}
     job = parse_job(spec, base_dir=example)
     url = pg_database(args.pg)
-    prefix = f"cotune-chaos-{uuid.uuid4().hex[:8]}:"
     defaults = Settings()
-    env = {
-        **os.environ,
-        **PROCESS_ENV,
-        "COTUNE_DATABASE_URL": url,
-        "COTUNE_BROKER_URL": args.redis,
-        "COTUNE_BROKER_KEY_PREFIX": prefix,
-        "COTUNE_ARTIFACTS": str(folder / "artifacts"),
-        "COTUNE_WORKDIR": str(folder / "work"),
-        "PYTHONPATH": str(REPO),
-    }
-    for name in ("COTUNE_LEASE_SECONDS", "COTUNE_REAPER_INTERVAL", "COTUNE_STALL_SECONDS"):
-        env.pop(name, None)  # the defaults are what is measured
+    env = fleet_env(url, args.redis, folder)
     store = JobStore(url)
     fleet = Fleet(env, folder)
     client = Celery("chaos")
     client.conf.update(
-        **message_conf(Settings(broker_url=args.redis, broker_key_prefix=prefix, database_url=url))
+        **message_conf(
+            Settings(
+                broker_url=args.redis,
+                broker_key_prefix=env["COTUNE_BROKER_KEY_PREFIX"],
+                database_url=url,
+            )
+        )
     )
-    fleet.start("beat", "--schedule", str(folder / "beat"), "-l", "info")
+    fleet.beat()
     for _ in range(args.workers):
         fleet.worker()
     started = time.monotonic()

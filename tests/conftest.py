@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,9 +77,9 @@ PG_ADMIN_URL = os.environ.get(
 def create_pg_database(prefix: str) -> str:
     """A new PostgreSQL database migrated to head; its URL. PostgreSQL runs on every dev and
     CI machine of this project: if it is unreachable the test fails, it is not skipped."""
-    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy import create_engine, text
 
-    from cotune.store import migrate
+    from cotune.store import create_database
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
@@ -88,13 +87,9 @@ def create_pg_database(prefix: str) -> str:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
         pytest.fail(f"PostgreSQL not reachable at {PG_ADMIN_URL} (set COTUNE_TEST_PG_URL): {exc}")
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    return url
+    finally:
+        admin.dispose()
+    return create_database(PG_ADMIN_URL, prefix)
 
 
 def drop_pg_database(url: str) -> None:

@@ -2,7 +2,8 @@
 the logic around them, and named as such).
 
 - ``ScriptedEngine`` answers the tiny-kb prompts by rule, without a model.
-- ``ScriptedJudge`` answers judge prompts with verdicts built by a rule, without a model.
+- ``ScriptedJudge`` answers judge prompts with verdicts built by a rule, and (``metric:
+  judge``) scoring prompts with scores by another rule, without a model.
 - ``RecordingDispatcher`` stands in for the service's ``Dispatcher``: it records and queues
   each job and runs nothing.
 - ``FakeTrainer`` stands in for ``cotune.training.train_adapter``: it writes a small PEFT-shaped
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
+from cotune.judge.score import OUTPUT_LINE
 from cotune.spec.job import TrainConfig
 from cotune.store import JobStatus
 from cotune.tiny import COLORS
@@ -35,6 +37,7 @@ UNKNOWN = "unknown"
 QUESTION = re.compile(r"what is the color of (\w+)\?")
 FIRST_PASSAGE = re.compile(r"^1\. the color of (\w+) is (\w+)\.", re.MULTILINE)
 GOLD = re.compile(r"^Gold answer\(s\) \(metric [^)]*\): (.+)$", re.MULTILINE)
+SCORED_OUTPUT = re.compile(rf"^{OUTPUT_LINE} \([^)]*\): (.*)$", re.MULTILINE)
 
 
 class RecordingDispatcher:
@@ -63,6 +66,30 @@ def stub_registry_model(home: Path, name: str = "tiny") -> Path:
         (model / file).write_text("{}")
     (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     return model
+
+
+JUDGED_RUBRIC = "names the colour of the thing the question asks about, and nothing else"
+
+
+def write_judged_tiny_example(
+    folder: Path, *, model_path: str, splits: tuple[int, int, int]
+) -> Path:
+    """The tiny-kb example as a judge-scored job has it: ``metric: judge`` with a rubric, and
+    no ``expected`` in any split."""
+    import yaml
+
+    from cotune.tiny import write_tiny_example
+
+    write_tiny_example(folder, splits=splits, model_path=model_path)
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system.update(metric="judge", rubric=JUDGED_RUBRIC)
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [{k: v for k, v in row.items() if k != "expected"} for row in rows]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
 
 
 def question_key(text: str) -> str:
@@ -181,6 +208,8 @@ class ScriptedEngine:
 
 # (key, gold, sample index of this trace's request in the batch) -> critiques
 Proposer = Callable[[str, str, int], list[dict[str, Any]]]
+# (key, final output) -> a score, or a str sent as the reply's text as it is
+ScoreRule = Callable[[str, str], float | str]
 
 
 def critique(
@@ -200,16 +229,21 @@ def critique(
 class ScriptedJudge:
     """Test double for the judge's engine: builds each verdict with ``propose`` (from the key
     and the gold answer it reads in the judge prompt, and the sample's index among this
-    trace's requests in the batch), returns it as JSON. Keeps every request in ``requests``.
+    trace's requests in the batch), returns it as JSON. A scoring prompt (``metric: judge``)
+    is answered ``{"reason", "score"}`` with ``score(key, output)`` (a str from it is the
+    reply's text as it is); a repair request is answered from its original prompt. Keeps
+    every request in ``requests``, and the scoring ones also in ``score_requests``.
     """
 
     kind = "vllm"
     model_id = "scripted-judge"
 
-    def __init__(self, propose: Proposer) -> None:
+    def __init__(self, propose: Proposer, score: ScoreRule | None = None) -> None:
         self.propose = propose
+        self.score = score
         self.stats = EngineStats()
         self.requests: list[GenerationRequest] = []
+        self.score_requests: list[GenerationRequest] = []
 
     def supports_json_schema(self) -> bool:
         return True
@@ -232,8 +266,17 @@ class ScriptedJudge:
         seen: dict[str, int] = {}
         texts = []
         for request in requests:
-            prompt = request.messages[-1]["content"]
+            repair = request.messages[-1]["content"].startswith("That reply cannot be used")
+            prompt = request.messages[-3 if repair else -1]["content"]
             key = question_key(prompt)
+            scored = SCORED_OUTPUT.search(prompt)
+            if scored is not None:
+                assert self.score is not None, "a scoring prompt needs a score rule"
+                self.score_requests.append(request)
+                value = self.score(key, scored.group(1).strip())
+                reply = {"reason": f"scripted score of {key}", "score": value}
+                texts.append(value if isinstance(value, str) else json.dumps(reply))
+                continue
             gold_match = GOLD.search(prompt)
             gold = gold_match.group(1).strip() if gold_match else ""
             index = seen.get(key, 0)

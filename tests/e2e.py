@@ -19,14 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 240.0
 # What every process a test starts (API, worker, CLI) runs with, besides its COTUNE_* settings:
 # vLLM in-process on CPU with a small KV cache, two threads, nothing from the network.
-PROCESS_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "2",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+sys.path.insert(0, str(REPO / "scripts"))
+from fleet import PROCESS_ENV as PROCESS_ENV  # noqa: E402 - re-exported for the tests
 
 # The tiny model's answer writer hedges ("teal i think") on seven of its ten colours, and the
 # right passage is first whenever the query is right (cotune/tiny.py): the base system scores

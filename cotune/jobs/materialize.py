@@ -22,10 +22,10 @@ from cotune.spec.job import JobSpec, parse_job
 from cotune.spec.refs import FileRef, is_file_id, map_refs
 
 if TYPE_CHECKING:
+    from cotune.model_records import RegisteredModel
     from cotune.settings import Settings
     from cotune.store import ArtifactStore, JobRecord
     from cotune.store.accounts import AccountStore, FileRecord
-    from cotune.store.registry import RegisteredModel
 
 _CHUNK = 1 << 20
 

@@ -11,7 +11,9 @@ invalid is recorded as a failure of its trace. Bad judge output never raises.
 Modules: ``schema`` (the verdict models and their JSON schema), ``prompt`` (the system card,
 the judge and repair prompts), ``parse`` (replies as checked verdicts; its docstring lists what
 is refused and what is fixed quietly), ``outcome`` (``JudgeOutcome`` and its merges) and
-``batch`` (``judge_traces``).
+``batch`` (``judge_traces``). ``score`` is the judge as a metric (``metric: judge``): one
+0-1 score per final output under the system's rubric, decoded and repaired the same way
+(``cotune.scoring`` calls it).
 
 Nothing here imports an ML library.
 """

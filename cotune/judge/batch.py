@@ -10,7 +10,7 @@ from cotune.engines.base import GenerationRequest, GenerationResult, InferenceEn
 from cotune.errors import EngineError
 from cotune.judge.outcome import JudgeOutcome
 from cotune.judge.parse import JudgeParseError, parse_verdict
-from cotune.judge.prompt import judge_messages, repair_messages
+from cotune.judge.prompt import judge_messages, repair_request
 from cotune.judge.schema import verdict_schema
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec
@@ -44,7 +44,7 @@ def _try_parse(
     return None
 
 
-def _generate(
+def generate_or_error(
     engine: InferenceEngine, requests: list[GenerationRequest]
 ) -> tuple[list[GenerationResult], str | None]:
     """The engine's replies, or why the call failed: an ``EngineError`` (a judge endpoint that
@@ -105,7 +105,7 @@ def judge_traces(
     if not batch:
         return outcomes
 
-    results, error = _generate(engine, [s.request for s in batch])
+    results, error = generate_or_error(engine, [s.request for s in batch])
     if error is not None:
         for sample in batch:
             sample.outcome.calls += 1
@@ -126,17 +126,8 @@ def judge_traces(
     if not to_repair:
         return outcomes
 
-    repairs = [
-        GenerationRequest(
-            messages=repair_messages(sample.request.messages, sample.text, reason),
-            max_tokens=sample.request.max_tokens,
-            temperature=sample.request.temperature,
-            seed=sample.request.seed,
-            json_schema=sample.request.json_schema,
-        )
-        for sample, reason in to_repair
-    ]
-    results, error = _generate(engine, repairs)
+    repairs = [repair_request(sample.request, sample.text, reason) for sample, reason in to_repair]
+    results, error = generate_or_error(engine, repairs)
     if error is not None:
         for sample, reason in to_repair:
             sample.outcome.calls += 1

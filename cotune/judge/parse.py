@@ -61,7 +61,7 @@ def extract_json(text: str) -> dict[str, Any]:
     raise JudgeParseError("invalid JSON: the reply holds no JSON object")
 
 
-def _pydantic_reason(err: ValidationError) -> str:
+def pydantic_reason(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
@@ -74,7 +74,7 @@ def parse_verdict(text: str, system: SystemSpec, trace: Trace) -> JudgeVerdict:
     try:
         verdict = JudgeVerdict.model_validate(data)
     except ValidationError as err:
-        raise JudgeParseError(_pydantic_reason(err)) from None
+        raise JudgeParseError(pydantic_reason(err)) from None
     spans = {s.span_id: s for s in trace.spans}
     known = ", ".join(spans)
     if verdict.decisive_span_id is not None and verdict.decisive_span_id not in spans:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cotune.engines.base import Message
+from cotune.engines.base import GenerationRequest, Message
 from cotune.judge.schema import ERROR_TYPES
 from cotune.prompts import render_value
 from cotune.runtime import Span, Trace
@@ -68,8 +68,11 @@ def _card_line(system: SystemSpec, component: Component) -> str:
         f"- {component.name} [llm: model {_model_name(system, component.model)}; {trainable}]: "
         f"{flow}; output: {_output_format(component)}"
     )
-    assert component.prompt is not None
-    line += f"; prompt: {clip(_one_line(component.prompt), 200)!r}"
+    if component.chat:
+        line += f"; prompt: the conversation in {component.reads[0]!r}, as it is"
+    else:
+        assert component.prompt is not None
+        line += f"; prompt: {clip(_one_line(component.prompt), 200)!r}"
     if component.system:
         line += f"; system prompt: {clip(_one_line(component.system), 200)!r}"
     return line
@@ -87,7 +90,11 @@ def system_card(system: SystemSpec) -> str:
         + (f" (written by {writer.name!r})" if writer else "")
     )
     if system.metric == "judge":
-        lines.append("Metric: judged (no gold comparison)")
+        lines.append(
+            f"Metric: a judge scores the final output 0-1 against the rubric "
+            f"{clip(_one_line(system.rubric or ''), 400)!r}; a trace passes when its score "
+            f">= {system.pass_threshold:g}"
+        )
     else:
         lines.append(
             f"Metric: {system.metric} against the gold answer(s); a trace passes when its "
@@ -120,7 +127,7 @@ def _instructions() -> str:
     )
 
 
-def _render(value: Any) -> str:
+def render_text(value: Any) -> str:
     return render_value(value) if not isinstance(value, str) else value
 
 
@@ -133,7 +140,7 @@ def _describe_input(trace: Trace, span: Span, name: str, value: Any) -> str:
             break
         if earlier.writes == name and earlier.output == value:
             return f"{name} = (output of span {earlier.span_id})"
-    return f"{name} = {clip(_render(value), SPAN_CHARS)}"
+    return f"{name} = {clip(render_text(value), SPAN_CHARS)}"
 
 
 def _span_block(trace: Trace, index: int, span: Span) -> str:
@@ -144,7 +151,7 @@ def _span_block(trace: Trace, index: int, span: Span) -> str:
             "inputs: "
             + "; ".join(_describe_input(trace, span, k, v) for k, v in span.inputs.items())
         )
-    lines.append(f"output ({span.writes}): {clip(_render(span.output), SPAN_CHARS)}")
+    lines.append(f"output ({span.writes}): {clip(render_text(span.output), SPAN_CHARS)}")
     if span.error:
         lines.append(f"error: {clip(span.error, 200)}")
     return "\n".join(lines)
@@ -155,14 +162,16 @@ def judge_messages(system: SystemSpec, trace: Trace, *, include_gold: bool) -> l
     system_message = f"{_instructions()}\n\n{system_card(system)}"
     parts = ["Task input:"]
     for name, value in trace.inputs.items():
-        parts.append(f"{name}: {clip(_render(value), INPUT_CHARS)}")
+        parts.append(f"{name}: {clip(render_text(value), INPUT_CHARS)}")
     if include_gold and trace.expected:
         gold = " | ".join(clip(g, INPUT_CHARS) for g in trace.expected[:5])
         parts.append(f"Gold answer(s) (metric {system.metric}): {gold}")
-    parts.append(f"Final output ({system.output}): {clip(_render(trace.output), SPAN_CHARS)}")
+    parts.append(f"Final output ({system.output}): {clip(render_text(trace.output), SPAN_CHARS)}")
     if include_gold and trace.score is not None:
         verdict = "" if trace.passed is None else (" (passed)" if trace.passed else " (failed)")
         parts.append(f"Score: {trace.score:g}{verdict}")
+    if trace.score_reason:
+        parts.append(f"Why it got that score: {clip(trace.score_reason, SPAN_CHARS)}")
     parts.append("Spans, in order:")
     parts.extend(_span_block(trace, i + 1, span) for i, span in enumerate(trace.spans))
     parts.append("Return the JSON verdict now.")
@@ -187,3 +196,14 @@ def repair_messages(
             ),
         },
     ]
+
+
+def repair_request(request: GenerationRequest, bad_text: str, reason: str) -> GenerationRequest:
+    """The repair of one bad reply: its request's settings, :func:`repair_messages` as prompt."""
+    return GenerationRequest(
+        messages=repair_messages(request.messages, bad_text, reason),
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        seed=request.seed,
+        json_schema=request.json_schema,
+    )

@@ -91,6 +91,13 @@ class LoopConfig(_Strict):
         "score; false accepts every candidate (an ablation: the replays still run and are "
         "recorded)",
     )
+    graded_verification: bool = Field(
+        default=True,
+        description="with a binary metric (exact_match, contains, list_equal), also accept a "
+        "candidate whose replay moves the output strictly closer to gold by the metric's "
+        "graded companion (token F1, a number's distance, list items right) while its task "
+        "score does not fall; final scores stay the task metric (docs/algorithm.md)",
+    )
     candidate_temperature: Float = Field(
         default=0.8, gt=0.0, le=2.0, description="sampling temperature of re-sampled candidates"
     )
@@ -105,6 +112,13 @@ class LoopConfig(_Strict):
         ge=0,
         le=2**31 - 1,
         description="seeds rollout sampling, judge samples, shuffling and training",
+    )
+    keep: Literal["best", "last"] = Field(
+        default="best",
+        description="best: an epoch's adapters become the result only when their val score "
+        "is at least the best so far (the base system's included); last: every trained epoch's "
+        "adapters do, their val score reported beside the base's (OpenAI-style jobs, whose "
+        "result is the trained model)",
     )
 
 
@@ -140,6 +154,13 @@ class TrainConfig(_Strict):
         "with memory to spare trains faster with more",
     )
     qlora: bool = Field(default=False, description="4-bit base (bitsandbytes; GPU only)")
+    rows: Literal["synthesized", "given"] = Field(
+        default="synthesized",
+        description="synthesized: the loop makes the rows (passing traces, verified "
+        "corrections); given: the train split's gold outputs are the SFT rows of the system's "
+        "one component, its rejected outputs the DPO pairs (supervised and dpo jobs in OpenAI's "
+        "shape: no judge, no replay)",
+    )
 
 
 class BudgetConfig(_Strict):
@@ -161,6 +182,14 @@ class DataSplits(_Strict):
     val: str = Field(description=f"val examples (choose the best epoch): {_SPLIT_FILE}")
     test: str | None = Field(
         default=None, description=f"test examples, scored once at the end: {_SPLIT_FILE}"
+    )
+    format: Literal["rows", "openai"] = Field(
+        default="rows",
+        description="rows: a row per example, the system's inputs and 'expected'; openai: "
+        "OpenAI's fine-tuning JSONL ({messages} chat rows, or {input, preferred_output, "
+        "non_preferred_output} preference rows; uploaded with purpose fine-tune), an example "
+        "per assistant turn, read into the system's one input 'messages' "
+        "(cotune/openai_jobs.py)",
     )
 
 
@@ -190,6 +219,21 @@ class JobSpec(_Strict):
             raise ValueError("the system's metric is 'judge', so the job needs a 'judge'")
         if not self.system.trainable_components:
             raise ValueError("the system has no trainable llm component")
+        if self.data.format == "openai" and self.system.inputs != ["messages"]:
+            raise SpecError(
+                "data.format openai gives each example one input, 'messages'; the system's "
+                f"inputs are {self.system.inputs}",
+                param="system.inputs",
+            )
+        if self.train.rows == "given":
+            writer = self.system.writer_of(self.system.output)
+            names = [c.name for c in self.system.components]
+            if len(names) != 1 or writer is None or writer.kind != "llm":
+                raise SpecError(
+                    "train.rows given trains the system's one llm component on the data's gold "
+                    f"outputs; this system has components {names}",
+                    param="train.rows",
+                )
         return self
 
     def local_model_count(self) -> int:
@@ -210,7 +254,7 @@ class JobSpec(_Strict):
     def ref_path(self, ref: FileRef) -> Path:
         """Where a file the spec names (``cotune.spec.refs``) is: a data split relative to
         the job file's folder, a corpus or a model to the system file's."""
-        if ref.purpose == "data":
+        if ref.purpose in ("data", "fine-tune"):
             path = Path(str(ref.value))
             return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
         return self.system.resolve_path(str(ref.value))

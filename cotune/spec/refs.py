@@ -41,7 +41,8 @@ class FileRef:
     """One file a spec names.
 
     ``param``: where, as errors name it (``data.val``, ``system.components.search.args.corpus``,
-    ``system.models.small.path``); ``purpose``: ``data``, ``corpus`` or ``model``; ``owner``:
+    ``system.models.small.path``); ``purpose``: ``data`` (``fine-tune`` for OpenAI-format
+    splits), ``corpus`` or ``model``; ``owner``:
     the split, the component (its name, else its index) or the model alias it belongs to;
     ``value``: as found, usually a string (a path or a file id), anything in a bad spec."""
 
@@ -76,9 +77,11 @@ def _slots(spec: Mapping[str, Any]) -> Iterator[_Slot]:
     # Holders must be mutable (dicts, as YAML, JSON and pydantic give) for map_refs to set them.
     data = spec.get("data")
     if isinstance(data, MutableMapping):
+        # OpenAI's fine-tuning JSONL is uploaded as OpenAI's SDK does, with purpose fine-tune.
+        purpose: Purpose = "fine-tune" if data.get("format") == "openai" else "data"
         for split in SPLITS:
             if data.get(split) is not None:
-                yield FileRef(f"data.{split}", "data", split, data[split]), data, split
+                yield FileRef(f"data.{split}", purpose, split, data[split]), data, split
     system = spec.get("system")
     if isinstance(system, MutableMapping):
         yield from _system_slots(system, "system")

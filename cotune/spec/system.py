@@ -31,6 +31,7 @@ COMPONENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 NAME_MAX = 255  # system and component names are stored in varchar(255) columns
 # Set by the loader from where a file was read; a spec that sets it is refused (unknown field).
 LOADER_ONLY = ("base_dir",)
+JUDGE_PASS_THRESHOLD = 0.5  # pass_threshold's default with metric judge
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -104,6 +105,11 @@ class Component(_Strict):
     system: str | None = Field(
         default=None, description="llm: an optional system message, a template like 'prompt'"
     )
+    chat: bool = Field(
+        default=False,
+        description="llm: the one field it reads holds a conversation, a list of {role, content} "
+        "messages (OpenAI's chat format), sent to the model as it is instead of a prompt",
+    )
     trainable: bool | None = Field(
         default=None, description="llm: false keeps it frozen (no adapter); default trainable"
     )
@@ -161,7 +167,18 @@ class SystemSpec(_Strict):
         description="exact_match, f1, contains, list_equal, judge or a registered metric",
     )
     pass_threshold: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="a trace whose score reaches this passes"
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="a trace whose score reaches this passes (default 1.0; 0.5 with metric "
+        "judge, whose scores are rarely exactly 1)",
+    )
+    rubric: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4000,
+        description="metric judge only, and required there: what a good final output is; the "
+        "judge scores each output 0-1 against it (gold, where a row has it, is a reference)",
     )
 
     # Set by the loader, never serialised (a spec that sets it is refused).
@@ -294,6 +311,32 @@ def check_system(system: SystemSpec) -> None:
             f"'metric': unknown metric {system.metric!r}; known: {sorted(known_metrics())}",
             param="metric",
         )
+    _check_rubric(system)
+
+
+def _check_rubric(system: SystemSpec) -> None:
+    """A rubric goes with ``metric: judge`` and only with it; a judged system without a
+    threshold of its own passes at 0.5."""
+    from cotune.metrics import JUDGE
+
+    if system.metric == JUDGE:
+        if system.rubric is None or not system.rubric.strip():
+            raise SpecError(
+                "field 'rubric' is required with metric 'judge': say what a good final "
+                f'output ({system.output!r}) is, e.g. rubric: "answers the question in a few '
+                'words, with a fact from the passages"; the judge scores each output 0-1 '
+                "against it",
+                param="rubric",
+            )
+        if "pass_threshold" not in system.model_fields_set:
+            system.pass_threshold = JUDGE_PASS_THRESHOLD
+    elif system.rubric is not None:
+        raise SpecError(
+            f"field 'rubric' is only for metric 'judge'; metric {system.metric!r} scores the "
+            "output against each row's 'expected' (drop 'rubric', or set metric: judge to "
+            "have the judge score outputs against it)",
+            param="rubric",
+        )
 
 
 def _cycle_error(system: SystemSpec, stuck: list[Component]) -> SpecError:
@@ -338,7 +381,9 @@ def _check_component(
                 f"declared in 'models': {sorted(system.models)}",
                 param=f"{param}.model",
             )
-        if not c.prompt:
+        if c.chat:
+            _check_chat_component(c, where, param)
+        elif not c.prompt:
             raise SpecError(
                 f"{where}: field 'prompt' is required for an llm component", param=f"{param}.prompt"
             )
@@ -362,7 +407,16 @@ def _check_component(
                         param=f"{param}.{key}",
                     )
     else:
-        llm_only = {"model", "prompt", "system", "trainable", "output", "max_tokens", "temperature"}
+        llm_only = {
+            "model",
+            "prompt",
+            "system",
+            "chat",
+            "trainable",
+            "output",
+            "max_tokens",
+            "temperature",
+        }
         # Set *and* different from the default: a spec dumped with its defaults reloads.
         given = {
             k
@@ -382,6 +436,23 @@ def _check_component(
                 f"{where}: field 'args.function': {c.args['function']!r} is not a registered "
                 f"python tool; registered: {sorted(python_tools)}",
                 param=f"{param}.args.function",
+            )
+
+
+def _check_chat_component(c: Component, where: str, param: str) -> None:
+    """A chat component sends its one field's messages as they are: no template to render."""
+    if len(c.reads) != 1:
+        raise SpecError(
+            f"{where}: field 'reads': a chat component reads one field (the conversation), "
+            f"got {c.reads}",
+            param=f"{param}.reads",
+        )
+    for key in ("prompt", "system"):
+        if getattr(c, key) is not None:
+            raise SpecError(
+                f"{where}: field {key!r}: a chat component sends its conversation as it is; "
+                "it has no template",
+                param=f"{param}.{key}",
             )
 
 

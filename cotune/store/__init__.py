@@ -45,6 +45,7 @@ __all__ = [
     "StageState",
     "StageStatus",
     "StoredEvent",
+    "create_database",
     "migrate",
 ]
 
@@ -70,3 +71,22 @@ def migrate(url: str, *, revision: str = "head", engine: Engine | None = None) -
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
+
+
+def create_database(admin_url: str, prefix: str) -> str:
+    """A new PostgreSQL database ``<prefix>_<random>`` on the server of ``admin_url``, migrated
+    to head; its URL (for tests and the chaos scripts: one database per run)."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    return url

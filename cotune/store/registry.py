@@ -14,72 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cotune.errors import CotuneError
+from cotune.model_records import ModelOptions, ModelStatus, RegisteredModel, SourceKind
 from cotune.store.jobs import JobStore
 from cotune.store.models import Job, ModelRow, matchable, utcnow
 from cotune.store.status import TERMINAL
 
-SourceKind = Literal["hf", "path", "gguf"]
-SOURCE_KINDS: tuple[str, ...] = ("hf", "path", "gguf")
-
-
-class ModelStatus(StrEnum):
-    registered = "registered"
-    preparing = "preparing"
-    ready = "ready"
-    failed = "failed"
-
 
 class ModelExists(CotuneError):
     """``add`` of a name that is already registered."""
-
-
-class ModelOptions(BaseModel):
-    """How a registered model is served and trained (``cotune models add`` flags)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    chat_template: str | None = Field(
-        default=None,
-        description="a Jinja chat template (the file's contents) replacing the model's own",
-    )
-    max_model_len: int | None = Field(
-        default=None, ge=16, description="the longest prompt + output the engine accepts"
-    )
-    tensor_parallel: int = Field(default=1, ge=1, le=64, description="GPUs one engine spans")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="the weights' dtype when loaded (auto: as saved)"
-    )
-
-
-class RegisteredModel(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    name: str
-    kind: SourceKind
-    source: str
-    options: ModelOptions
-    status: ModelStatus
-    error: str | None = None
-    created_at: datetime
-    updated_at: datetime
-    prepared_at: datetime | None = None
-
-    @property
-    def description(self) -> str:
-        """What the API may show: the hub repository, never a server path."""
-        if self.kind == "hf":
-            return f"Hugging Face Hub: {self.source}"
-        return "a local model folder" if self.kind == "path" else "a GGUF file, converted"
 
 
 def spec_names_model(spec: dict[str, Any], name: str) -> bool:

@@ -1,6 +1,8 @@
 """The API's rules for what a spec and an upload may hold (DESIGN.md §4 "Paths").
 
-- ``data.train|val|test`` are ``file-...`` ids of the caller's files with purpose ``data``;
+- ``data.train|val|test`` are ``file-...`` ids of the caller's files with purpose ``data``
+  (``fine-tune`` when ``data.format`` is ``openai``: chat rows for a supervised job, preference
+  rows for a dpo one);
 - a ``bm25`` component's ``args.corpus`` is a ``file-...`` id with purpose ``corpus``;
 - ``system.models.<alias>`` is ``{name: <registry name>}``: a built-in model or a registered
   one that is ready (an unknown, removed, preparing or failed one answers 422); a ``path``
@@ -29,9 +31,9 @@ from cotune.spec.job import JobSpec, parse_job
 from cotune.spec.refs import SPLITS, FileRef, file_refs, is_file_id
 
 if TYPE_CHECKING:
+    from cotune.model_records import RegisteredModel
     from cotune.settings import Settings
     from cotune.store.accounts import FileRecord
-    from cotune.store.registry import RegisteredModel
 
 
 # Deepest nesting a spec or an uploaded row may have: real specs stay under 10 levels; without a
@@ -171,7 +173,11 @@ def check_job_for_http(
     for split in ("train", "val"):
         if data.get(split) is None:
             raise SpecError(f"data.{split}: a file id is required", param=f"data.{split}")
-    records = {r.owner: file_ref(r.value, "data", r.param, lookup) for r in refs_of("data")}
+    records = {
+        r.owner: file_ref(r.value, r.purpose, r.param, lookup)
+        for r in refs
+        if r.param.startswith("data.")
+    }
 
     job = parse_job(spec)
     check_data_fields(job, records)
@@ -221,6 +227,9 @@ def check_data_fields(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
     the metric compares against it); else a ``SpecError`` naming the file and the field."""
     from cotune.metrics import metric_needs_gold
 
+    if job.data.format == "openai":
+        _check_openai_kinds(job, records)
+        return
     needed = list(job.system.inputs)
     if metric_needs_gold(job.system.metric):
         needed.append("expected")
@@ -238,6 +247,26 @@ def check_data_fields(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
                     f"in {record.rows - have} of {record.rows} rows ({why})",
                     param=f"data.{split}",
                 )
+
+
+def _check_openai_kinds(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
+    """A job trained on given rows takes chat rows for SFT, preference rows for DPO."""
+    from cotune.openai_jobs import KIND_FIELD
+
+    if job.train.rows != "given":
+        return
+    kind = "preference" if job.train.method == "sft+dpo" else "chat"
+    shape = (
+        "{input, preferred_output, non_preferred_output}" if kind == "preference" else "{messages}"
+    )
+    for split, record in records.items():
+        if int(record.fields.get(KIND_FIELD[kind], 0)) < record.rows:
+            method = "dpo" if kind == "preference" else "supervised"
+            raise SpecError(
+                f"data.{split}: file {record.id} ({record.filename}) does not hold {kind} rows "
+                f"{shape}, which a {method} job trains and is scored on",
+                param=f"data.{split}",
+            )
 
 
 def split_rows(spec: Mapping[str, Any], files: Any, tenant: str | None) -> dict[str, int]:

@@ -49,7 +49,7 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["data", "corpus"]
+    purpose: Literal["data", "fine-tune", "corpus"]
     status: Literal["processed"] = "processed"
     status_details: str | None = None
     sha256: str
@@ -85,6 +85,14 @@ class Hyperparameters(BaseModel):
     train_epochs: int = Field(description="SFT/DPO epochs over the buffer, per loop epoch")
 
 
+class JobMethod(BaseModel):
+    """OpenAI's ``method`` of a job trained on given rows (an OpenAI-style job)."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+
+
 class JobResultSummary(BaseModel):
     base_val_score: float | None = None
     best_epoch: int | None = Field(default=None, description="None: no epoch beat the base")
@@ -114,6 +122,9 @@ class JobObject(BaseModel):
     seed: int
     error: JobError | None = None
     estimated_finish: int | None = None
+    method: JobMethod | None = Field(
+        default=None, description="OpenAI's method, for a job trained on given rows; null else"
+    )
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
     # cotune's own
@@ -201,6 +212,12 @@ class TraceObject(BaseModel):
     output: Any = None
     score: float | None = None
     passed: bool | None = None
+    score_samples: list[float] | None = Field(
+        None, description="metric judge: each judge sample's score (``score`` is their mean)"
+    )
+    score_reason: str | None = Field(
+        None, description="metric judge: the judge's reason (or why its replies were unusable)"
+    )
 
 
 class QuoteObject(BaseModel):

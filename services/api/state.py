@@ -11,10 +11,11 @@ from fastapi import Request
 from cotune.jobs.lifecycle import Lifecycle
 from cotune.jobs.results import redact, server_roots
 from cotune.jobs.threads import Dispatcher
+from cotune.model_records import RegisteredModel
 from cotune.settings import Settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
-from cotune.store.registry import ModelStore, RegisteredModel
+from cotune.store.registry import ModelStore
 from services.api.limits import RateLimits
 
 if TYPE_CHECKING:

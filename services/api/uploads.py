@@ -72,8 +72,12 @@ def check_upload(
         if titled:
             fields["title"] = titled
         return UploadSummary(rows=len(passages), fields=fields)
+    if purpose == "fine-tune":
+        return _check_openai_rows(lines, filename, source)
     if purpose != "data":
-        raise DataError(f"purpose must be 'data' or 'corpus', got {purpose!r}", path=source)
+        raise DataError(
+            f"purpose must be 'data', 'fine-tune' or 'corpus', got {purpose!r}", path=source
+        )
     if is_csv(filename):
         # The CSV reader takes the whole stream; still refuse an over-long physical line.
         content = b"".join(_Lines(stream, max_line_bytes, source))
@@ -130,3 +134,14 @@ def check_upload(
     if n == 0:
         raise DataError("no rows", path=source)
     return UploadSummary(rows=n, fields=counts)
+
+
+def _check_openai_rows(lines: IO[bytes], filename: str, source: str) -> UploadSummary:
+    """OpenAI's fine-tuning JSONL (``cotune.openai_jobs``): all chat rows or all preference
+    rows; ``fields`` counts the rows of the kind (``messages`` or ``preferred_output``)."""
+    from cotune.openai_jobs import KIND_FIELD, read_openai_rows
+
+    if is_csv(filename):
+        raise DataError("fine-tune data is JSONL: {messages} or preference rows", path=source)
+    found = read_openai_rows(_checked_rows(iter_jsonl(lines, source), source), source)
+    return UploadSummary(rows=found.rows, fields={KIND_FIELD[found.kind]: found.rows})

@@ -21,6 +21,7 @@ from services.api.schemas import (
     FileObject,
     Hyperparameters,
     JobError,
+    JobMethod,
     JobObject,
     JobResultSummary,
 )
@@ -100,6 +101,15 @@ def job_object(record: JobRecord, state: ApiState, *, with_spec: bool = True) ->
             adapters=sorted(report.adapters),
         )
         trained_tokens = sum(s.trained_tokens for s in report.stages)
+    method = None
+    if train.rows == "given":
+        hyper: dict[str, Any] = {"n_epochs": train.epochs, "batch_size": train.batch_size}
+        if train.method == "sft+dpo":
+            method = JobMethod(
+                type="dpo", dpo={"hyperparameters": {**hyper, "beta": train.dpo_beta}}
+            )
+        else:
+            method = JobMethod(type="supervised", supervised={"hyperparameters": hyper})
     fine_tuned = None
     if record.status == JobStatus.succeeded and report is not None and report.best_epoch:
         fine_tuned = f"{record.name}:{record.id}"
@@ -112,7 +122,8 @@ def job_object(record: JobRecord, state: ApiState, *, with_spec: bool = True) ->
         fine_tuned_model=fine_tuned,
         organization_id=record.tenant_id or "",
         hyperparameters=Hyperparameters(
-            n_epochs=loop.epochs,
+            # given rows (OpenAI-style jobs) are one loop epoch of train.epochs passes
+            n_epochs=train.epochs if train.rows == "given" else loop.epochs,
             batch_size=train.batch_size,
             learning_rate=train.learning_rate,
             method=train.method,
@@ -126,6 +137,7 @@ def job_object(record: JobRecord, state: ApiState, *, with_spec: bool = True) ->
         trained_tokens=trained_tokens,
         seed=loop.seed,
         error=error,
+        method=method,
         name=record.name,
         cancel_requested=record.cancel_requested,
         spec=spec if with_spec else None,

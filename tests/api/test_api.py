@@ -931,6 +931,40 @@ def test_the_openai_sdk_lists_retrieves_and_cancels(
         other.fine_tuning.jobs.list()
 
 
+def test_the_openai_sdk_creates_a_compound_job_through_extra_body(
+    api: Api, server: str, tiny_files: dict[str, str]
+) -> None:
+    """A system goes in ``extra_body``; OpenAI's fields fill the spec's data and seed, or
+    must agree with them (422 naming the OpenAI field otherwise)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=api.acme_key, max_retries=0)
+    spec = tiny_job_spec(tiny_files)
+    data = spec.pop("data")
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=data["train"],
+        validation_file=data["val"],
+        seed=5,
+        extra_body={**spec, "data": {"test": data["test"]}},
+    )
+    assert job.training_file == data["train"] and job.validation_file == data["val"]
+    assert job.seed == 5 and job.model == "tiny"
+    stored = api.store.get_job(job.id).spec
+    assert stored["data"] == data and stored["loop"]["seed"] == 5 and "model" not in stored
+    client.fine_tuning.jobs.cancel(job.id)
+    for given, param in [
+        ({"model": "smollm2-135m"}, "model"),
+        ({"training_file": tiny_files["val"]}, "training_file"),
+        ({"hyperparameters": {"n_epochs": 2}}, "hyperparameters"),
+        ({"suffix": "x"}, "suffix"),
+    ]:
+        body = {"model": "tiny", "training_file": data["train"], **given}
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            client.fine_tuning.jobs.create(**body, extra_body={**spec, "data": data})
+        assert refused.value.param == param, refused.value.message
+
+
 # --------------------------------------------------------------------------- secrets and ops
 
 
@@ -1132,6 +1166,70 @@ def test_the_thread_dispatcher_runs_a_job_end_to_end(
         store.close()
 
 
+def test_a_judge_scored_job_without_gold_runs_over_http(
+    api: Api, settings: Settings, tiny_files: dict[str, str], tmp_path: Path
+) -> None:
+    """``metric: judge`` with a rubric, data without ``expected``: accepted, run by the real
+    ``ThreadDispatcher`` with the scripted engine, judge (scoring by rule) and trainer, and
+    the judge's scores listed with the traces."""
+    from doubles import (
+        JUDGED_RUBRIC,
+        FakeTrainer,
+        ScriptedEngine,
+        ScriptedJudge,
+        critique,
+        write_judged_tiny_example,
+    )
+
+    from cotune.tiny import make_world
+
+    facts = make_world().facts
+    folder = write_judged_tiny_example(tmp_path / "judged", model_path="unused", splits=(12, 6, 6))
+    files = dict(tiny_files)
+    for split in ("train", "val"):
+        uploaded = api.upload(f"{split}.jsonl", (folder / f"{split}.jsonl").read_bytes(), "data")
+        assert uploaded.status_code == 200, uploaded.text
+        files[split] = uploaded.json()["id"]
+    spec = tiny_job_spec(files, judge={"model": "tiny"})
+    del spec["data"]["test"]
+    spec["system"].update(metric="judge", rubric=JUDGED_RUBRIC)
+
+    judge = ScriptedJudge(
+        lambda key, gold, i: [critique("query", f"color of {key}", "search the key")],
+        score=lambda key, output: float(output == facts[key]),
+    )
+    store = JobStore(settings.database_url)
+    dispatcher = ThreadDispatcher(
+        store,
+        AccountStore(store),
+        ArtifactStore(settings.artifacts),
+        settings,
+        context_options={
+            "engines": {"tiny": ScriptedEngine()},
+            "judge": judge,
+            "trainer": FakeTrainer(),
+        },
+    )
+    app = create_app(settings, dispatcher=dispatcher)
+    try:
+        with TestClient(app) as client:
+            created = client.post("/v1/jobs", json=spec, headers=api.acme)
+            assert created.status_code == 200, created.text
+            job_id = created.json()["id"]
+            assert dispatcher.wait_idle(timeout=60)
+            job = client.get(f"/v1/jobs/{job_id}", headers=api.acme).json()
+            assert job["status"] == "succeeded", job
+            traces = client.get(
+                f"/v1/jobs/{job_id}/traces?stage=rollout&limit=100", headers=api.acme
+            ).json()["data"]
+            assert traces and all(t["expected"] is None for t in traces)
+            assert all(t["score_samples"] and t["score_reason"] for t in traces)
+            assert judge.score_requests
+    finally:
+        dispatcher.shutdown(wait=True)
+        store.close()
+
+
 def test_a_restarted_embedded_server_resumes_unfinished_jobs(
     env: Path, tmp_path: Path, tiny_files: dict[str, str], api: Api
 ) -> None:
@@ -1194,15 +1292,31 @@ def test_the_openapi_job_body_is_the_typed_spec(api: Api, tiny_files: dict[str, 
     import jsonschema
 
     document = api.request("GET", "/openapi.json").json()
-    for path in ("/v1/jobs", "/v1/jobs/quote", "/v1/fine_tuning/jobs"):
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/quote",
+        "/v1/fine_tuning/jobs",
+        "/v1/fine_tuning/jobs/quote",
+    ):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
-        assert body["schema"]["$ref"] == "#/components/schemas/SpecJobSpec", path
-    job = document["components"]["schemas"]["SpecJobSpec"]
+        assert body["schema"]["$ref"] == "#/components/schemas/JobCreate", path
+    schemas = document["components"]["schemas"]
+    job = schemas["SpecJobSpec"]
     assert {"system", "data"} <= set(job["required"]) and "base_dir" not in job["properties"]
-    root = {**document, "$ref": "#/components/schemas/SpecJobSpec"}
+    assert {"system", "data"} <= set(schemas["CompoundJobCreate"]["required"])
+    assert {"model", "training_file"} <= set(schemas["OpenAIJobCreate"]["required"])
+    root = {**document, "$ref": "#/components/schemas/JobCreate"}
     validator = jsonschema.Draft202012Validator(root)
     spec = tiny_job_spec(tiny_files)
     validator.validate(spec)
+    validator.validate({**spec, "model": "tiny", "training_file": tiny_files["train"]})
+    validator.validate({**spec, "training_file": "file-a", "data": {"val": "file-b"}})
+    single = {"model": "tiny", "training_file": "file-a", "validation_file": "file-b"}
+    validator.validate({**single, "method": {"type": "dpo", "dpo": {"hyperparameters": {}}}})
+    assert not validator.is_valid({**single, "method": {"type": "reinforcement"}})
+    validator.validate({**single, "system": spec["system"], "data": spec["data"]})
+    # a system with OpenAI's single-model settings is neither branch
+    assert not validator.is_valid({**single, "suffix": "x", "system": spec["system"]})
     assert submit(api, spec)["status"] in ("validating_files", "queued")
     bad = {**spec, "loop": {"epochs": "many"}}
     assert not validator.is_valid(bad)

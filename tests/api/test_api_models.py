@@ -17,9 +17,10 @@ from conftest import fresh_pg_database
 from doubles import RecordingDispatcher
 from fastapi.testclient import TestClient
 
+from cotune.model_records import ModelOptions, ModelStatus
 from cotune.model_registry import ModelInUse, remove_model
 from cotune.settings import Settings
-from cotune.store.registry import ModelOptions, ModelStatus, ModelStore
+from cotune.store.registry import ModelStore
 from cotune.tiny import TINY_SYSTEM, write_tiny_example
 from services.api.app import create_app
 

@@ -205,6 +205,8 @@ def test_variants_are_loop_settings() -> None:
     jobs = {v: parse_job(quality.variant_job(task, v)) for v in quality.VARIANTS}
     assert not jobs["no-verify"].loop.verify_by_replay
     assert all(j.loop.verify_by_replay for v, j in jobs.items() if v != "no-verify")
+    assert not jobs["binary-verify"].loop.graded_verification
+    assert all(j.loop.graded_verification for v, j in jobs.items() if v != "binary-verify")
     assert jobs["bootstrap"].judge is None and not jobs["bootstrap"].loop.gold_candidates
     assert jobs["bootstrap"].loop.resample_candidates == 0
     assert jobs["bootstrap"].train.method == jobs["sft-only"].train.method == "sft"

@@ -15,6 +15,8 @@ from cotune.tiny import TINY_SYSTEM
 def system(metric: str = "exact_match", inputs: list[str] | None = None) -> SystemSpec:
     data = copy.deepcopy(TINY_SYSTEM)
     data["metric"] = metric
+    if metric == "judge":
+        data["rubric"] = "names the colour asked about"
     if inputs:
         data["inputs"] = inputs
         data["components"][0]["reads"] = inputs

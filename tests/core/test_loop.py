@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cotune.embedded import run_embedded
-from cotune.records import JobReport, Stage
+from cotune.records import EPOCH_STAGES, JobReport, Stage
 from cotune.spec.job import JobSpec, load_job
 
 JOB = """\
@@ -177,3 +177,52 @@ def test_one_stage_per_call_reaches_the_same_result(
     _, uninterrupted = finished
     assert report.best_val_score == uninterrupted.best_val_score
     assert report.test_score == uninterrupted.test_score
+
+
+JUDGED_JOB = """\
+system: system.yaml
+data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}
+judge: {model: tiny, max_tokens: 256}
+loop: {epochs: 1, rollout_batch: 8, samples_per_component: 8, judge_samples: 1,
+       augment_rollouts: 0, seed: 0}
+train: {method: sft, epochs: 1, batch_size: 4, learning_rate: 5.0e-3, lora_r: 4, lora_alpha: 8}
+"""
+
+
+def test_the_tiny_model_as_judge_scores_a_job_without_gold(
+    tiny_model_dir: Path, vllm_engine: Any, tmp_path: Path
+) -> None:
+    """End to end with the real tiny model as judge (``metric: judge``, no gold anywhere): every
+    stage runs and the judge's scores are recorded. What it scores is not asserted: the tiny
+    model is no judge of colours."""
+    from doubles import write_judged_tiny_example
+
+    from cotune.records import EvaluateOut, RolloutOut
+
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(tiny_model_dir), splits=(8, 4, 4)
+    )
+    (folder / "job.yaml").write_text(JUDGED_JOB)
+    job = load_job(folder / "job.yaml")
+    assert job.system.metric == "judge"
+    report = run_embedded(job, tmp_path / "run", progress=False)
+
+    ran = {(s.epoch, s.stage) for s in report.stages}
+    assert {(0, Stage.baseline), (2, Stage.test)} <= ran
+    assert {(1, stage) for stage in EPOCH_STAGES} <= ran
+    spent = {s.stage: s.judge_calls for s in report.stages}
+    # new outputs cost judge calls; epoch 1's val outputs may all be cached from the baseline
+    for stage in (Stage.baseline, Stage.rollout, Stage.test):
+        assert spent[stage] > 0, f"{stage}: the judge scored nothing"
+    stored = tmp_path / "run"
+    for path, model in (
+        ("epoch-1/rollout.json", RolloutOut),
+        ("epoch-1/evaluate.json", EvaluateOut),
+    ):
+        [found] = list(stored.rglob(path))
+        out = model.model_validate_json(found.read_text())
+        for trace in out.traces:
+            assert trace.expected is None and trace.score_reason, trace
+            assert trace.score_samples is not None  # empty when the judge's reply was unusable
+            assert all(0.0 <= s <= 1.0 for s in trace.score_samples)
+        assert any(t.score_samples for t in out.traces), "no reply of the tiny judge was usable"

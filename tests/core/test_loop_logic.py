@@ -29,6 +29,7 @@ from doubles import (
     critique,
     is_hard,
     question_key,
+    write_judged_tiny_example,
 )
 
 from cotune.data import load_examples
@@ -36,6 +37,7 @@ from cotune.loop import run_job
 from cotune.records import (
     EPOCH_STAGES,
     CreditOut,
+    EvaluateOut,
     JobReport,
     RolloutOut,
     Stage,
@@ -438,6 +440,59 @@ def test_a_gold_inside_another_word_is_not_a_gold_candidate(example_dir: Path) -
     assert gold_proposals(job.system, [trace]) == []
 
 
+# -- 3b. graded verification --------------------------------------------------------------------
+
+
+class HalfRightAfterTraining(ScriptedEngine):
+    """The base answer writer answers ``wrong``; with an adapter it names passage 1's colour
+    followed by " one": closer to gold by token F1, never an exact match."""
+
+    def __init__(self) -> None:
+        super().__init__(answer_wrong=lambda adapter: adapter is None)
+
+    def generate(self, requests: Any, adapter: str | None = None) -> Any:
+        results = super().generate(requests, adapter)
+        if self.calls[-1].component == "answer" and adapter is not None:
+            for result in results:
+                result.text = f"{result.text} one"
+        return results
+
+
+@pytest.mark.parametrize("graded", [True, False])
+def test_graded_verification_accepts_closer_answers_and_scores_stay_exact_match(
+    example_dir: Path, harness: Callable[..., Harness], graded: bool
+) -> None:
+    def closer(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        return [critique("answer", f"{gold} one", f"{MARKER} name the colour")]
+
+    job = make_job(
+        example_dir,
+        loop={"graded_verification": graded, "gold_candidates": False, "augment_rollouts": 0},
+    )
+    run = harness(job, engine=HalfRightAfterTraining(), judge=ScriptedJudge(closer))
+    report = run.run()
+
+    checked = run.output(1, Stage.verify, VerifyOut)
+    assert checked.candidates and not any(c.verified for c in checked.candidates)
+    for candidate in checked.candidates:  # "red one" against "red": F1 2/3 > 0, EM 0
+        assert candidate.replay_scores == [0.0]
+        assert candidate.replay_graded == [pytest.approx(2 / 3)]
+        assert candidate.accepted_by == ("graded" if graded else None)
+    assert checked.details()["accepted_graded"] == (len(checked.candidates) if graded else 0)
+    stored = run.store.candidates(run.job_id, accepted=True)
+    assert len(stored) == (len(checked.candidates) if graded else 0)
+    answer_rows = run.output(1, Stage.synthesize, SynthesizeOut).buffer.sft.get("answer", [])
+    assert bool(answer_rows) == graded
+    assert any("closer to gold" in m for m in run.messages()) == graded
+
+    # Final scores are the task metric: the trained writer's "red one" is closer, not right.
+    evaluated = run.output(1, Stage.evaluate, EvaluateOut)
+    assert evaluated.score == 0.0 and report.best_val_score == 0.0
+    assert report.test_score == 0.0
+    if graded:
+        assert any(t.graded_score for t in evaluated.traces)
+
+
 # -- 4. the best epoch ------------------------------------------------------------------------
 
 
@@ -752,6 +807,30 @@ def test_quote_prices_every_stage(example_dir: Path) -> None:
     assert no_judge["total"]["judge_calls"] == 0 and no_judge["total"]["engine_requests"] > 0
 
 
+def test_quote_prices_judge_scoring(tmp_path: Path, model_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    judged = make_job(
+        write_judged_tiny_example(tmp_path / "judged", model_path=str(model_dir), splits=SPLITS),
+        loop={"judge_samples": 2},
+    )
+    quote = quote_job(judged, n_train=24, n_val=12, n_test=12)
+    per = quote["per_stage"]
+    # each scored output: K = 2 samples, each with room for one repair
+    assert per["baseline"]["judge_calls"] == 12 * 2 * 2
+    assert per["test"]["judge_calls"] == 2 * 12 * 2 * 2
+    assert per["rollout"]["judge_calls"] == 12 * 2 * 2
+    assert per["verify"]["judge_calls"] > 0 and per["synthesize"]["judge_calls"] > 0
+    # the budget caps learning, not measuring
+    capped = judged.model_copy(
+        update={"budget": judged.budget.model_copy(update={"max_judge_calls": 10})}
+    )
+    measuring = per["baseline"]["judge_calls"] + per["test"]["judge_calls"]
+    measuring += judged.loop.epochs * per["evaluate"]["judge_calls"]
+    total = quote_job(capped, n_train=24, n_val=12, n_test=12)["total"]
+    assert total["judge_calls"] == measuring + 10
+
+
 def test_the_loop_stops_when_the_token_budget_runs_out(
     example_dir: Path, harness: Callable[..., Harness]
 ) -> None:
@@ -763,3 +842,103 @@ def test_the_loop_stops_when_the_token_budget_runs_out(
     assert baseline.completion_tokens > 0
     assert report.stop_reason is not None and "max_generated_tokens 1" in report.stop_reason
     assert [e.epoch for e in report.epochs] == []
+
+
+# -- 8. metric judge: no gold anywhere --------------------------------------------------------
+
+
+def rarely_easy(key: str) -> bool:
+    """The few keys the base query writer gets right (about one in five)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) % 5 == 0
+
+
+def right_colour(key: str, output: str) -> float:
+    """The scripted judge's rule: it knows the world, the data holds no gold."""
+    return float(output == FACTS[key])
+
+
+def judged_run(folder: Path, harness: Callable[..., Harness], **loop: Any) -> Harness:
+    """The judge-scored tiny-kb job: the base query writer is rarely right; an adapter trained
+    on verified corrections always is. The scripted judge scores by ``right_colour``."""
+    trainer = FakeTrainer()
+
+    def learned(adapter: str | None) -> bool:
+        epoch = adapter_epoch(adapter)
+        return any(
+            call.component == "query"
+            and call.seed == epoch
+            and any(r.source == "correction" for r in call.rows)
+            for call in trainer.calls
+        )
+
+    engine = ScriptedEngine(query_ok=lambda key, adapter: learned(adapter) or rarely_easy(key))
+    judge = ScriptedJudge(fix_query, score=right_colour)
+    return harness(make_job(folder, loop=loop), engine=engine, judge=judge, trainer=trainer)
+
+
+def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    run = judged_run(folder, harness)
+    judge, trainer = run.judge, run.trainer
+    assert judge is not None
+    assert run.job.system.metric == "judge" and run.job.system.pass_threshold == 0.5
+    assert all(e.expected is None for s in ("train", "val", "test") for e in run.context().split(s))
+    report = run.run()
+
+    # the base rarely meets the rubric; the trained epoch meets it on every val example
+    assert report.base_val_score is not None and report.base_val_score < 0.5
+    assert [e.val_score for e in report.epochs] == [1.0]
+    assert report.epochs[0].kept and report.best_epoch == 1
+    assert report.test_score == 1.0 and report.base_test_score is not None
+    assert report.base_test_score < 1.0
+
+    # every trace was scored by the judge, never against gold
+    rollout = run.output(1, Stage.rollout, RolloutOut)
+    assert all(t.expected is None and t.score_samples is not None for t in rollout.traces)
+    assert all(t.score_reason and "scripted score" in t.score_reason for t in rollout.traces)
+    # corrections were verified by the judge scoring the replayed output higher
+    accepted = run.store.candidates(run.job_id, accepted=True)
+    assert accepted and {c.source for c in accepted} == {"judge"}
+    assert all(c.original_score == 0.0 and c.replay_scores == [1.0] for c in accepted)
+    [query] = [c for c in trainer.calls if c.component == "query"]
+    assert any(r.source == "correction" for r in query.rows)
+    # the scoring requests were spent by the stages that scored, and counted as judge calls
+    spent = {s.stage: s.judge_calls for s in report.stages}
+    for stage in (Stage.baseline, Stage.rollout, Stage.verify, Stage.evaluate, Stage.test):
+        assert spent[stage] > 0, stage
+    assert sum(spent.values()) == len(judge.requests)
+    # the credit judge saw why each failed output scored low
+    credit = [r for r in judge.requests if r not in judge.score_requests]
+    assert credit and all("Why it got that score:" in r.messages[-1]["content"] for r in credit)
+
+
+def test_a_job_run_one_stage_per_call_judges_no_output_twice(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """How workers drive a job (a new context per stage): the judge's scores stored with the
+    finished stages seed each new context's cache, so the whole job asks the judge exactly
+    what one uninterrupted run asks."""
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+    whole = judged_run(folder, harness, epochs=2)
+    expected = whole.run()
+    assert whole.judge is not None and whole.judge.score_requests
+
+    stepped = judged_run(folder, harness, epochs=2)
+    while True:
+        try:
+            report = run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert stepped.judge is not None
+    assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
+    assert report.best_val_score == expected.best_val_score
+    assert report.test_score == expected.test_score

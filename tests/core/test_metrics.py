@@ -3,6 +3,8 @@ import pytest
 from cotune import metrics
 from cotune.metrics import (
     MetricError,
+    companion_score,
+    has_companion,
     known_metrics,
     metric_needs_gold,
     normalize,
@@ -130,3 +132,60 @@ def test_out_of_range_metric_is_refused(scratch_metric) -> None:
     scratch_metric("broken", lambda p, g: 2.0)
     with pytest.raises(MetricError, match=r"metric 'broken' returned 2\.0"):
         score("broken", "a", "a")
+
+
+# -- graded companions (graded verification) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "prediction", "gold", "expected"),
+    [
+        # exact_match: 1 on a match, a number's closeness where both are numbers, else token F1
+        ("exact_match", "The Eiffel Tower", "eiffel tower", 1.0),
+        ("exact_match", "tower eiffel", "eiffel tower", 1.0),  # right words, wrong order
+        ("exact_match", "red one", "red", 2 / 3),
+        ("exact_match", "blue", "red", 0.0),
+        ("exact_match", "7", "9", 1 - 2 / 9),
+        ("exact_match", "3", "9", 1 - 6 / 9),
+        ("exact_match", "1,000", "1000", 1.0),
+        ("exact_match", "-4", "5", 0.0),  # farther than the gold is from 0
+        ("exact_match", "0", "0.0", 1.0),
+        ("exact_match", "seven", "9", 0.0),  # one side is no number: token F1
+        # contains: the share of gold tokens present; extra words cost nothing
+        ("contains", "the code is 417, I think", "417", 1.0),
+        ("contains", "it is in new york state", "New York City", 2 / 3),
+        ("contains", "nothing here", "417", 0.0),
+        # list_equal: items right over the longer list, order free
+        ("list_equal", "a, b, c", "c, a, b", 1.0),
+        ("list_equal", '["apple", "pear", "fig"]', "apple, kiwi, plum", 1 / 3),
+        ("list_equal", "apple, pear, plum", "apple, kiwi, plum", 2 / 3),
+        ("list_equal", "apple, pear", "apple, pear, plum", 2 / 3),  # one missing
+        ("list_equal", "apple, pear, plum, fig", "apple, pear, plum", 3 / 4),  # one extra
+        ("list_equal", "apple, apple", "apple, pear", 1 / 2),  # a multiset, like the metric
+    ],
+)
+def test_graded_companion(metric: str, prediction: str, gold: str, expected: float) -> None:
+    assert companion_score(metric, prediction, gold) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "contains", "list_equal"])
+@pytest.mark.parametrize(
+    ("prediction", "gold"),
+    [("apple, pear", "pear, apple"), ("Paris", "paris"), ("12", "12"), ("x", "y"), ("", "a")],
+)
+def test_a_companion_is_1_whenever_its_metric_is(metric: str, prediction: str, gold: str) -> None:
+    graded = companion_score(metric, prediction, gold)
+    assert 0.0 <= graded <= 1.0
+    if score(metric, prediction, gold) == 1.0:
+        assert graded == 1.0
+
+
+def test_the_companion_takes_the_best_gold_and_only_binary_metrics_have_one() -> None:
+    assert companion_score("list_equal", "x, y", ["x, z", "x, y, z"]) == pytest.approx(2 / 3)
+    assert {m for m in known_metrics() if has_companion(m)} == {
+        "exact_match",
+        "contains",
+        "list_equal",
+    }
+    with pytest.raises(MetricError, match="'f1' has no graded companion"):
+        companion_score("f1", "a", "a")

@@ -23,12 +23,13 @@ from tiny_gguf import write_hub_cache, write_llama_gguf
 
 from cotune.cli import main
 from cotune.errors import SpecError
+from cotune.model_records import ModelOptions, ModelStatus
 from cotune.model_registry import ModelInUse, add_model, catalog, remove_model
 from cotune.models import MANIFEST, ModelNotPreparedError, models_dir, resolve_model
 from cotune.settings import get_settings
 from cotune.spec import ModelRef, parse_system
 from cotune.store import JobStatus, JobStore
-from cotune.store.registry import ModelOptions, ModelStatus, ModelStore
+from cotune.store.registry import ModelStore
 from cotune.tiny import write_tiny_example
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -165,6 +165,43 @@ def test_pass_threshold_accepts_a_fraction() -> None:
     assert parse_system(spec).pass_threshold == 0.5
 
 
+def test_metric_judge_needs_a_rubric() -> None:
+    err = refused(lambda s: s.update(metric="judge"))
+    assert_names(err, None, "'rubric'", "rubric")
+    assert "required with metric 'judge'" in str(err) and "e.g. rubric:" in str(err)
+    err = refused(lambda s: s.update(metric="judge", rubric=""))
+    assert_names(err, None, "'rubric'", "rubric")
+
+
+def test_a_rubric_is_refused_with_a_gold_metric() -> None:
+    err = refused(lambda s: s.update(metric="f1", rubric="short answers"))
+    assert_names(err, None, "'rubric'", "rubric")
+    assert "only for metric 'judge'" in str(err) and "metric 'f1'" in str(err)
+    assert "'expected'" in str(err)
+
+
+def test_a_judged_system_passes_at_half_unless_it_says_otherwise() -> None:
+    spec = base()
+    spec.update(metric="judge", rubric="names the colour")
+    system = parse_system(spec)
+    assert system.rubric == "names the colour" and system.pass_threshold == 0.5
+    assert parse_system(system.model_dump(mode="json")) == system  # a dumped spec reloads
+    spec.update(pass_threshold=0.8)
+    assert parse_system(spec).pass_threshold == 0.8
+
+
+def test_the_judged_kb_qa_example_validates_with_its_data() -> None:
+    from cotune.data import load_examples
+    from cotune.quote import quote_job
+    from cotune.spec.job import load_job
+
+    job = load_job(Path(__file__).parents[2] / "examples" / "kb-qa" / "job-judged.yaml")
+    assert job.system.metric == "judge" and job.system.rubric and job.judge is not None
+    train = job.data_path("train")
+    assert train is not None and load_examples(train, job.system)
+    assert quote_job(job)["per_stage"]["baseline"]["judge_calls"] > 0
+
+
 def test_missing_prompt() -> None:
     err = refused(lambda s: comp(s, "answer").pop("prompt"))
     assert_names(err, "answer", "'prompt'", "components.answer.prompt")

@@ -224,4 +224,13 @@ def test_is_file_id(value: Any, expected: bool) -> None:
 def test_the_splits_are_the_job_specs_data_fields() -> None:
     from cotune.spec import DataSplits
 
-    assert tuple(DataSplits.model_fields) == SPLITS
+    # every field but the splits' format names a file
+    assert tuple(f for f in DataSplits.model_fields if f != "format") == SPLITS
+
+
+def test_openai_format_splits_are_fine_tune_files() -> None:
+    spec = {"data": {"train": "file-a", "val": "file-b", "format": "openai"}}
+    assert [(r.param, r.purpose) for r in file_refs(spec)] == [
+        ("data.train", "fine-tune"),
+        ("data.val", "fine-tune"),
+    ]

@@ -1,6 +1,9 @@
 """The job routes: creating, pricing, listing, reading, cancelling and deleting jobs. With the
 events, results and downloads routers they make the one job router, which the app includes at
-``/v1/jobs`` and again at ``/v1/fine_tuning/jobs`` (the openai SDK's paths)."""
+``/v1/jobs`` and again at ``/v1/fine_tuning/jobs`` (the openai SDK's paths).
+
+A create or quote body is a job spec with its system, or OpenAI's single-model job
+(``cotune.openai_jobs`` turns either into the spec that is checked and stored)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
+from cotune.errors import SpecError
+from cotune.openai_jobs import BuiltJob, job_spec_from_request
 from cotune.quote import quote_job
+from cotune.spec.job import JobSpec
 from cotune.store import IllegalTransition, JobNotFound, JobStatus
 from cotune.store.status import TERMINAL
 from services.api.auth import RATE_LIMITED, Tenant
@@ -27,7 +33,8 @@ SpecBody = Annotated[
     dict[str, Any],
     Body(
         description="a job spec (DESIGN.md §4): the system inline, data and corpora as file "
-        "ids, models and judges by registry name",
+        "ids, models and judges by registry name; or OpenAI's single-model job {model, "
+        "training_file, validation_file, method, hyperparameters, suffix, seed}",
         examples=[
             {
                 "system": {
@@ -65,13 +72,15 @@ router = APIRouter(responses={404: {"model": ErrorResponse}, **RATE_LIMITED})
     openapi_extra=JOB_SPEC_BODY,
 )
 def create_job(
-    spec: SpecBody, tenant: Tenant, state: State, idempotency_key: IdempotencyKey = None
+    body: SpecBody, tenant: Tenant, state: State, idempotency_key: IdempotencyKey = None
 ) -> JobObject:
+    built = job_spec_from_request(body)
+    spec = built.spec
     if idempotency_key is not None:
         existing = state.accounts.job_for_idempotency_key(tenant, idempotency_key)
         if existing is not None:
             return _same_job(state, tenant, existing, spec)
-    job = check_job_for_http(spec, tenant, state.accounts, state.settings, state.registered())
+    job = _checked(built, tenant, state)
     _check_room(state, tenant)
     job_id = state.lifecycle.create(
         job.system.name, spec, tenant_id=tenant, idempotency_key=idempotency_key
@@ -90,9 +99,10 @@ def create_job(
     summary="Price a job (engine requests, tokens, judge calls) without running it",
     openapi_extra=JOB_SPEC_BODY,
 )
-def quote(spec: SpecBody, tenant: Tenant, state: State) -> QuoteObject:
-    job = check_job_for_http(spec, tenant, state.accounts, state.settings, state.registered())
-    rows = split_rows(spec, state.accounts, tenant)
+def quote(body: SpecBody, tenant: Tenant, state: State) -> QuoteObject:
+    built = job_spec_from_request(body)
+    job = _checked(built, tenant, state)
+    rows = split_rows(built.spec, state.accounts, tenant)
     priced = quote_job(job, n_train=rows["train"], n_val=rows["val"], n_test=rows["test"])
     return QuoteObject(**priced)
 
@@ -153,6 +163,17 @@ router.include_router(job_downloads.router)
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _checked(built: BuiltJob, tenant: str, state: ApiState) -> JobSpec:
+    """The built spec checked against the caller's files and the server's models; a
+    ``SpecError`` names the body's own field (``training_file``, not ``data.train``)."""
+    try:
+        return check_job_for_http(
+            built.spec, tenant, state.accounts, state.settings, state.registered()
+        )
+    except SpecError as err:
+        raise built.renamed(err) from None
 
 
 def _check_room(state: ApiState, tenant: str) -> None:
