@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,14 @@ def _save_epoch(ctx: JobContext, epoch: int) -> None:
 
 
 def baseline(ctx: JobContext) -> EvalOut:
-    """The base system on val: the bar the first epoch must clear."""
+    """The base system on val: the bar the first epoch must clear. First, where the job's
+    engines are real, its models must resolve here and fit this worker's GPUs (a GPU worker
+    does not validate the job itself: the API checks against ``Settings.gpu_memory_gib``)."""
+    if ctx.engines is None:
+        from cotune.jobs.materialize import check_models_prepared
+        from cotune.settings import get_settings
+
+        check_models_prepared(ctx.job, ctx.settings or get_settings())
     result = evaluate_split(ctx, "val", {})
     ctx.event(f"base system scores {result.score:.3f} on val")
     return result
@@ -276,10 +284,32 @@ def train_components(
     ctx: JobContext, epoch: int, synthesized: SynthesizeOut, current: dict[str, str]
 ) -> TrainOut:
     """One LoRA adapter per trainable component: SFT from the base, then DPO."""
-    from cotune.models import resolve_model
-    from cotune.training import train_adapter
+    from cotune.engines import stepped_aside
 
-    trainer = ctx.trainer or train_adapter
+    # The engines step aside while the trainer runs (on a GPU: they sleep, DESIGN.md §7).
+    with stepped_aside() as switch:
+        adapters, results = _train_each(ctx, epoch, synthesized, current)
+    ctx.event(
+        f"epoch {epoch}: engines stepped aside in {switch.release_seconds:.1f} s and came "
+        f"back in {switch.reacquire_seconds:.1f} s",
+        release_seconds=round(switch.release_seconds, 3),
+        reacquire_seconds=round(switch.reacquire_seconds, 3),
+    )
+    return TrainOut(
+        adapters=adapters,
+        components=results,
+        trained_tokens=sum(r.trained_tokens for r in results.values()),
+        release_seconds=round(switch.release_seconds, 3),
+        reacquire_seconds=round(switch.reacquire_seconds, 3),
+    )
+
+
+def _train_each(
+    ctx: JobContext, epoch: int, synthesized: SynthesizeOut, current: dict[str, str]
+) -> tuple[dict[str, str], dict[str, ComponentTraining]]:
+    from cotune.models import resolve_model
+
+    trainer = ctx.trainer or _default_trainer(ctx)
     system, buffer = ctx.job.system, synthesized.buffer
     adapters = dict(current)
     results: dict[str, ComponentTraining] = {}
@@ -317,11 +347,20 @@ def train_components(
             seconds=round(result.seconds, 2),
         )
         ctx.event(f"epoch {epoch}: trained {component.name} on {len(rows)} rows")
-    return TrainOut(
-        adapters=adapters,
-        components=results,
-        trained_tokens=sum(r.trained_tokens for r in results.values()),
-    )
+    return adapters, results
+
+
+def _default_trainer(ctx: JobContext) -> Callable[..., Any]:
+    """``train_adapter``, or its FSDP launcher when the worker trains on several GPUs."""
+    from cotune.settings import get_settings
+    from cotune.training import train_adapter
+
+    gpus = (ctx.settings or get_settings()).train_gpus
+    if gpus > 1:
+        from cotune.training.fsdp import train_adapter_fsdp
+
+        return partial(train_adapter_fsdp, gpus=gpus)
+    return train_adapter
 
 
 def evaluate_epoch(ctx: JobContext, epoch: int, trained: TrainOut, best_val: float) -> EvaluateOut:

@@ -337,9 +337,19 @@ class TrainOut(StageOut):
     )
     components: dict[str, ComponentTraining] = Field(default_factory=dict)
     trained_tokens: int = 0
+    release_seconds: float = Field(
+        default=0.0, description="how long the engines took to step aside for the trainer"
+    )
+    reacquire_seconds: float = Field(
+        default=0.0, description="how long the engines took to come back after training"
+    )
 
     def details(self) -> dict[str, int | float]:
-        return {"trained": sum(c.trained for c in self.components.values())}
+        return {
+            "trained": sum(c.trained for c in self.components.values()),
+            "release_seconds": self.release_seconds,
+            "reacquire_seconds": self.reacquire_seconds,
+        }
 
 
 class TestOut(StageOut):

@@ -32,7 +32,7 @@ from cotune.records import (
 )
 from cotune.runtime import Runtime, open_runtime
 from cotune.scoring import ScoreCache, Scorer
-from cotune.settings import DEFAULT_LEASE_SECONDS
+from cotune.settings import DEFAULT_LEASE_SECONDS, Settings, get_settings
 from cotune.spec.job import JobSpec
 from cotune.store import ArtifactStore, JobStore
 from cotune.tools import ToolContext
@@ -68,6 +68,8 @@ class JobContext:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     progress: Progress | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # The device settings (GPUs, memory share, CPU engine release); None: the environment's.
+    settings: Settings | None = None
     # Seams for logic tests (scripted doubles): engines by model alias, the judge's engine,
     # and the trainer. None means the real ones.
     engines: dict[str, InferenceEngine] | None = None
@@ -175,12 +177,16 @@ class JobContext:
         return get_engine(self.job.engine, path, **self.local_engine_options())
 
     def local_engine_options(self) -> dict[str, Any]:
-        """Options for this job's local engine: vLLM's LoRA limits must fit every component."""
+        """Options for this job's local engine: vLLM's LoRA limits must fit every component,
+        and on a GPU the worker's memory share is split among the job's engines."""
         options: dict[str, Any] = {}
         if self.job.engine == "vllm":
+            settings = self.settings or get_settings()
             options = {
                 "max_lora_rank": max(self.job.train.lora_r, 16),
                 "max_loras": max(len(self.job.system.trainable_components), 1),
+                "gpu_memory_utilization": settings.gpu_memory_share / self.job.local_model_count(),
+                "release_on_cpu": settings.release_cpu_engine,
             }
         return {**options, **self.engine_options}
 

@@ -32,6 +32,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cotune.engines.vllm import DEFAULT_GPU_MEMORY_SHARE
+
 ENV_PREFIX = "COTUNE_"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 JUDGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -159,6 +161,41 @@ class Settings(BaseSettings):
         "is in no queue, lost its next task: the reaper sends it again",
     )
     visibility_timeout: float = Field(default=6 * 3600.0, gt=0)
+    # Devices (DESIGN.md §7). A model's tensor parallel size and dtype are its registration's.
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="GPUs this worker uses (None: every visible CUDA device; 0: CPU only); "
+        "a registered model's tensor_parallel may not exceed it",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="memory of one of the workers' GPUs in GiB, for the fit check when a job "
+        "is created (None: the API skips it; a worker measures its own GPUs before training)",
+    )
+    gpu_memory_share: float = Field(
+        default=DEFAULT_GPU_MEMORY_SHARE,
+        gt=0,
+        le=1,
+        description="the share of each GPU's memory cotune may take: vLLM's "
+        "gpu_memory_utilization, divided among a job's engines; a trainer gets it while the "
+        "engines sleep",
+    )
+    train_gpus: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs one adapter trains on; more than 1 trains with accelerate FSDP "
+        "(written, never run on several GPUs: README 'GPU')",
+    )
+    release_cpu_engine: bool = Field(
+        default=False,
+        description="CPU only: shut the vLLM engine down while a trainer runs and start it "
+        "again after (a few seconds per switch), for machines short of memory; by default "
+        "the engine stays loaded (one per base model per process)",
+    )
     workdir: str | None = Field(
         default=None,
         description="where jobs' files are materialised for a run (default: a folder under "
@@ -221,6 +258,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"COTUNE_HTTP_SEARCH_PRIVATE_HOSTS: {stray} are not in "
                 "COTUNE_HTTP_SEARCH_ALLOWED_HOSTS"
+            )
+        if self.gpus is not None and self.train_gpus > max(self.gpus, 1):
+            raise ValueError(
+                f"COTUNE_TRAIN_GPUS: {self.train_gpus} is more than COTUNE_GPUS {self.gpus}"
             )
         if self.environment != "development":
             problems = self.unsafe_settings()

@@ -156,9 +156,19 @@ class ScriptedEngine:
     def supports_json_schema(self) -> bool:
         return True
 
+    # No model to step aside: only the state is kept, for tests of who releases when.
+    released = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def reacquire(self) -> None:
+        self.released = False
+
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
     ) -> list[GenerationResult]:
+        self.reacquire()  # as the real engines do
         texts = []
         component = "?"
         keys = []
@@ -238,10 +248,20 @@ class ScriptedJudge:
     def supports_json_schema(self) -> bool:
         return True
 
+    # No model to step aside: only the state is kept, for tests of who releases when.
+    released = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def reacquire(self) -> None:
+        self.released = False
+
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
     ) -> list[GenerationResult]:
         assert adapter is None, "the judge runs on its base model"
+        self.reacquire()
         self.requests.extend(requests)
         seen: dict[str, int] = {}
         texts = []

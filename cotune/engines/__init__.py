@@ -3,11 +3,18 @@
 Loading a base model is the most expensive thing cotune does outside training, so an engine is
 built once per (kind, model) in a process and reused across stages, epochs and jobs; adapters
 are swapped per request, never by reloading the base model.
+
+While a trainer runs, the cached engines step aside (``stepped_aside``: ``release()`` before,
+``reacquire()`` after; DESIGN.md §7): on a GPU they free its memory for the trainer.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +92,33 @@ def cached_engines() -> list[InferenceEngine]:
         return list(_ENGINES.values())
 
 
+@dataclass
+class Switch:
+    """How long the engines took to step aside and to come back (seconds)."""
+
+    release_seconds: float = 0.0
+    reacquire_seconds: float = 0.0
+
+
+@contextmanager
+def stepped_aside() -> Iterator[Switch]:
+    """Release every cached engine for the block (a trainer on the same device), then
+    reacquire them; yields the switch times (``reacquire_seconds`` is set on exit)."""
+    engines = cached_engines()
+    switch = Switch()
+    started = time.perf_counter()
+    for engine in engines:
+        engine.release()
+    switch.release_seconds = time.perf_counter() - started
+    try:
+        yield switch
+    finally:
+        started = time.perf_counter()
+        for engine in engines:
+            engine.reacquire()
+        switch.reacquire_seconds = time.perf_counter() - started
+
+
 def clear_engines() -> None:
     """Forget cached engines (tests; a worker shutting down)."""
     with _LOCK:
@@ -98,7 +132,9 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "InferenceEngine",
+    "Switch",
     "cached_engines",
     "clear_engines",
     "get_engine",
+    "stepped_aside",
 ]

@@ -70,7 +70,12 @@ class InferenceEngine(Protocol):
     """Generates chat completions for a batch, optionally through a LoRA adapter.
 
     ``adapter`` is the path of a PEFT folder; engines load each adapter once and reuse it
-    (loading is idempotent). ``None`` means the base model.
+    (loading is idempotent, also across a release). ``None`` means the base model.
+
+    ``release()`` steps aside for a trainer on the same device and ``reacquire()`` comes back
+    (DESIGN.md §7): both idempotent, and ``generate`` on a released engine reacquires first, so
+    a missed ``reacquire`` costs time, never a wrong answer. What releasing frees depends on the
+    engine and device (``released`` says whether it is stepped aside now).
     """
 
     kind: str
@@ -82,3 +87,10 @@ class InferenceEngine(Protocol):
     ) -> list[GenerationResult]: ...
 
     def supports_json_schema(self) -> bool: ...
+
+    @property
+    def released(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def reacquire(self) -> None: ...

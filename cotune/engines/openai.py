@@ -110,6 +110,15 @@ class OpenAIEngine:
     def supports_json_schema(self) -> bool:
         return True
 
+    # The model runs on another machine: nothing here to step aside.
+    released = False
+
+    def release(self) -> None:
+        pass
+
+    def reacquire(self) -> None:
+        pass
+
     def close(self) -> None:
         self._client.close()
 

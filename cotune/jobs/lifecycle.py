@@ -214,7 +214,7 @@ class Lifecycle:
             if check_models:
                 from cotune.jobs.materialize import check_models_prepared
 
-                check_models_prepared(job)
+                check_models_prepared(job, self.settings)
         except Exception as err:
             return Outcome(self.fail(job_id, owner, err), error=err)
         if not self.move(job_id, "queued", only_from="validating_files", event=QUEUED):
@@ -383,6 +383,7 @@ class Lifecycle:
             artifacts=self.artifacts,
             owner=owner,
             lease_seconds=self.settings.lease_seconds,
+            settings=self.settings,
             stage_limit=stage_limit,
             **dict(self.context_options),
         )

@@ -195,10 +195,18 @@ def load_record_spec(
     )
 
 
-def check_models_prepared(job: JobSpec) -> None:
-    """Each model the job needs resolves on this machine (raises ``SpecError`` naming it)."""
+def check_models_prepared(job: JobSpec, settings: Settings | None = None) -> None:
+    """Each model the job needs resolves on this machine and, on a CUDA machine, fits its
+    GPUs (``cotune.fit``; raises ``SpecError`` naming the model)."""
+    from cotune.fit import check_job_fits, measured_budget
     from cotune.models import resolve_model
 
     system = job.system
-    for alias, ref in system.models.items():
-        resolve_model(ref, system.base_dir, param=f"system.models.{alias}")
+    folders = {
+        alias: resolve_model(ref, system.base_dir, param=f"system.models.{alias}")
+        for alias, ref in system.models.items()
+    }
+    if settings is not None and settings.gpus != 0:
+        budget = measured_budget(settings.gpus, settings.gpu_memory_share, settings.train_gpus)
+        if budget is not None:
+            check_job_fits(job, budget, lambda alias, _ref: folders[alias])

@@ -236,6 +236,14 @@ class JobSpec(_Strict):
                 )
         return self
 
+    def local_model_count(self) -> int:
+        """How many base models the job serves in-process, one engine each: those of its LLM
+        components, and the judge's unless it is an endpoint."""
+        used = {c.model for c in self.system.llm_components if c.model is not None}
+        if self.judge is not None and self.judge.engine != "openai":
+            used.add(self.judge.model)
+        return max(len(used), 1)
+
     def data_path(self, split: Split) -> Path | None:
         value = getattr(self.data, split)
         if value is None:

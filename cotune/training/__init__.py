@@ -25,8 +25,9 @@ adapters with atol 1e-5); a different thread count may change the last bits.
 
 Modules: ``rows`` (``SFTRow``, ``DPOPair``, ``TrainResult``, the adapter's files), ``base_model``
 (device check, loading the base and tokenizer, the LoRA config, freeing memory), ``trainers``
-(the TRL SFT and DPO trainers, ``rows_per_pass``) and ``adapter`` (``train_adapter``, the
-export, ``completion_mask_preview``, ``adapter_weights``).
+(the TRL SFT and DPO trainers, ``rows_per_pass``), ``adapter`` (``train_adapter``, the
+export, ``completion_mask_preview``, ``adapter_weights``) and ``fsdp`` (one adapter over several
+GPUs through ``accelerate launch``; written, never run on several GPUs).
 
 torch, transformers, datasets, peft and trl are imported inside the functions, so importing this
 package costs nothing.

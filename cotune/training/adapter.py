@@ -19,6 +19,7 @@ from cotune.training.base_model import (
     _lora_config,
     _quiet,
 )
+from cotune.training.fsdp import distributed, is_main_rank
 from cotune.training.rows import (
     ADAPTER_FILES,
     ADAPTER_NAME,
@@ -62,15 +63,21 @@ def train_adapter(
     say = progress or (lambda _message: None)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    if distributed():  # one rank of an FSDP run (training/fsdp.py): rank 0 writes, all read
+        work = out_dir.parent / f".{out_dir.name}.partial-fsdp"
+        work.mkdir(exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         with _quiet():
             result = _train(
                 base_model, sft_rows, dpo_pairs, config, work, seed=seed, gpu=gpu, say=say
             )
-        _replace_dir(work / "adapter", out_dir)
+        if is_main_rank():
+            _replace_dir(work / "adapter", out_dir)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if is_main_rank():
+            shutil.rmtree(work, ignore_errors=True)
     result.adapter_dir = out_dir
     result.seconds = time.perf_counter() - started
     say(f"adapter written to {out_dir} in {result.seconds:.1f}s")
@@ -124,11 +131,7 @@ def _train(
     sft_dir = work / "sft" if do_dpo else final
     # The SFT adapter DPO continues keeps peft's path to the base (peft reads it on load and
     # save); only the adapter that leaves training names the base without a path.
-    _export_adapter(
-        trainer.accelerator.unwrap_model(trainer.model),
-        sft_dir,
-        None if do_dpo else base_model.name,
-    )
+    _export(trainer, sft_dir, None if do_dpo else base_model.name)
     del trainer, model
     _free_memory(gpu)
     if not do_dpo:
@@ -161,7 +164,7 @@ def _train(
         )
         dpo.train()
         result.dpo_steps = int(dpo.state.global_step)
-        _export_adapter(dpo.accelerator.unwrap_model(dpo.model), final, base_model.name)
+        _export(dpo, final, base_model.name)
     del dpo, model
     _free_memory(gpu)
     return result
@@ -196,7 +199,22 @@ def adapter_weights(adapter_dir: Path) -> dict[str, Any]:
     return dict(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
 
 
-def _export_adapter(model: Any, dest: Path, base_name: str | None) -> None:
+def _export(trainer: Any, dest: Path, base_name: str | None) -> None:
+    """Export the trainer's adapter; under FSDP the full state dict is gathered on every rank
+    (a collective), rank 0 writes it and the others wait for the folder."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not distributed():
+        _export_adapter(model, dest, base_name)
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if is_main_rank():
+        _export_adapter(model, dest, base_name, state)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _export_adapter(
+    model: Any, dest: Path, base_name: str | None, state_dict: dict[str, Any] | None = None
+) -> None:
     """Save the ``default`` adapter as safetensors and keep only the two adapter files.
 
     peft records the base model's folder in ``base_model_name_or_path``; an adapter leaves the
@@ -206,7 +224,12 @@ def _export_adapter(model: Any, dest: Path, base_name: str | None) -> None:
     import json
 
     dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(dest), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
+    model.save_pretrained(
+        str(dest),
+        selected_adapters=[ADAPTER_NAME],
+        safe_serialization=True,
+        **({} if state_dict is None else {"state_dict": state_dict}),
+    )
     for path in dest.iterdir():
         if path.name not in ADAPTER_FILES:
             if path.is_dir():

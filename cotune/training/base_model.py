@@ -76,12 +76,18 @@ def _load_base(base_model: Path, config: TrainConfig, gpu: bool) -> Any:
         # suite cannot run this path.
         from transformers import BitsAndBytesConfig
 
+        from cotune.training.fsdp import distributed
+
+        sharded = distributed()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # FSDP shards only floating-point storage (training/fsdp.py; not run).
+            **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if not sharded:  # under FSDP, accelerate places the shards
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(str(base_model), **kwargs)
     if config.qlora:
         from peft import prepare_model_for_kbit_training
@@ -111,10 +117,11 @@ def _free_memory(gpu: bool) -> None:
         import torch
 
         torch.cuda.empty_cache()
-    _trim_heap()
+    trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     import contextlib
     import ctypes
     import sys

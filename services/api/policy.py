@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -180,7 +181,30 @@ def check_job_for_http(
 
     job = parse_job(spec)
     check_data_fields(job, records)
+    check_gpu_fit(job, settings)
     return job
+
+
+def check_gpu_fit(job: JobSpec, settings: Settings) -> None:
+    """With ``gpu_memory_gib`` set, refuse a model that does not fit the workers' GPUs
+    (``cotune.fit``), for the models prepared in this machine's cache."""
+    if settings.gpu_memory_gib is None or settings.gpus == 0:
+        return
+    from cotune.fit import DeviceBudget, check_job_fits
+    from cotune.models import is_model_folder, models_dir
+
+    budget = DeviceBudget(
+        gpus=settings.gpus or 1,
+        memory_gib=settings.gpu_memory_gib,
+        share=settings.gpu_memory_share,
+        train_gpus=settings.train_gpus,
+    )
+
+    def folder(_alias: str, ref: Any) -> Path | None:
+        found = models_dir() / ref.name if ref.name else None
+        return found if found is not None and is_model_folder(found) else None
+
+    check_job_fits(job, budget, folder)
 
 
 def check_search_url(url: Any, settings: Settings, param: str) -> str:

@@ -150,3 +150,39 @@ def test_remove_is_refused_while_a_job_names_the_model(
     assert again.status_code == 422
     assert again.json()["error"]["param"] == "system.models.tiny.name"
     assert "chat-ready" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+
+
+def test_a_model_too_large_for_the_workers_gpus_answers_422_with_the_numbers(
+    app: Any, client: TestClient, models: ModelStore, files: dict[str, str]
+) -> None:
+    from pathlib import Path
+
+    from cotune.models import MANIFEST, models_dir
+
+    configs = Path(__file__).resolve().parents[1] / "data" / "model-configs"
+    folder = models_dir() / "chat-huge"  # a prepared folder: its config.json is what counts
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_bytes((configs / "llama2-70b.json").read_bytes())
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / MANIFEST).write_text(json.dumps({"options": {"tensor_parallel": 4}}))
+    models.add("chat-huge", "path", "/srv/models/huge", ModelOptions())
+    models.set_status("chat-huge", ModelStatus.ready)
+    state = app.state.cotune
+    settings = state.settings
+    try:
+        state.settings = settings.model_copy(update={"gpus": 4, "gpu_memory_gib": 16.0})
+        response = client.post("/v1/jobs", json=spec(files, "chat-huge"))
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "system.models.tiny"
+        assert "does not fit the worker's GPUs" in error["message"]
+        assert "54.4 GiB = 4 GPU(s) x 16.0 GiB x share 0.85" in error["message"]
+        # Eight such GPUs: served over four (its tensor_parallel), trained over all (FSDP).
+        state.settings = settings.model_copy(
+            update={"gpus": 8, "train_gpus": 8, "gpu_memory_gib": 80.0}
+        )
+        response = client.post("/v1/jobs", json=spec(files, "chat-huge"))
+        assert response.status_code == 200, response.text
+    finally:
+        state.settings = settings

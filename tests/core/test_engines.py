@@ -25,7 +25,7 @@ from doubles import SERVER_START_SECONDS
 from cotune.engines.base import GenerationRequest, InferenceEngine
 from cotune.engines.openai import OpenAIEngine
 from cotune.engines.transformers import TransformersEngine
-from cotune.engines.vllm import model_context_length
+from cotune.engines.vllm import model_context_length, on_gpu
 from cotune.errors import EngineError
 from cotune.tiny import ANSWER_PROMPT, QUERY_PROMPT, make_world
 
@@ -246,6 +246,93 @@ def test_transformers_reloads_an_adapter_retrained_in_place(
     assert second != first
     assert hf_engine.stats.adapters_loaded.count(str(folder.resolve())) == 2
     assert len([k for k in hf_engine._adapters if k[0] == str(folder.resolve())]) == 1
+
+
+# -- stepping aside for a trainer (DESIGN.md §7) --------------------------------------------
+
+
+def test_vllm_cpu_engine_released_and_reacquired_serves_the_same(
+    tiny_model_dir: Path, adapter_dir: Path, vllm_engine: Any
+) -> None:
+    """With ``release_on_cpu`` the engine is shut down and started again: the same greedy
+    outputs, base and adapter, and the adapter still counted as loaded once. The process's
+    other engine keeps working meanwhile (vLLM's own shutdown tears down state they share)."""
+    from cotune.engines.vllm import VLLMEngine, VLLMSettings
+
+    engine = VLLMEngine(tiny_model_dir, VLLMSettings(max_lora_rank=16, release_on_cpu=True))
+    try:
+        requests = greedy(tiny_prompts())
+        base = [r.text for r in engine.generate(requests)]
+        tuned = [r.text for r in engine.generate(requests, adapter=str(adapter_dir))]
+        assert tuned != base
+
+        other = [r.text for r in vllm_engine.generate(requests)]
+        engine.release()
+        engine.release()  # idempotent
+        assert engine.released and engine.llm is None
+        assert [r.text for r in vllm_engine.generate(requests)] == other
+        engine.reacquire()
+        engine.reacquire()  # idempotent
+        assert not engine.released and engine.llm is not None
+
+        assert [r.text for r in engine.generate(requests)] == base
+        assert [r.text for r in engine.generate(requests, adapter=str(adapter_dir))] == tuned
+        assert engine.stats.adapters_loaded == [str(adapter_dir.resolve())]
+
+        engine.release()  # a released engine asked to generate comes back by itself
+        assert [r.text for r in engine.generate(requests, adapter=str(adapter_dir))] == tuned
+        assert not engine.released
+    finally:
+        engine.release()  # frees its memory for the rest of the session
+
+
+def test_vllm_cpu_engine_stays_loaded_by_default(vllm_engine: Any) -> None:
+    llm = vllm_engine.llm
+    try:
+        vllm_engine.release()
+        assert vllm_engine.released and vllm_engine.llm is llm
+    finally:
+        vllm_engine.reacquire()
+    assert not vllm_engine.released and vllm_engine.llm is llm
+
+
+def test_stepped_aside_releases_every_cached_engine_and_brings_them_back(
+    vllm_engine: Any,
+) -> None:
+    from cotune.engines import cached_engines, stepped_aside
+
+    assert vllm_engine in cached_engines()
+    with stepped_aside() as switch:
+        assert all(engine.released for engine in cached_engines())
+    assert not any(engine.released for engine in cached_engines())
+    assert switch.release_seconds >= 0 and switch.reacquire_seconds >= 0
+
+
+def test_transformers_engine_released_on_cpu_keeps_its_model(
+    hf_engine: TransformersEngine, adapter_dir: Path
+) -> None:
+    requests = greedy(tiny_prompts()[:2])
+    tuned = [r.text for r in hf_engine.generate(requests, adapter=str(adapter_dir))]
+    hf_engine.release()
+    assert hf_engine.released
+    assert [r.text for r in hf_engine.generate(requests, adapter=str(adapter_dir))] == tuned
+    assert not hf_engine.released
+
+
+def test_the_switch_benchmark_prints_its_table(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import engine_switch
+    finally:
+        sys.path.pop(0)
+    assert engine_switch.main(["--model", str(tiny_model_dir), "--cycles", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    modes = {row.split("|")[1].strip(): row for row in rows[2:]}
+    released = "sleep" if on_gpu() else "release"
+    assert set(modes) == ({"sleep"} if on_gpu() else {"stay", "release"})
+    assert float(modes[released].strip("|").split("|")[-1]) > 0  # memory given back
 
 
 # -- OpenAI-compatible, against a real vLLM server --------------------------------------------

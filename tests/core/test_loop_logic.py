@@ -44,6 +44,7 @@ from cotune.records import (
     StageOut,
     SynthesizeOut,
     TestOut,
+    TrainOut,
     VerifyOut,
 )
 from cotune.runner import JobContext, StagePause, stored_output
@@ -575,6 +576,31 @@ def test_a_component_without_samples_is_not_trained(
     assert not by_name["query"].trained and by_name["query"].skipped_reason == "no samples"
     assert by_name["query"].adapter is None and by_name["query"].samples == 0
     assert by_name["answer"].trained and by_name["answer"].adapter is not None
+
+
+def test_the_cached_engines_step_aside_while_the_trainer_runs(
+    example_dir: Path, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cotune.engines
+
+    # Stands for the process's cached engine of the base model (a real one: test_engines.py).
+    cached = ScriptedEngine()
+    monkeypatch.setitem(cotune.engines._ENGINES, ("vllm", "cached-base"), cached)
+    released_while_training: list[bool] = []
+
+    class WatchingTrainer(FakeTrainer):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            released_while_training.append(cached.released)
+            return super().__call__(*args, **kwargs)
+
+    run = harness(make_job(example_dir), judge=ScriptedJudge(fix_query), trainer=WatchingTrainer())
+    run.run()
+
+    assert released_while_training and all(released_while_training)
+    assert not cached.released  # back before the epoch's evaluation
+    trained = run.output(1, Stage.train, TrainOut)
+    assert trained.release_seconds >= 0 and trained.reacquire_seconds >= 0
+    assert any(m.startswith("epoch 1: engines stepped aside in") for m in run.messages())
 
 
 def test_no_epoch_kept_means_the_base_system(

@@ -223,6 +223,25 @@ def test_same_seed_same_rows_same_weights(
         torch.testing.assert_close(second[name], first[name], atol=ATOL, rtol=0)
 
 
+def test_the_fsdp_rank_entry_point_trains_from_its_request(
+    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """What a CPU can run of the FSDP path (training/fsdp.py, never run on several GPUs): the
+    request file and one rank's ``main`` without the launcher give train_adapter's adapter."""
+    import torch
+
+    from cotune.training.fsdp import main, read_result, write_request
+
+    out = tmp_path / "adapter"
+    request = write_request(tmp_path, tiny_model_dir, ROWS, [], CONFIG, out, seed=0)
+    main(str(request))
+    result = read_result(tmp_path)
+    assert result.adapter_dir == out and result.sft_steps == sft_adapter.sft_steps
+    first, second = adapter_weights(sft_adapter.adapter_dir), adapter_weights(out)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("batch_size", "longest", "sequences", "expected"),
     [

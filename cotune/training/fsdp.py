@@ -1,0 +1,134 @@
+"""One adapter trained over several GPUs with accelerate FSDP.
+
+NOT RUN: only one GPU has ever been available to this project (README "GPU"). Written from
+accelerate's and transformers' documented FSDP path; treat it as a starting point.
+
+``train_adapter_fsdp`` takes what ``train_adapter`` takes, writes it to a request file and runs
+``accelerate launch --use_fsdp`` with one process per GPU, each running :func:`main`, i.e.
+``train_adapter`` itself: the transformers ``Trainer`` picks accelerate's FSDP plugin up from the
+launcher's environment and shards the base model, the LoRA parameters and the optimizer state
+(``use_orig_params`` for peft). The adapter's state dict is gathered in full before rank 0
+writes it (``adapter._export_adapter``); rank 0 also writes the result file read back here.
+QLoRA under FSDP stores its 4-bit weights as bf16 (``bnb_4bit_quant_storage``) so FSDP can
+shard them (``base_model._load_base``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cotune.errors import CotuneError
+from cotune.spec.job import TrainConfig
+from cotune.training.rows import DPOPair, Progress, SFTRow, TrainResult
+
+RESULT_FILE = "result.json"
+
+
+def distributed() -> bool:
+    """Whether this process is one rank of a launched multi-process run."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launch_command(gpus: int, request: Path) -> list[str]:
+    """``accelerate launch`` with FSDP over ``gpus`` processes running :func:`main`."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(gpus),
+        "--mixed_precision", "bf16",
+        "--use_fsdp",
+        "--fsdp_version", "1",
+        "--fsdp_sharding_strategy", "FULL_SHARD",
+        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type", "FULL_STATE_DICT",
+        "--fsdp_use_orig_params", "true",
+        "-m", "cotune.training.fsdp", str(request),
+    ]  # fmt: skip
+
+
+def train_adapter_fsdp(
+    base_model: Path,
+    sft_rows: list[SFTRow],
+    dpo_pairs: list[DPOPair],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    gpus: int = 2,
+) -> TrainResult:
+    """``train_adapter`` over ``gpus`` GPUs (see the module's docstring: not run)."""
+    say = progress or (lambda _message: None)
+    with tempfile.TemporaryDirectory(prefix="cotune-fsdp-") as scratch:
+        request = write_request(
+            Path(scratch), base_model, sft_rows, dpo_pairs, config, out_dir, seed=seed
+        )
+        say(f"training over {gpus} GPUs with accelerate FSDP")
+        done = subprocess.run(launch_command(gpus, request), check=False)
+        if done.returncode != 0:
+            raise CotuneError(f"FSDP training over {gpus} GPUs exited with {done.returncode}")
+        return read_result(Path(scratch))
+
+
+def write_request(
+    folder: Path,
+    base_model: Path,
+    sft_rows: list[SFTRow],
+    dpo_pairs: list[DPOPair],
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+) -> Path:
+    """The ranks' request file in ``folder``; :func:`main` reads it."""
+    request = folder / "request.json"
+    fields = {
+        "base_model": str(base_model),
+        "sft_rows": [dataclasses.asdict(r) for r in sft_rows],
+        "dpo_pairs": [dataclasses.asdict(p) for p in dpo_pairs],
+        "config": config.model_dump(mode="json"),
+        "out_dir": str(out_dir),
+        "seed": seed,
+    }
+    request.write_text(json.dumps(fields), encoding="utf-8")
+    return request
+
+
+def read_result(folder: Path) -> TrainResult:
+    """What rank 0 wrote beside the request."""
+    found = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    found["adapter_dir"] = Path(found["adapter_dir"])
+    return TrainResult(**found)
+
+
+def main(request_path: str) -> None:
+    """One rank: train from the request file; rank 0 writes the result beside it."""
+    from cotune.training.adapter import train_adapter
+
+    request: dict[str, Any] = json.loads(Path(request_path).read_text(encoding="utf-8"))
+    result = train_adapter(
+        Path(request["base_model"]),
+        [SFTRow(**row) for row in request["sft_rows"]],
+        [DPOPair(**pair) for pair in request["dpo_pairs"]],
+        TrainConfig.model_validate(request["config"]),
+        Path(request["out_dir"]),
+        seed=int(request["seed"]),
+    )
+    if is_main_rank():
+        found = dataclasses.asdict(result)
+        found["adapter_dir"] = str(result.adapter_dir)
+        (Path(request_path).parent / RESULT_FILE).write_text(json.dumps(found), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
