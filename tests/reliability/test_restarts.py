@@ -3,12 +3,12 @@ stopped with SIGTERM mid-stage, on second instances (``scripts/fleet.py``) so th
 services are untouched. Real workers and beat (Celery subprocesses, default lease and reaper
 settings), the real tiny model under vLLM, a one-epoch tiny-kb job.
 
-- Redis runs without persistence: its restart loses every message, the one the worker holds
-  and any queued; the reaper must send the job's next task again.
-- PostgreSQL is stopped as a crash would (``-m immediate``) while a stage runs: every
+- Redis runs without persistence: its restart (during the rollout) loses every message, the
+  one the worker holds and any queued; the reaper must send the job's next task again.
+- PostgreSQL is stopped as a crash would (``-m immediate``) while a later stage runs: every
   connection is cut; the worker's heartbeats fail until it is back.
-- SIGTERM is Celery's warm shutdown: the worker finishes the stage it holds, then exits 0;
-  a replacement takes the next stage.
+- SIGTERM is Celery's warm shutdown: the worker finishes the stage it holds (a later one
+  still), then exits 0; a replacement takes the next stage.
 - ``/readyz`` answers 503 naming the dependency while it is down, 200 once all are back.
 
 The job must succeed with every stage done and no event written twice.
@@ -70,12 +70,27 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = JOB_TIMEOUT
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
-def running_stage(store: JobStore, job_id: str, stage: str, fleet: Fleet) -> Any:
+# The stages of a one-epoch job, in order. Which of them take long enough to be hit depends on
+# the run (a stage with nothing to do takes milliseconds), so each fault is aimed at the first
+# stage that runs at or after its target.
+ORDER = ["baseline", "rollout", "credit", "verify", "synthesize", "train", "evaluate", "test"]
+
+
+def running_from(store: JobStore, job_id: str, first: str, fleet: Fleet) -> Any:
+    """A stage at or after ``first`` that a worker of the fleet holds now; fails at once if
+    the job ended first."""
+    later = ORDER[ORDER.index(first) :]
     for state in store.stage_states(job_id):
         held = holder_pid(state.lease_owner) in fleet.procs
-        if state.stage.value == stage and state.status == StageStatus.running and held:
+        if state.stage.value in later and state.status == StageStatus.running and held:
             return state
+    assert _ended(store, job_id) is None, f"the job ended before a stage from {first} ran"
     return None
+
+
+def after(state: Any) -> str:
+    """The stage after ``state``'s (the next fault's target)."""
+    return ORDER[min(ORDER.index(state.stage.value) + 1, len(ORDER) - 1)]
 
 
 def readyz(client: TestClient, expect: int) -> dict[str, str]:
@@ -129,27 +144,29 @@ def test_a_job_survives_redis_and_postgres_restarts_and_a_sigterm(
             job_id = store.create_job(job.system.name, local_spec(job))
             sender.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
 
-            # Redis dies while the rollout runs: the message the worker holds is gone.
-            wait_until("rollout runs", lambda: running_stage(store, job_id, "rollout", fleet))
+            # Redis dies while the rollout (or a later stage) runs: the messages are gone.
+            hit = wait_until("rollout runs", lambda: running_from(store, job_id, "rollout", fleet))
             redis.stop()
             assert readyz(client, 503)["broker"].startswith("unreachable")
             time.sleep(2)
             redis.start()
 
             # PostgreSQL dies while a later stage runs: every connection is cut.
-            wait_until("verify runs", lambda: running_stage(store, job_id, "verify", fleet))
+            target = after(hit)
+            hit = wait_until(f"{target} runs", lambda: running_from(store, job_id, target, fleet))
             postgres.stop()
             assert readyz(client, 503)["database"].startswith("unreachable")
             time.sleep(2)
             postgres.start()
 
-            # SIGTERM while training: the worker finishes the stage, then exits 0.
-            train = wait_until("train runs", lambda: running_stage(store, job_id, "train", fleet))
-            pid = holder_pid(train.lease_owner)
+            # SIGTERM while a later stage runs: the worker finishes it, then exits 0.
+            target = after(hit)
+            held = wait_until(f"{target} runs", lambda: running_from(store, job_id, target, fleet))
+            pid = holder_pid(held.lease_owner)
             assert pid is not None
             fleet.worker()  # the replacement, for the stages after it
             assert fleet.terminate(pid, timeout=600) == 0
-            done = store.stage(job_id, train.epoch, train.stage)
+            done = store.stage(job_id, held.epoch, held.stage)
             assert done is not None and done.status == StageStatus.done, done
             assert done.attempts == 1, "a warm shutdown does not lose the stage it holds"
 
