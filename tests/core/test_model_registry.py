@@ -113,6 +113,27 @@ def test_add_a_gguf_and_run_it(
     )
 
 
+def test_a_gguf_without_a_chat_template_needs_one_given(
+    server: JobStore, tiny_model_dir: Path, example: Path, tmp_path: Path
+) -> None:
+    """A GGUF without a template got ChatML silently, and a model trained on another turn
+    format (Gemma 3) then answered its own template's tokens: now it is refused until the
+    admin gives one."""
+    gguf = write_llama_gguf(tiny_model_dir, tmp_path / "bare.gguf", chat_template=False)
+    store = ModelStore(server)
+    with pytest.raises(SpecError) as refused:
+        add_model(store, "bare", "gguf", str(gguf), ModelOptions(), progress=None)
+    assert refused.value.param == "chat_template" and "--chat-template" in str(refused.value)
+    failed = store.get("bare")
+    assert failed is not None and failed.status == ModelStatus.failed
+    store.delete("bare")
+    template = (tiny_model_dir / "chat_template.jinja").read_text()
+    model = add_model(store, "bare", "gguf", str(gguf), ModelOptions(chat_template=template),
+                      progress=None)  # fmt: skip
+    assert model.status == ModelStatus.ready
+    assert answers(example, {"name": "bare"}) == answers(example, {"path": str(tiny_model_dir)})
+
+
 def test_add_from_a_hub_cache_offline_pins_the_revision(
     server: JobStore, tiny_model_dir: Path, example: Path, tmp_path: Path
 ) -> None:
