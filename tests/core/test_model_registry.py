@@ -243,3 +243,44 @@ def test_cli_refusals_name_the_problem(
 ) -> None:
     assert cli(*argv) == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_job_trains_on_a_hub_and_a_gguf_registered_model(
+    server: JobStore, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Each kind of registration used by a job: the query writer on a hub-cache model, the
+    answer writer (and the judge) on a GGUF one, run by ``cotune run``'s code on the
+    transformers engine (the vLLM path of registered models: ``tests/core/test_two_bases.py``)."""
+    from cotune.embedded import run_embedded
+    from cotune.spec.job import load_job
+
+    hub = tmp_path / "hub"
+    write_hub_cache(tiny_model_dir, hub, "acme/tiny-chat", COMMIT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    done = subprocess.run(
+        [sys.executable, "-m", "cotune.cli", "models", "add", "hubby", "--hf", "acme/tiny-chat"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    gguf = write_llama_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    add_model(ModelStore(server), "tiny-gguf", "gguf", str(gguf), ModelOptions(), progress=None)
+
+    folder = write_tiny_example(tmp_path / "job", splits=(12, 6, 6))
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system["models"] = {"q": {"name": "hubby"}, "a": {"name": "tiny-gguf"}}
+    system["components"][0]["model"], system["components"][2]["model"] = "q", "a"
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    (folder / "job.yaml").write_text(
+        "system: system.yaml\n"
+        "data: {train: train.jsonl, val: val.jsonl, test: test.jsonl}\n"
+        "engine: transformers\n"
+        "judge: {model: a, max_tokens: 128}\n"
+        "loop: {epochs: 1, rollout_batch: 12, samples_per_component: 8, judge_samples: 1}\n"
+        "train: {epochs: 1, batch_size: 4, lora_r: 4, lora_alpha: 8}\n"
+    )
+    report = run_embedded(load_job(folder / "job.yaml"), tmp_path / "run", progress=False)
+    assert report.epochs, report
+    for component, name in (("query", "hubby"), ("answer", "tiny-gguf")):
+        adapter = Path(report.adapters[component])
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == name, config
