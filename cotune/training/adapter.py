@@ -19,7 +19,7 @@ from cotune.training.base_model import (
     _lora_config,
     _quiet,
 )
-from cotune.training.fsdp import distributed, is_main_rank
+from cotune.training.ranks import distributed, is_main_rank
 from cotune.training.rows import (
     ADAPTER_FILES,
     ADAPTER_NAME,

@@ -76,7 +76,7 @@ def _load_base(base_model: Path, config: TrainConfig, gpu: bool) -> Any:
         # suite cannot run this path.
         from transformers import BitsAndBytesConfig
 
-        from cotune.training.fsdp import distributed
+        from cotune.training.ranks import distributed
 
         sharded = distributed()
         kwargs["quantization_config"] = BitsAndBytesConfig(

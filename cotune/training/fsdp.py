@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,10 @@ from typing import Any
 
 from cotune.errors import CotuneError
 from cotune.spec.job import TrainConfig
+from cotune.training.ranks import is_main_rank
 from cotune.training.rows import DPOPair, Progress, SFTRow, TrainResult
 
 RESULT_FILE = "result.json"
-
-
-def distributed() -> bool:
-    """Whether this process is one rank of a launched multi-process run."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launch_command(gpus: int, request: Path) -> list[str]:
