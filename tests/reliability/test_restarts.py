@@ -3,12 +3,12 @@ stopped with SIGTERM mid-stage, on second instances (``scripts/fleet.py``) so th
 services are untouched. Real workers and beat (Celery subprocesses, default lease and reaper
 settings), the real tiny model under vLLM, a one-epoch tiny-kb job.
 
-- Redis runs without persistence: its restart (during the rollout) loses every message, the
-  one the worker holds and any queued; the reaper must send the job's next task again.
+- SIGTERM (during the rollout, the first long stage) is Celery's warm shutdown: the worker
+  finishes the stage it holds, then exits 0; a replacement takes the next stage.
 - PostgreSQL is stopped as a crash would (``-m immediate``) while a later stage runs: every
   connection is cut; the worker's heartbeats fail until it is back.
-- SIGTERM is Celery's warm shutdown: the worker finishes the stage it holds (a later one
-  still), then exits 0; a replacement takes the next stage.
+- Redis runs without persistence: its restart right after (the job unfinished) loses every
+  message, the one a worker holds and any queued; the reaper must send the next task again.
 - ``/readyz`` answers 503 naming the dependency while it is down, 200 once all are back.
 
 The job must succeed with every stage done and no event written twice.
@@ -144,31 +144,32 @@ def test_a_job_survives_redis_and_postgres_restarts_and_a_sigterm(
             job_id = store.create_job(job.system.name, local_spec(job))
             sender.send_task(ADVANCE_JOB, args=[job_id], queue=GPU_QUEUE)
 
-            # Redis dies while the rollout (or a later stage) runs: the messages are gone.
-            hit = wait_until("rollout runs", lambda: running_from(store, job_id, "rollout", fleet))
-            redis.stop()
-            assert readyz(client, 503)["broker"].startswith("unreachable")
-            time.sleep(2)
-            redis.start()
+            # SIGTERM while the rollout (or a later stage) runs: the worker finishes the
+            # stage it holds, then exits 0; a replacement takes the stages after it.
+            held = wait_until("rollout runs", lambda: running_from(store, job_id, "rollout", fleet))
+            pid = holder_pid(held.lease_owner)
+            assert pid is not None
+            fleet.worker()
+            assert fleet.terminate(pid, timeout=600) == 0
+            done = store.stage(job_id, held.epoch, held.stage)
+            assert done is not None and done.status == StageStatus.done, done
+            assert done.attempts == 1, "a warm shutdown does not lose the stage it holds"
 
             # PostgreSQL dies while a later stage runs: every connection is cut.
-            target = after(hit)
-            hit = wait_until(f"{target} runs", lambda: running_from(store, job_id, target, fleet))
+            target = after(done)
+            wait_until(f"{target} runs", lambda: running_from(store, job_id, target, fleet))
             postgres.stop()
             assert readyz(client, 503)["database"].startswith("unreachable")
             time.sleep(2)
             postgres.start()
 
-            # SIGTERM while a later stage runs: the worker finishes it, then exits 0.
-            target = after(hit)
-            held = wait_until(f"{target} runs", lambda: running_from(store, job_id, target, fleet))
-            pid = holder_pid(held.lease_owner)
-            assert pid is not None
-            fleet.worker()  # the replacement, for the stages after it
-            assert fleet.terminate(pid, timeout=600) == 0
-            done = store.stage(job_id, held.epoch, held.stage)
-            assert done is not None and done.status == StageStatus.done, done
-            assert done.attempts == 1, "a warm shutdown does not lose the stage it holds"
+            # Redis dies right after, the job unfinished: every message is gone (the one a
+            # worker holds, any queued); the reaper sends the job's next task again.
+            assert _ended(store, job_id) is None, "the job ended before Redis could die"
+            redis.stop()
+            assert readyz(client, 503)["broker"].startswith("unreachable")
+            time.sleep(2)
+            redis.start()
 
             record = wait_until("the job ends", lambda: _ended(store, job_id))
             assert record.status.value == "succeeded", record.error
