@@ -68,19 +68,21 @@ def stores(root: Path) -> tuple[Lifecycle, Settings]:
 
 
 _ID = re.compile(r"(job|ftevent|file)-[A-Za-z0-9]+")
+_DURATION = re.compile(r"\d+\.\d+ s\b")  # "engines stepped aside in 0.0 s": a duration
+_MASKED = ("seconds", "created_at", "adapters", "adapter")
 
 
 def _mask(value: Any) -> Any:
     """Ids, times, durations and where adapters were written taken out of a record."""
     if isinstance(value, dict):
         return {
-            k: "<masked>" if k in ("seconds", "created_at", "adapters", "adapter") else _mask(v)
+            k: "<masked>" if k in _MASKED or k.endswith("_seconds") else _mask(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
         return [_mask(v) for v in value]
     if isinstance(value, str):
-        return _ID.sub(r"\1-<id>", value)
+        return _DURATION.sub("<t> s", _ID.sub(r"\1-<id>", value))
     return value
 
 
