@@ -31,20 +31,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from cotune.errors import CotuneError
-from cotune.store.base import make_engine
-from cotune.store.jobs import JobStore
+from cotune.store.base import SideStore
 from cotune.store.models import ApiKey, FileRow, Job, Tenant, matchable, utcnow
 
 TENANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -140,22 +136,8 @@ def _parse_key(plaintext: str) -> tuple[str, str] | None:
     return f"key-{hex_id}", secret
 
 
-class AccountStore:
+class AccountStore(SideStore):
     """Tenants, keys and files over the job store's database (SQLite or PostgreSQL)."""
-
-    def __init__(self, db: str | Engine | JobStore) -> None:
-        if isinstance(db, JobStore):
-            self.engine = db.engine
-        elif isinstance(db, str):
-            self.engine = make_engine(db)
-        else:
-            self.engine = db
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
 
     # ----------------------------------------------------------------------- tenants
 

@@ -76,7 +76,33 @@ def to_datetime(ts: float | None) -> datetime:
     return utcnow() if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
-class StoreBase:
+class Sessions:
+    """Transactions over an engine: what every store over the database shares."""
+
+    engine: Engine
+
+    def _bind(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+
+class SideStore(Sessions):
+    """A store beside the job store, over its database (accounts, registered models): given
+    the database's URL, an engine, or a store whose engine it shares."""
+
+    def __init__(self, db: str | Engine | Sessions) -> None:
+        if isinstance(db, Sessions):
+            self._bind(db.engine)
+        else:
+            self._bind(make_engine(db) if isinstance(db, str) else db)
+
+
+class StoreBase(Sessions):
     """The engine and sessions the store's parts share.
 
     ``auto_migrate=True`` brings the schema to the latest revision first (the embedded mode);
@@ -85,9 +111,8 @@ class StoreBase:
 
     def __init__(self, url: str, *, auto_migrate: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self._bind(make_engine(url))
         self.dialect = self.engine.dialect.name
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if auto_migrate:
             from cotune.store import migrate
 
@@ -101,11 +126,6 @@ class StoreBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
 
     def _insert(self, model: Any) -> Any:
         """A dialect insert, for ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""

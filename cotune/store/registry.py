@@ -12,17 +12,14 @@ in between still fails cleanly later (its worker no longer finds the model).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from cotune.errors import CotuneError
 from cotune.model_records import ModelOptions, ModelStatus, RegisteredModel, SourceKind
-from cotune.store.jobs import JobStore
+from cotune.store.base import SideStore
 from cotune.store.models import Job, ModelRow, matchable, utcnow
 from cotune.store.status import TERMINAL
 
@@ -44,22 +41,8 @@ def spec_names_model(spec: dict[str, Any], name: str) -> bool:
     return isinstance(judge, dict) and judge.get("model") == name
 
 
-class ModelStore:
+class ModelStore(SideStore):
     """Registered models over the job store's database (SQLite or PostgreSQL)."""
-
-    def __init__(self, db: str | Engine | JobStore) -> None:
-        if isinstance(db, JobStore):
-            self.engine = db.engine
-        elif isinstance(db, str):
-            self.engine = JobStore(db).engine
-        else:
-            self.engine = db
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
 
     def add(
         self, name: str, kind: SourceKind, source: str, options: ModelOptions
