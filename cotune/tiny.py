@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,24 @@ def write_tiny_example(
         system["models"] = {"tiny": {"path": str(model_path)}}
     (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
     return folder
+
+
+# The example's files and the upload purpose of each, as the tests and scripts send them.
+TINY_UPLOADS: tuple[tuple[str, str], ...] = (
+    ("train", "data"),
+    ("val", "data"),
+    ("test", "data"),
+    ("corpus", "corpus"),
+)
+
+
+def upload_tiny_example(folder: Path, upload: Callable[[str, bytes, str], str]) -> dict[str, str]:
+    """Upload a written example's files with ``upload(filename, content, purpose) -> file
+    id``; returns name (train, val, test, corpus) -> file id."""
+    return {
+        name: upload(f"{name}.jsonl", (folder / f"{name}.jsonl").read_bytes(), purpose)
+        for name, purpose in TINY_UPLOADS
+    }
 
 
 def split_examples(

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cotune.models import prepare_model
     from cotune.store.accounts import AccountStore
-    from cotune.tiny import write_tiny_example
+    from cotune.tiny import TINY_SYSTEM, upload_tiny_example, write_tiny_example
 
     folder = Path(tempfile.mkdtemp(prefix="cotune-load-"))
     prepare_model("tiny", progress=print)
@@ -108,20 +108,15 @@ def run(args: argparse.Namespace) -> int:
         fleet.worker()
         wait_for_port(port)
         owner = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys[0]}"})
-        ids = {}
-        for name, purpose in [
-            ("train", "data"),
-            ("val", "data"),
-            ("test", "data"),
-            ("corpus", "corpus"),
-        ]:
-            content = (example / f"{name}.jsonl").read_bytes()
+
+        def upload(name: str, content: bytes, purpose: str) -> str:
             answer = owner.post(
-                "/v1/files", files={"file": (f"{name}.jsonl", content)}, data={"purpose": purpose}
+                "/v1/files", files={"file": (name, content)}, data={"purpose": purpose}
             )
             answer.raise_for_status()
-            ids[name] = answer.json()["id"]
-        from cotune.tiny import TINY_SYSTEM
+            return str(answer.json()["id"])
+
+        ids = upload_tiny_example(example, upload)
 
         system = {**TINY_SYSTEM, "components": [dict(c) for c in TINY_SYSTEM["components"]]}
         system["components"][1]["args"] = {

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from cotune.settings import Settings
 from cotune.store import JobStatus, JobStore
 from cotune.store.accounts import AccountStore
-from cotune.tiny import write_tiny_example
+from cotune.tiny import upload_tiny_example, write_tiny_example
 from services.api.app import create_app
 
 TENANTS = ("acme", "globex")
@@ -56,23 +56,14 @@ class LiveApi:
 
 
 def _upload(client: TestClient, headers: dict[str, str], folder: Path) -> dict[str, str]:
-    ids = {}
-    for name, purpose in [
-        ("train", "data"),
-        ("val", "data"),
-        ("test", "data"),
-        ("corpus", "corpus"),
-    ]:
-        content = (folder / f"{name}.jsonl").read_bytes()
+    def upload(name: str, content: bytes, purpose: str) -> str:
         response = client.post(
-            "/v1/files",
-            headers=headers,
-            files={"file": (f"{name}.jsonl", content)},
-            data={"purpose": purpose},
+            "/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": purpose}
         )
         assert response.status_code == 200, response.text
-        ids[name] = response.json()["id"]
-    return ids
+        return str(response.json()["id"])
+
+    return upload_tiny_example(folder, upload)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from cotune.records import (
 from cotune.settings import HostedJudge, Settings
 from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore
-from cotune.tiny import write_tiny_example
+from cotune.tiny import upload_tiny_example, write_tiny_example
 from services.api.app import create_app
 
 JUDGE_ENV = "COTUNE_TEST_HOSTED_JUDGE_KEY"
@@ -160,17 +160,13 @@ def api(settings: Settings) -> Iterator[Api]:
 def tiny_files(api: Api, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The tiny-kb task's splits and corpus, uploaded by tenant acme: name -> file id."""
     folder = write_tiny_example(tmp_path_factory.mktemp("tiny-kb"), splits=(12, 6, 6))
-    ids = {}
-    for name, purpose in [
-        ("train", "data"),
-        ("val", "data"),
-        ("test", "data"),
-        ("corpus", "corpus"),
-    ]:
-        response = api.upload(f"{name}.jsonl", (folder / f"{name}.jsonl").read_bytes(), purpose)
+
+    def upload(name: str, content: bytes, purpose: str) -> str:
+        response = api.upload(name, content, purpose)
         assert response.status_code == 200, response.text
-        ids[name] = response.json()["id"]
-    return ids
+        return str(response.json()["id"])
+
+    return upload_tiny_example(folder, upload)
 
 
 def submit(api: Api, spec: dict[str, Any], headers: Any = None, **kwargs: Any) -> dict[str, Any]:
