@@ -13,7 +13,10 @@
 3. Loop overhead: one epoch of ``cotune run`` on the same system (judge = the same model):
    the epoch's stage seconds minus the seconds spent inside engine calls and trainers, as a
    share; and how many times the job loaded a base model (vLLM engines, HF copies for training).
-4. Adapters (CPU): the rollout's prompts through raw ``vllm.LLM.chat`` with one LoRA adapter
+4. Judge (``speed_judge.py``): the credit stage's judge calls vs raw ``vllm.LLM.chat`` on the
+   same prompts, schemas and sampling, on the rollout's failed traces; and the judge's share
+   of the loop-overhead epoch (its credit stage). ``--no-judge`` skips it.
+5. Adapters (CPU): the rollout's prompts through raw ``vllm.LLM.chat`` with one LoRA adapter
    (rank 16, every linear layer, random weights), with vLLM's own PyTorch LoRA ops and with
    cotune's grouped ops (``cotune/engines/vllm_cpu_lora.py``), and how many greedy outputs the
    two give alike. ``--no-adapters`` skips it; on a GPU it is skipped (Triton kernels there).
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-training", action="store_true", help="skip the training part")
     parser.add_argument("--no-loop", action="store_true", help="skip the loop-overhead part")
     parser.add_argument("--no-adapters", action="store_true", help="skip the adapter part")
+    parser.add_argument("--no-judge", action="store_true", help="skip the judge part")
+    parser.add_argument("--judge-samples", type=int, default=3, help="judge part: K")
     args = parser.parse_args(argv)
 
     import torch
@@ -63,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     tables = [format_table(rows, system.name, len(examples), args.rounds)]
     print(tables[-1], flush=True)
+    if not args.no_judge:
+        from speed_judge import format_judge, judge_speed
+
+        from cotune.runtime import score_traces
+
+        score_traces(system, traces)
+        failed = [t for t in traces if not t.passed] or traces
+        result = judge_speed(system, failed, engine, samples=args.judge_samples, rounds=args.rounds)
+        tables.append(format_judge(result))
+        print("\n" + tables[-1], flush=True)
     if not args.no_adapters and not torch.cuda.is_available():
         tables.append(format_adapters(adapter_speed(engine, batches), system.name))
         print("\n" + tables[-1], flush=True)

@@ -259,6 +259,8 @@ def _system_models(system_path: Path) -> dict[str, Any]:
 def format_loop(result: dict[str, Any]) -> str:
     overhead = result["epoch_seconds"] - result["engine_seconds"] - result["trainer_seconds"]
     share = overhead / result["epoch_seconds"] if result["epoch_seconds"] else 0.0
+    judge = sum(r["seconds"] for r in result["rows"] if r["stage"] == "credit")
+    judge_share = judge / result["epoch_seconds"] if result["epoch_seconds"] else 0.0
     lines = [
         f"Loop overhead: one epoch of {result['system']} (judge = the same model), "
         f"{result['wall']:.1f} s for the whole job",
@@ -276,6 +278,8 @@ def format_loop(result: dict[str, Any]) -> str:
         f"| **epoch** (first claim to last finish) | {result['epoch_seconds']:.2f} | "
         f"{result['engine_seconds']:.2f} | {result['trainer_seconds']:.2f} | "
         f"{overhead:.2f} ({share:.1%}) |",
+        "",
+        f"The judge (the credit stage) took {judge:.2f} s, {judge_share:.1%} of the epoch.",
         "",
         f"Base-model loads: {result['engines_created']} vLLM engine(s) created by the job "
         f"({result['engines_in_process']} in the process, shared by rollouts, judge and "

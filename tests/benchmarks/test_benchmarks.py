@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 try:
     import data as bench_data
     import quality
+    import speed_judge
 finally:
     sys.path.pop(0)
 
@@ -280,3 +281,45 @@ def test_quality_benchmark_runs_on_the_tiny_model(
     stamp = (runs / "full" / "metrics.json").stat().st_mtime_ns
     assert quality.main(argv) == 0
     assert (runs / "full" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def _failed_tiny_trace(key: str) -> Any:
+    from cotune.runtime import Span, Trace
+
+    question, passages = f"what is the color of {key}?", [f"the color of {key} is teal."]
+    spans = [
+        Span(span_id="query", component="query", kind="llm", writes="query",
+             inputs={"question": question}, output=f"color of {key}"),
+        Span(span_id="search", component="search", kind="tool", writes="passages",
+             inputs={"query": f"color of {key}"}, output=passages),
+        Span(span_id="answer", component="answer", kind="llm", writes="answer",
+             inputs={"question": question, "passages": passages}, output="blue"),
+    ]  # fmt: skip
+    return Trace(
+        trace_id=key,
+        example_id=key,
+        inputs={"question": question},
+        expected=["teal"],
+        spans=spans,
+        output="blue",
+        score=0.0,
+        passed=False,
+    )
+
+
+def test_the_judge_speed_part_gives_raw_vllm_exactly_the_judges_requests() -> None:
+    """The raw side of ``speed_judge`` must time the same work: the same prompts, schemas,
+    temperatures, seeds and token limits as the credit stage's first pass."""
+    from doubles import ScriptedJudge, critique
+
+    from cotune.judge import judge_traces
+    from cotune.spec import parse_system
+    from cotune.tiny import TINY_SYSTEM
+
+    system = parse_system(TINY_SYSTEM)
+    traces = [_failed_tiny_trace("zorpa"), _failed_tiny_trace("kalo")]
+    judge = ScriptedJudge(lambda key, gold, index: [critique("answer", gold, "wrong colour")])
+    judge_traces(judge, system, traces, samples=3, temperature=0.7, max_tokens=200, seed=4)
+    raw = speed_judge.judge_requests(system, traces, 3, 0.7, 200, 4)
+    assert len(raw) == 6 and all(r.json_schema for r in raw)
+    assert raw == judge.requests  # every reply parsed, so no repair requests were added

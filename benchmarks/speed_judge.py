@@ -1,0 +1,150 @@
+"""Speed, part 5: the judge's cost (``benchmarks/speed.py`` runs it after the rollout part).
+
+The credit stage's judge calls (``cotune.judge.judge_traces``: K samples per failed trace
+under the verdict's JSON schema, then one batched repair call for the replies that did not
+parse) against raw ``vllm.LLM.chat`` on the *same* prompts, schemas and sampling (K seeded
+samples each), on the same engine, taking turns ``rounds`` times (medians). Two more raw rows
+say where the time goes: the same requests without the schema (what schema-constrained
+decoding costs), and the long tail (the slowest reply's length against the median: a batch
+lasts as long as its longest reply).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def judge_requests(system: Any, traces: list[Any], samples: int, temperature: float,
+                   max_tokens: int, seed: int) -> list[Any]:  # fmt: skip
+    """The first pass's requests exactly as ``judge_traces`` builds them (its own helpers)."""
+    from cotune.engines.base import GenerationRequest
+    from cotune.judge.prompt import judge_messages
+    from cotune.judge.schema import verdict_schema
+
+    requests = []
+    for trace in traces:
+        messages = judge_messages(system, trace, include_gold=True)
+        schema = verdict_schema(system, trace)
+        for i in range(samples):
+            requests.append(
+                GenerationRequest(
+                    messages=messages,
+                    max_tokens=max_tokens,
+                    temperature=0.0 if samples == 1 else temperature,
+                    seed=seed + i,
+                    json_schema=schema,
+                )
+            )
+    return requests
+
+
+def _raw(llm: Any, requests: list[Any], *, schema: bool) -> dict[str, Any]:
+    """The requests through ``llm.chat`` in one call, as a vLLM user would write it."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = [
+        SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            seed=r.seed if r.temperature > 0 else None,
+            structured_outputs=StructuredOutputsParams(json=r.json_schema) if schema else None,
+        )
+        for r in requests
+    ]
+    started = time.perf_counter()
+    outputs = llm.chat([r.messages for r in requests], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    cut = sum(o.outputs[0].finish_reason == "length" for o in outputs)
+    return {"seconds": seconds, "tokens": sum(lengths), "lengths": lengths, "cut": cut}
+
+
+def _cotune(engine: Any, system: Any, traces: list[Any], samples: int, temperature: float,
+            max_tokens: int, seed: int) -> dict[str, Any]:  # fmt: skip
+    from cotune.judge import judge_traces
+
+    before = engine.stats.completion_tokens
+    started = time.perf_counter()
+    outcomes = judge_traces(engine, system, traces, samples=samples, temperature=temperature,
+                            max_tokens=max_tokens, seed=seed)  # fmt: skip
+    seconds = time.perf_counter() - started
+    calls = sum(o.calls for o in outcomes)
+    return {
+        "seconds": seconds,
+        "tokens": engine.stats.completion_tokens - before,
+        "repairs": calls - samples * len(traces),
+        "failures": sum(len(o.failures) for o in outcomes),
+    }
+
+
+def judge_speed(system: Any, traces: list[Any], engine: Any, *, samples: int = 3,
+                temperature: float = 0.7, max_tokens: int = 384, seed: int = 1,
+                rounds: int = 3) -> dict[str, Any]:  # fmt: skip
+    """Medians of ``rounds`` alternating runs of cotune's judge and raw vLLM (with and
+    without the schema) on ``traces`` (scored: the judge prompt shows the score)."""
+    requests = judge_requests(system, traces, samples, temperature, max_tokens, seed)
+    _raw(engine.llm, requests[:2], schema=True)  # warm-up: grammar compilation paths
+    runs: dict[str, list[dict[str, Any]]] = {"cotune": [], "raw": [], "raw-no-schema": []}
+    for _ in range(max(rounds, 1)):
+        runs["cotune"].append(
+            _cotune(engine, system, traces, samples, temperature, max_tokens, seed)
+        )
+        runs["raw"].append(_raw(engine.llm, requests, schema=True))
+        runs["raw-no-schema"].append(_raw(engine.llm, requests, schema=False))
+
+    def median(name: str) -> dict[str, Any]:
+        ordered = sorted(runs[name], key=lambda r: r["seconds"])
+        return ordered[len(ordered) // 2]
+
+    return {
+        "system": system.name,
+        "traces": len(traces),
+        "samples": samples,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "cotune": median("cotune"),
+        "raw": median("raw"),
+        "raw_no_schema": median("raw-no-schema"),
+    }
+
+
+def format_judge(result: dict[str, Any]) -> str:
+    raw = result["raw"]
+    raw_rate = raw["tokens"] / raw["seconds"]
+    lengths = raw["lengths"]
+    rows = [
+        ("cotune judge_traces (schema, K seeded samples, repair pass)", result["cotune"]),
+        ("raw vllm.LLM.chat, same prompts, schemas and sampling", raw),
+        ("raw vllm.LLM.chat, same prompts and sampling, no schema", result["raw_no_schema"]),
+    ]
+    lines = [
+        f"Judge speed, {result['system']}: {result['traces']} traces x K={result['samples']} "
+        f"samples, max_tokens {result['max_tokens']}, cotune and raw vLLM taking turns (median "
+        f"of {result['rounds']} runs each) on one engine; {datetime.date.today()}, "
+        f"{platform.machine()} {os.cpu_count()} cores, python {sys.version.split()[0]}",
+        "",
+        "| judge | seconds | completion tokens | tokens/s | vs raw (same schema) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows:
+        rate = r["tokens"] / r["seconds"]
+        lines.append(
+            f"| {name} | {r['seconds']:.2f} | {r['tokens']} | {rate:.1f} | {rate / raw_rate:.2f}x |"
+        )
+    cotune = result["cotune"]
+    lines += [
+        "",
+        f"- cotune's repair pass: {cotune['repairs']} repair request(s); "
+        f"{cotune['failures']} sample(s) still failed",
+        f"- the long tail (raw, with schema): replies of {min(lengths)}-{max(lengths)} tokens, "
+        f"median {statistics.median(lengths):.0f}; {raw['cut']} of {len(lengths)} cut at "
+        "max_tokens",
+    ]
+    return "\n".join(lines)
