@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Self, cast
 
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
@@ -44,6 +45,10 @@ def make_engine(url: str) -> Engine:
             # One shared connection, or each checkout would see its own empty database.
             # Fine for a single thread (tests); use a file for anything concurrent.
             kwargs["poolclass"] = StaticPool
+        elif u.database is not None and not u.database.startswith("file:"):
+            # A first command on a new machine (``cotune models list``, ``cotune keys``) finds
+            # no folder under COTUNE_HOME yet: SQLite makes the file, not its folder.
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, hide_parameters=True, **kwargs)
 
         @event.listens_for(engine, "connect")

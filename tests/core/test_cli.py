@@ -144,3 +144,23 @@ def test_keys_create_list_revoke(
         assert main(["keys", "revoke", created["key_id"]]) == 1
     finally:
         get_settings.cache_clear()
+
+
+def test_models_list_on_a_new_machine_makes_the_default_database_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first command on a machine where COTUNE_HOME holds nothing yet: the default SQLite
+    store's folder is made, not reported as 'unable to open database file'."""
+    from cotune.settings import get_settings
+
+    home = tmp_path / "new-home"
+    monkeypatch.setenv("COTUNE_HOME", str(home))
+    monkeypatch.delenv("COTUNE_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert main(["models", "list"]) == 0
+    finally:
+        get_settings.cache_clear()
+    names = [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()]
+    assert "tiny" in names and "smollm2-135m" in names
+    assert (home / "service" / "cotune.db").is_file()
