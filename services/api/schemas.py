@@ -49,7 +49,7 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["data", "fine-tune", "corpus"]
+    purpose: Literal["data", "fine-tune", "feedback", "corpus"]
     status: Literal["processed"] = "processed"
     status_details: str | None = None
     sha256: str
