@@ -218,6 +218,11 @@ class TraceObject(BaseModel):
     score_reason: str | None = Field(
         None, description="metric judge: the judge's reason (or why its replies were unusable)"
     )
+    feedback: dict[str, Any] | None = Field(
+        None,
+        description="a rated run of data.feedback (a fixed trace): {rating, comment, "
+        "corrected_output}; its output is the rated one, its score the rating",
+    )
 
 
 class QuoteObject(BaseModel):
