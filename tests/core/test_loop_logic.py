@@ -1137,3 +1137,48 @@ def test_a_feedback_row_may_not_take_a_val_examples_id(
         run.run()
     assert info.value.param == "line 2.id" and "val or test" in info.value.message
     assert run.judge is not None and run.judge.requests == [] and run.engine.calls == []
+
+
+def test_a_feedback_job_run_one_stage_per_call_judges_no_output_twice(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """The originals of rated runs, judged in verify, are stored with the stage: a worker
+    that runs one stage per task asks the judge what one uninterrupted run asks."""
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, _ = feedback_job(folder, judge=True)
+    job.loop.epochs = 2
+
+    def judged() -> Harness:
+        return harness(job, judge=ScriptedJudge(fix_query, score=right_colour))
+
+    whole = judged()
+    whole.run()
+    stepped = judged()
+    while True:
+        try:
+            run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert whole.judge is not None and stepped.judge is not None
+    assert whole.judge.score_requests
+    assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
+
+
+def test_quote_prices_rated_runs(tmp_path: Path, model_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, kinds = feedback_job(folder, judge=True)
+    rated = sum(len(k) for k in kinds.values())
+    quote = quote_job(job)
+    assert quote["examples"] == {"train": 0, "val": 12, "test": 12, "feedback": rated}
+    stages = quote["per_stage"]
+    # each rated run: reconstructed in rollout (two llm calls), judged once with a repair
+    # in credit, and its original scored in verify (K = 1 sample, repaired once)
+    assert stages["rollout"]["engine_requests"] == rated * 2
+    assert stages["rollout"]["judge_calls"] == 0
+    assert stages["credit"]["judge_calls"] == rated * 2
+    # verify: 4 candidates a run (2 trainable components x 2 re-samples) and the original,
+    # each scored with one sample and one repair
+    assert stages["verify"]["judge_calls"] == rated * (4 + 1) * 2
