@@ -9,7 +9,8 @@
 
 A job spec file is the same one ``cotune run`` takes. Over HTTP a spec names no server path
 (DESIGN.md §4), so ``submit`` rewrites the local files it names into file ids: each of
-``data.train|val|test`` is uploaded with purpose ``data``, each bm25 ``args.corpus`` with
+``data.train|val|test`` is uploaded with purpose ``data``, ``data.feedback`` with purpose
+``feedback``, each bm25 ``args.corpus`` with
 purpose ``corpus`` (a file named twice is uploaded once), and ``system: system.yaml`` is read
 and sent inline. Values that already are ``file-...`` ids are left alone. Models stay
 registry names; a model ``path`` is refused before anything is uploaded.
@@ -34,7 +35,7 @@ from typing import Any
 import httpx
 
 from cotune.errors import CotuneError
-from cotune.spec.refs import FileRef, file_refs, is_file_id, map_refs
+from cotune.spec.refs import DATA_PURPOSES, FileRef, file_refs, is_file_id, map_refs
 from cotune.store.status import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -100,7 +101,8 @@ class Client:
     # -- files ----------------------------------------------------------------------------
 
     def upload_file(self, path: str | Path, purpose: str) -> dict[str, Any]:
-        """Upload a data file (JSONL/CSV, purpose ``data``) or a corpus (``corpus``). The
+        """Upload a data file (JSONL/CSV, purpose ``data``), rated runs (JSONL, ``feedback``)
+        or a corpus (``corpus``). The
         server checks it at once; a bad line answers 422 naming the line and field."""
         path = Path(path)
         if not path.is_file():
@@ -149,8 +151,8 @@ class Client:
                 raise CotuneError(
                     f"{ref.param}: expected a local file or a file id, got {ref.value!r}"
                 )
-            # Data splits are relative to the job file, corpora to the system file.
-            folder = job_folder if ref.purpose in ("data", "fine-tune") else system_folder
+            # Data files are relative to the job file, corpora to the system file.
+            folder = job_folder if ref.purpose in DATA_PURPOSES else system_folder
             path = Path(ref.value).expanduser()
             path = (path if path.is_absolute() else folder / path).resolve()
             if not path.is_file():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cotune.data import Example
+from cotune.feedback import fixed_traces
 from cotune.records import (
     ComponentTraining,
     CreditOut,
@@ -126,21 +127,35 @@ def baseline(ctx: JobContext) -> EvalOut:
         from cotune.settings import get_settings
 
         check_models_prepared(ctx.job, ctx.settings or get_settings())
+    ctx.feedback()  # a bad feedback file fails the job before anything is spent
     result = evaluate_split(ctx, "val", {})
     ctx.event(f"base system scores {result.score:.3f} on val")
     return result
 
 
 def rollout(ctx: JobContext, epoch: int, current: dict[str, str]) -> RolloutOut:
-    """Run the system with the current adapters on this epoch's batch of train examples."""
+    """Run the system with the current adapters on this epoch's batch of train examples, then
+    add the epoch's fixed traces of rated runs (``data.feedback``): every rated-bad row each
+    epoch (credit assignment under the current adapters), the rated-good rows in epoch 1 only
+    (bootstrapping: their rows stay in the cumulative buffer). A fixed trace's output is the
+    rated one and its score the rating; rows without spans are run once to reconstruct them."""
     train = ctx.split("train")
     rng = random.Random(ctx.job.loop.seed * 1000 + epoch)
     batch = rng.sample(train, min(ctx.job.loop.rollout_batch, len(train)))
     runtime, scorer = ctx.runtime(current), ctx.scorer(capped=True)
     traces = _run_batched(ctx, runtime, batch, Stage.rollout, scorer)
-    score = mean_score(traces)
-    ctx.event(f"epoch {epoch}: rollout of {len(traces)} train examples scores {score:.3f}")
-    return RolloutOut(traces=traces, score=score, judge_calls=scorer.calls)
+    threshold = ctx.job.system.pass_threshold
+    rows = [r for r in ctx.feedback() if epoch == 1 or r.feedback.rating < threshold]
+    fixed = fixed_traces(rows, ctx.job.system, runtime) if rows else []
+    score = mean_score(traces) if traces else mean_score(fixed)
+    rated = ""
+    if fixed:
+        bad = sum(not t.passed for t in fixed)
+        rated = f", with {len(fixed)} rated runs ({bad} rated below {threshold:g})"
+    ctx.event(f"epoch {epoch}: rollout of {len(traces)} train examples scores {score:.3f}{rated}")
+    return RolloutOut(
+        traces=traces + fixed, score=score, judge_calls=scorer.calls, feedback=len(fixed)
+    )
 
 
 def assign_credit(ctx: JobContext, epoch: int, rollout_out: RolloutOut) -> CreditOut:
@@ -187,6 +202,13 @@ def verify_candidates(
     loop = ctx.job.loop
     failed = [t for t in rollout_out.traces if not t.passed]
     runtime, scorer = ctx.runtime(current), ctx.scorer(capped=True)
+    # A fixed trace's score is a person's rating; its replays are scored by the scorer
+    # (against corrected_output, or the judge under the rubric), so it must beat the rated
+    # output scored the same way.
+    originals = [_unscored(t) for t in failed if t.feedback is not None]
+    scorer.score(originals)
+    rescored = {t.trace_id: t for t in originals}
+    failed = [rescored.get(t.trace_id, t) for t in failed]
     proposals = judge_proposals(ctx.job.system, failed, credit.outcomes)
     if loop.gold_candidates:
         proposals += gold_proposals(ctx.job.system, failed)
@@ -215,7 +237,9 @@ def verify_candidates(
     closer = sum(c.accepted_by == "graded" for c in candidates)
     graded = f" ({closer} of them closer to gold, not yet right)" if closer else ""
     ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}{graded}")
-    return VerifyOut(candidates=candidates, replays=replays, judge_calls=scorer.calls)
+    return VerifyOut(
+        candidates=candidates, replays=replays, originals=originals, judge_calls=scorer.calls
+    )
 
 
 def synthesize(
@@ -236,8 +260,9 @@ def synthesize(
     previous = stored_output(ctx, epoch - 1, Stage.synthesize, SynthesizeOut)
     buffer = Buffer.from_rows(previous.buffer) if previous else Buffer()
     traces = rollout_out.traces
-    train_ids = {e.id for e in ctx.split("train")}
-    check_sources(traces, train_ids)
+    rated = [row.example() for row in ctx.feedback()]
+    sources = {e.id for e in ctx.split("train")} | {e.id for e in rated}
+    check_sources(traces, sources)
     add_bootstrap(buffer, system, traces)
     add_corrections(
         buffer,
@@ -264,13 +289,13 @@ def synthesize(
         extra = _run_batched(
             ctx,
             runtime,
-            ctx.split("train"),
+            ctx.split("train") + rated,  # a rated run's inputs, sampled anew, scored as usual
             Stage.synthesize,
             scorer,
             temperature=loop.candidate_temperature,
             seed=loop.seed * 31 + epoch * 101 + round_,
         )
-        check_sources(extra, train_ids)
+        check_sources(extra, sources)
         augmented += sum(add_bootstrap(buffer, system, extra, source="augment").values())
     counts = buffer.counts()
     shown = {name: count.model_dump() for name, count in counts.items()}
@@ -405,6 +430,14 @@ def evaluate_split(ctx: JobContext, split: str, adapter_keys: dict[str, str]) ->
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _unscored(trace: Trace) -> Trace:
+    """A copy of ``trace`` for a scorer to score afresh."""
+    copied = trace.model_copy(deep=True)
+    copied.score = copied.passed = copied.score_samples = copied.score_reason = None
+    copied.graded_score = None
+    return copied
 
 
 def _run_batched(

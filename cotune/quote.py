@@ -2,7 +2,9 @@
 
 Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
 and corrected), every LLM output to run to its ``max_tokens``. With ``metric: judge`` every
-scored output also costs K judge samples, each repaired once (no cache hit assumed). The
+scored output also costs K judge samples, each repaired once (no cache hit assumed). Rated
+runs (``data.feedback``) are fixed traces: each is assumed rated bad every epoch, re-run once to
+reconstruct its spans, judged, corrected, and its original output scored once for verify. The
 budget counts every judge call but cuts only learning (rollout, credit, verify, synthesize),
 never measuring (baseline, evaluate, test): the total is at most the budget plus measuring.
 """
@@ -17,17 +19,27 @@ from cotune.spec.job import JobSpec
 
 
 def quote_job(
-    job: JobSpec, *, n_train: int | None = None, n_val: int | None = None, n_test: int | None = None
+    job: JobSpec,
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    n_feedback: int | None = None,
 ) -> dict[str, Any]:
+    from cotune.feedback import load_feedback
     from cotune.openai_jobs import load_split
 
     def count(split: str, given: int | None) -> int:
         if given is not None:
             return given
+        if split == "feedback":
+            path = job.data_path("feedback")
+            return 0 if path is None else len(load_feedback(path, job.system))
         return len(load_split(job, split))  # type: ignore[arg-type]
 
     system, loop = job.system, job.loop
     n_train, n_val, n_test = count("train", n_train), count("val", n_val), count("test", n_test)
+    n_feedback = count("feedback", n_feedback)
     if loop.val_limit:
         n_val = min(n_val, loop.val_limit)
     llms = system.llm_components
@@ -45,20 +57,29 @@ def quote_job(
             "judge_calls": examples * score_calls,
         }
 
-    judge_calls = batch * loop.judge_samples * 2 if job.judge else 0  # with one repair each
-    candidates = batch * (len(system.trainable_components) * max(loop.resample_candidates, 1))
+    judged_traces = batch + n_feedback
+    judge_calls = judged_traces * loop.judge_samples * 2 if job.judge else 0  # one repair each
+    per_trace = len(system.trainable_components) * max(loop.resample_candidates, 1)
+    candidates = judged_traces * per_trace
+    rerun = {  # rebuilding a rated run's spans generates them; its rating is its score
+        "engine_requests": n_feedback * len(llms),
+        "generated_tokens": n_feedback * per_run_tokens,
+        "judge_calls": 0,
+    }
+    originals = {k: v - rerun[k] for k, v in run(n_feedback).items()}  # scored, not run
     stages: dict[str, dict[str, int]] = {
         "baseline": run(n_val),
-        "rollout": run(batch),
+        "rollout": {k: v + rerun[k] for k, v in run(batch).items()},
         "credit": {
             "engine_requests": judge_calls,
             "generated_tokens": judge_calls * judge_max,
             "judge_calls": judge_calls,
         },
         "verify": {
-            k: v * loop.replays * (2 if loop.replays > 1 else 1) for k, v in run(candidates).items()
+            k: v * loop.replays * (2 if loop.replays > 1 else 1) + originals[k]
+            for k, v in run(candidates).items()
         },
-        "synthesize": run(n_train * loop.augment_rollouts),
+        "synthesize": run((n_train + n_feedback) * loop.augment_rollouts),
         "train": {"engine_requests": 0, "generated_tokens": 0, "judge_calls": 0},
         "evaluate": run(n_val),
         "test": run(2 * n_test),
@@ -78,7 +99,8 @@ def quote_job(
     return {
         "job": system.name,
         "epochs": loop.epochs,
-        "examples": {"train": n_train, "val": n_val, "test": n_test},
+        "examples": {"train": n_train, "val": n_val, "test": n_test}
+        | ({"feedback": n_feedback} if n_feedback else {}),
         "per_stage": stages,
         "total": total,
         "budget": job.budget.model_dump(),

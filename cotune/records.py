@@ -244,7 +244,15 @@ class EvalOut(StageOut):
 
 
 class RolloutOut(EvalOut):
-    """The system with the current adapters on the epoch's seeded batch of train examples."""
+    """The system with the current adapters on the epoch's seeded batch of train examples,
+    then the epoch's fixed traces of rated runs (``data.feedback``, ``cotune.feedback``)."""
+
+    feedback: int = Field(
+        0, description="fixed traces (rated runs) among ``traces``, after the generated ones"
+    )
+
+    def details(self) -> dict[str, int | float]:
+        return {**super().details(), "feedback": self.feedback}
 
 
 class EvaluateOut(EvalOut):
@@ -277,6 +285,11 @@ class VerifyOut(StageOut):
     )
     replays: dict[int, Trace] = Field(
         default_factory=dict, description="the replayed trace of each candidate, by its index"
+    )
+    originals: list[Trace] = Field(
+        default_factory=list,
+        description="fixed traces (rated runs) scored by the job's scorer, the score their "
+        "replays must beat (the rating is a person's, not the scorer's)",
     )
 
     def details(self) -> dict[str, int | float]:

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 from cotune.data import Example
 from cotune.engines import InferenceEngine, cached_engines, get_engine
+from cotune.errors import DataError
+from cotune.feedback import FeedbackRow
 from cotune.openai_jobs import load_split
 from cotune.records import (
     Event,
@@ -82,6 +84,7 @@ class JobContext:
     stage_limit: int | None = None
     stages_run: int = 0
     _splits: dict[str, list[Example]] = field(default_factory=dict)
+    _feedback: list[FeedbackRow] | None = None
     # Judge scores (metric judge) by (inputs, gold, output): seeded from the stored stages
     # once, then shared by every stage this process runs.
     _score_cache: ScoreCache | None = None
@@ -93,6 +96,27 @@ class JobContext:
         if name not in self._splits:
             self._splits[name] = load_split(self.job, name)  # type: ignore[arg-type]
         return self._splits[name]
+
+    def feedback(self) -> list[FeedbackRow]:
+        """The job's rated runs (``data.feedback``; none without one). A row's id may not be
+        a val or test example's: a trace's example id is what keeps them out of training."""
+        if self._feedback is None:
+            from cotune.feedback import load_feedback
+
+            path = self.job.data_path("feedback")
+            rows = [] if path is None else load_feedback(path, self.job.system)
+            held_out = {e.id for split in ("val", "test") for e in self.split(split)}
+            for row in rows:
+                if row.id in held_out:
+                    raise DataError(
+                        f"id {row.id!r} is also a val or test example's; a feedback row feeds "
+                        "training, so it needs an id of its own",
+                        path=str(path),
+                        line=row.line,
+                        field="id",
+                    )
+            self._feedback = rows
+        return self._feedback
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
         event = Event(level=level, message=message, data=data, created_at=time.time())
@@ -154,7 +178,7 @@ class JobContext:
             )
             traces = output.shown_traces()
             if isinstance(output, VerifyOut):
-                traces = list(output.replays.values())
+                traces = [*output.replays.values(), *output.originals]
             for trace in traces:
                 if trace.score_samples is not None:
                     cache[cache_key(trace)] = CachedScore(trace.score_samples, trace.score_reason)

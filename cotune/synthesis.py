@@ -1,10 +1,12 @@
 """From traces and verified corrections to training rows, per trainable component.
 
 Sources, in order of trust: spans of traces that passed (bootstrapping, as in DSPy's
-BootstrapFinetune), verified corrections and the downstream spans of the corrected replays, then
-augmentation (more sampled rollouts, kept only when they pass). DPO pairs contrast a verified
-correction with the original output. Rows are rendered from a span's own messages, so a prompt
-holds only what the component saw: never a critique, never a gold answer it was not given.
+BootstrapFinetune; a rated-good run of ``data.feedback`` is such a trace, minus any span
+reconstructed by a re-run), verified corrections and the downstream spans of the corrected
+replays, then augmentation (more sampled rollouts, kept only when they pass). DPO pairs
+contrast a verified correction with the original output. Rows are rendered from a span's own
+messages, so a prompt holds only what the component saw: never a critique, never a gold answer
+it was not given.
 """
 
 from __future__ import annotations
@@ -115,12 +117,15 @@ def training_spans(system: SystemSpec, trace: Trace) -> Iterable[Span]:
 def add_bootstrap(
     buffer: Buffer, system: SystemSpec, traces: Iterable[Trace], source: str = "bootstrap"
 ) -> dict[str, int]:
-    """Every trainable span of a passing trace becomes an SFT row."""
+    """Every trainable span of a passing trace becomes an SFT row, except a span that a
+    re-run reconstructed for a rated run (its output is not what the rated output came of)."""
     added: dict[str, int] = {}
     for trace in traces:
         if not trace.passed:
             continue
         for span in training_spans(system, trace):
+            if span.reconstructed:
+                continue
             assert span.messages is not None
             row = SFTRow(span.messages, as_completion(span.output), source)
             if buffer.add_sft(span.component, row):
@@ -168,7 +173,9 @@ def add_corrections(
 
 
 def check_sources(traces: Iterable[Trace], train_ids: set[str]) -> None:
-    """Val and test examples never feed synthesis."""
+    """Val and test examples never feed synthesis: ``train_ids`` are the ids that may (the
+    train examples' and the rated runs' of ``data.feedback``, whose ids may not be a val or
+    test example's: ``JobContext.feedback``)."""
     for trace in traces:
         if trace.example_id not in train_ids:
             raise ValueError(

@@ -157,6 +157,24 @@ def _span_block(trace: Trace, index: int, span: Span) -> str:
     return "\n".join(lines)
 
 
+def _feedback_lines(trace: Trace) -> list[str]:
+    """A rated run's system-level feedback, for the judge to turn into per-component
+    critiques; what of the trace was reconstructed rather than recorded."""
+    assert trace.feedback is not None
+    lines = [f"A person rated this final output {trace.feedback.rating:g} (0 bad, 1 good)."]
+    if trace.feedback.comment:
+        lines.append(
+            f"Their comment on it: {clip(trace.feedback.comment, INPUT_CHARS)}\n"
+            "Turn this comment into critiques of the spans that caused what it describes."
+        )
+    if any(span.reconstructed for span in trace.spans):
+        lines.append(
+            "The spans before the final output were reconstructed by running the system again "
+            "on the same input; the final output is the one the person rated."
+        )
+    return lines
+
+
 def judge_messages(system: SystemSpec, trace: Trace, *, include_gold: bool) -> list[Message]:
     """The judge's prompt for one trace. Gold answers and the score only when ``include_gold``."""
     system_message = f"{_instructions()}\n\n{system_card(system)}"
@@ -172,6 +190,8 @@ def judge_messages(system: SystemSpec, trace: Trace, *, include_gold: bool) -> l
         parts.append(f"Score: {trace.score:g}{verdict}")
     if trace.score_reason:
         parts.append(f"Why it got that score: {clip(trace.score_reason, SPAN_CHARS)}")
+    if trace.feedback is not None:
+        parts.extend(_feedback_lines(trace))
     parts.append("Spans, in order:")
     parts.extend(_span_block(trace, i + 1, span) for i, span in enumerate(trace.spans))
     parts.append("Return the JSON verdict now.")

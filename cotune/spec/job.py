@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from cotune.errors import SpecError
-from cotune.spec.refs import FileRef, Split
+from cotune.spec.refs import DATA_PURPOSES, FileRef, Split
 from cotune.spec.system import (
     Float,
     Int,
@@ -178,10 +178,22 @@ _SPLIT_FILE = "a JSONL or CSV file (relative to the job file) or, over HTTP, a f
 class DataSplits(_Strict):
     """The examples; the walker of these references is ``cotune.spec.refs``."""
 
-    train: str = Field(description=f"train examples: {_SPLIT_FILE}")
-    val: str = Field(description=f"val examples (choose the best epoch): {_SPLIT_FILE}")
+    train: str | None = Field(
+        default=None,
+        description=f"train examples: {_SPLIT_FILE}; optional when 'feedback' is given",
+    )
+    val: str = Field(
+        description="val examples (choose the best epoch; judge-scored or with 'expected'): "
+        f"{_SPLIT_FILE}"
+    )
     test: str | None = Field(
         default=None, description=f"test examples, scored once at the end: {_SPLIT_FILE}"
+    )
+    feedback: str | None = Field(
+        default=None,
+        description="rated runs of the system ({inputs, output, feedback: {rating, comment?, "
+        "corrected_output?}, spans?} rows, cotune/feedback.py): a JSONL file (relative to the "
+        "job file) or, over HTTP, a file id of purpose feedback",
     )
     format: Literal["rows", "openai"] = Field(
         default="rows",
@@ -191,6 +203,20 @@ class DataSplits(_Strict):
         "per assistant turn, read into the system's one input 'messages' "
         "(cotune/openai_jobs.py)",
     )
+
+    @model_validator(mode="after")
+    def _train_or_feedback(self) -> DataSplits:
+        if self.train is None and self.feedback is None:
+            raise SpecError(
+                "give train examples, a feedback file (data.feedback), or both",
+                param="data.train",
+            )
+        if self.feedback is not None and self.format == "openai":
+            raise SpecError(
+                "data.feedback holds rated runs of a system; data.format openai takes none",
+                param="data.feedback",
+            )
+        return self
 
 
 class JobSpec(_Strict):
@@ -225,6 +251,12 @@ class JobSpec(_Strict):
                 f"inputs are {self.system.inputs}",
                 param="system.inputs",
             )
+        if self.data.feedback is not None and self.train.rows == "given":
+            raise SpecError(
+                "train.rows given trains on the train split's gold outputs only; a feedback "
+                "file needs the loop's synthesized rows",
+                param="data.feedback",
+            )
         if self.train.rows == "given":
             writer = self.system.writer_of(self.system.output)
             names = [c.name for c in self.system.components]
@@ -244,7 +276,7 @@ class JobSpec(_Strict):
             used.add(self.judge.model)
         return max(len(used), 1)
 
-    def data_path(self, split: Split) -> Path | None:
+    def data_path(self, split: Split | Literal["feedback"]) -> Path | None:
         value = getattr(self.data, split)
         if value is None:
             return None
@@ -254,7 +286,7 @@ class JobSpec(_Strict):
     def ref_path(self, ref: FileRef) -> Path:
         """Where a file the spec names (``cotune.spec.refs``) is: a data split relative to
         the job file's folder, a corpus or a model to the system file's."""
-        if ref.purpose in ("data", "fine-tune"):
+        if ref.purpose in DATA_PURPOSES:
             path = Path(str(ref.value))
             return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
         return self.system.resolve_path(str(ref.value))

@@ -1,5 +1,5 @@
-"""The one walker of the files a job spec names: data splits, tool args that name a file (a
-bm25 ``corpus``) and models given by ``path``.
+"""The one walker of the files a job spec names: data splits, a ``data.feedback`` file of rated
+runs, tool args that name a file (a bm25 ``corpus``) and models given by ``path``.
 
 It reads a raw mapping (a job file as loaded, a spec sent over HTTP or stored as JSON), before
 or without any parse, so it never trusts a shape: what is not a mapping or a list where one is
@@ -28,6 +28,8 @@ from cotune.spec.tools import FILE_ARGS, Purpose
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,59}$")
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+FEEDBACK = "feedback"  # data.feedback: rated runs (cotune.feedback), not a split of examples
+DATA_PURPOSES = ("data", "fine-tune", "feedback")  # the files under data.*, relative to the job
 
 
 def is_file_id(value: Any) -> bool:
@@ -42,8 +44,9 @@ class FileRef:
 
     ``param``: where, as errors name it (``data.val``, ``system.components.search.args.corpus``,
     ``system.models.small.path``); ``purpose``: ``data`` (``fine-tune`` for OpenAI-format
-    splits), ``corpus`` or ``model``; ``owner``:
-    the split, the component (its name, else its index) or the model alias it belongs to;
+    splits), ``feedback`` (``data.feedback``), ``corpus`` or ``model``; ``owner``: the split
+    (``feedback`` for ``data.feedback``), the component (its name, else its index) or the
+    model alias it belongs to;
     ``value``: as found, usually a string (a path or a file id), anything in a bad spec."""
 
     param: str
@@ -82,6 +85,9 @@ def _slots(spec: Mapping[str, Any]) -> Iterator[_Slot]:
         for split in SPLITS:
             if data.get(split) is not None:
                 yield FileRef(f"data.{split}", purpose, split, data[split]), data, split
+        if data.get(FEEDBACK) is not None:
+            ref = FileRef(f"data.{FEEDBACK}", "feedback", FEEDBACK, data[FEEDBACK])
+            yield ref, data, FEEDBACK
     system = spec.get("system")
     if isinstance(system, MutableMapping):
         yield from _system_slots(system, "system")

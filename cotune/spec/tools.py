@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-Purpose = Literal["data", "fine-tune", "corpus", "model"]
+Purpose = Literal["data", "fine-tune", "feedback", "corpus", "model"]
 
 TOOL_ARGS: dict[str, frozenset[str]] = {
     "bm25": frozenset({"corpus", "k"}),

@@ -18,9 +18,9 @@ so timing does not tell a missing id from a wrong secret. Revoked keys answer No
 Files
 -----
 A file's bytes live in the artifact store under ``key``; its row records who owns it, its
-purpose (``data``, ``fine-tune`` or ``corpus``), size, SHA-256, row count and which fields its
-rows hold (``fields``: name -> number of rows with a non-null value), so a job's spec can be
-checked against it without reading it again.
+purpose (``data``, ``fine-tune``, ``feedback`` or ``corpus``), size, SHA-256, row count and
+which fields its rows hold (``fields``: name -> number of rows with a non-null value), so a
+job's spec can be checked against it without reading it again.
 
 Every read takes the caller's tenant; ``tenant_id=None`` means "no scoping" (admin tools).
 """
@@ -46,7 +46,7 @@ from cotune.store.models import ApiKey, FileRow, Job, Tenant, matchable, utcnow
 TENANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 KEY_PREFIX = "ct_"
 _ID_HEX = 16
-PURPOSES = ("data", "fine-tune", "corpus")
+PURPOSES = ("data", "fine-tune", "feedback", "corpus")
 # Refresh ``last_used_at`` at most this often (verify_key runs on every request).
 _LAST_USED_EVERY = timedelta(minutes=1)
 _DUMMY_SALT = secrets.token_hex(16)

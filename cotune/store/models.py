@@ -248,7 +248,7 @@ class FileRow(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-<hex>
     tenant_id: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.id", ondelete="CASCADE"))
-    purpose: Mapped[str] = mapped_column(String(16))  # "data", "fine-tune" or "corpus"
+    purpose: Mapped[str] = mapped_column(String(16))  # "data", "fine-tune", "feedback" or "corpus"
     filename: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

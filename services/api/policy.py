@@ -2,7 +2,8 @@
 
 - ``data.train|val|test`` are ``file-...`` ids of the caller's files with purpose ``data``
   (``fine-tune`` when ``data.format`` is ``openai``: chat rows for a supervised job, preference
-  rows for a dpo one);
+  rows for a dpo one); ``data.feedback`` (rated runs) is one with purpose ``feedback``, and
+  ``data.train`` may then be left out;
 - a ``bm25`` component's ``args.corpus`` is a ``file-...`` id with purpose ``corpus``;
 - ``system.models.<alias>`` is ``{name: <registry name>}``: a built-in model or a registered
   one that is ready (an unknown, removed, preparing or failed one answers 422); a ``path``
@@ -28,7 +29,7 @@ from cotune.errors import SpecError
 from cotune.jobs.materialize import file_ref, judge_kind, lookup_files
 from cotune.models import check_model_name, registry_names
 from cotune.spec.job import JobSpec, parse_job
-from cotune.spec.refs import SPLITS, FileRef, file_refs, is_file_id
+from cotune.spec.refs import FEEDBACK, SPLITS, FileRef, file_refs, is_file_id
 
 if TYPE_CHECKING:
     from cotune.model_records import RegisteredModel
@@ -171,8 +172,9 @@ def check_job_for_http(
             "'data' must map train, val (and optionally test) to file ids", param="data"
         )
     for split in ("train", "val"):
-        if data.get(split) is None:
-            raise SpecError(f"data.{split}: a file id is required", param=f"data.{split}")
+        if data.get(split) is None and not (split == "train" and data.get(FEEDBACK) is not None):
+            extra = " (or give data.feedback, a file of rated runs)" if split == "train" else ""
+            raise SpecError(f"data.{split}: a file id is required{extra}", param=f"data.{split}")
     records = {
         r.owner: file_ref(r.value, r.purpose, r.param, lookup)
         for r in refs
@@ -233,7 +235,11 @@ def check_data_fields(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
     needed = list(job.system.inputs)
     if metric_needs_gold(job.system.metric):
         needed.append("expected")
+    if FEEDBACK in records:
+        _check_feedback_fields(job, records[FEEDBACK])
     for split, record in records.items():
+        if split == FEEDBACK:
+            continue
         for name in needed:
             have = int(record.fields.get(name, 0))
             if have < record.rows:
@@ -247,6 +253,30 @@ def check_data_fields(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
                     f"in {record.rows - have} of {record.rows} rows ({why})",
                     param=f"data.{split}",
                 )
+
+
+def _check_feedback_fields(job: JobSpec, record: FileRecord) -> None:
+    """Every rated run holds the system's inputs, and a ``corrected_output`` unless the metric
+    is ``judge`` (``cotune.feedback``); else a ``SpecError`` naming the file and the field."""
+    from cotune.metrics import metric_needs_gold
+
+    needed = [f"inputs.{name}" for name in job.system.inputs]
+    if metric_needs_gold(job.system.metric):
+        needed.append("feedback.corrected_output")
+    for name in needed:
+        have = int(record.fields.get(name, 0))
+        if have < record.rows:
+            why = (
+                f"metric {job.system.metric!r} scores a rated run's replays against it; rows "
+                "that carry only a rating need system.metric judge"
+                if name.startswith("feedback.")
+                else f"the system's inputs are {job.system.inputs}"
+            )
+            raise SpecError(
+                f"data.feedback: file {record.id} ({record.filename}) lacks field {name!r} in "
+                f"{record.rows - have} of {record.rows} rows ({why})",
+                param="data.feedback",
+            )
 
 
 def _check_openai_kinds(job: JobSpec, records: Mapping[str, FileRecord]) -> None:
@@ -270,16 +300,16 @@ def _check_openai_kinds(job: JobSpec, records: Mapping[str, FileRecord]) -> None
 
 
 def split_rows(spec: Mapping[str, Any], files: Any, tenant: str | None) -> dict[str, int]:
-    """Row counts of a checked spec's data files (for quotes), by split."""
+    """Row counts of a checked spec's data files (for quotes), by split (and ``feedback``)."""
     lookup = lookup_files(files, tenant)
     data = spec.get("data") or {}
     counts: dict[str, int] = {}
-    for split in SPLITS:
+    for split in (*SPLITS, FEEDBACK):
         record = lookup(data[split]) if isinstance(data.get(split), str) else None
         counts[split] = record.rows if record is not None else 0
     return counts
 
 
 def file_ids(spec: Mapping[str, Any]) -> set[str]:
-    """Every file id a stored HTTP spec names (data splits and corpora)."""
+    """Every file id a stored HTTP spec names (data splits, feedback and corpora)."""
     return {r.value for r in file_refs(spec) if is_file_id(r.value)}

@@ -49,7 +49,7 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["data", "fine-tune", "corpus"]
+    purpose: Literal["data", "fine-tune", "feedback", "corpus"]
     status: Literal["processed"] = "processed"
     status_details: str | None = None
     sha256: str
@@ -217,6 +217,11 @@ class TraceObject(BaseModel):
     )
     score_reason: str | None = Field(
         None, description="metric judge: the judge's reason (or why its replies were unusable)"
+    )
+    feedback: dict[str, Any] | None = Field(
+        None,
+        description="a rated run of data.feedback (a fixed trace): {rating, comment, "
+        "corrected_output}; its output is the rated one, its score the rating",
     )
 
 

@@ -60,6 +60,8 @@ def check_upload(
     ``data``: ``expected`` is a string or a non-empty list of strings, ``id`` a non-empty
     string or integer, unique. Which input fields a job needs is checked at ``POST /v1/jobs``
     against ``fields``. ``corpus``: ``{id, text, title?}`` rows (``cotune.data.parse_corpus``).
+    ``feedback``: rated runs, JSONL only (``cotune.feedback.parse_feedback`` without a system);
+    ``fields`` counts them by dotted name (``inputs.question``, ``feedback.corrected_output``).
     """
     source = filename
     lines = cast(IO[bytes], _Lines(stream, max_line_bytes, source))
@@ -74,9 +76,12 @@ def check_upload(
         return UploadSummary(rows=len(passages), fields=fields)
     if purpose == "fine-tune":
         return _check_openai_rows(lines, filename, source)
+    if purpose == "feedback":
+        return _check_feedback_rows(lines, filename, source)
     if purpose != "data":
         raise DataError(
-            f"purpose must be 'data', 'fine-tune' or 'corpus', got {purpose!r}", path=source
+            f"purpose must be 'data', 'fine-tune', 'feedback' or 'corpus', got {purpose!r}",
+            path=source,
         )
     if is_csv(filename):
         # The CSV reader takes the whole stream; still refuse an over-long physical line.
@@ -145,3 +150,38 @@ def _check_openai_rows(lines: IO[bytes], filename: str, source: str) -> UploadSu
         raise DataError("fine-tune data is JSONL: {messages} or preference rows", path=source)
     found = read_openai_rows(_checked_rows(iter_jsonl(lines, source), source), source)
     return UploadSummary(rows=found.rows, fields={KIND_FIELD[found.kind]: found.rows})
+
+
+def _check_feedback_rows(lines: IO[bytes], filename: str, source: str) -> UploadSummary:
+    """Rated runs (``cotune.feedback``), checked without a system: which input fields a job
+    needs, and ``corrected_output`` where its metric is not ``judge``, are checked at
+    ``POST /v1/jobs`` against ``fields``; the spans against the system when the job runs."""
+    from cotune.feedback import parse_feedback
+
+    if is_csv(filename):
+        raise DataError(
+            "a feedback file is JSONL: {inputs, output, feedback, spans?} rows", path=source
+        )
+    rows = parse_feedback(_checked_rows(iter_jsonl(lines, source), source), source=source)
+    counts: dict[str, int] = {"output": len(rows), "feedback.rating": len(rows)}
+
+    def count(name: str) -> None:
+        counts[name] = counts.get(name, 0) + 1
+
+    for row in rows:
+        for name, value in row.inputs.items():
+            if not isinstance(name, str) or not name or len(name) > 255:
+                raise DataError(
+                    f"field name {name!r} is empty or too long",
+                    path=source,
+                    line=row.line,
+                    field="inputs",
+                )
+            if value is not None:
+                count(f"inputs.{name}")
+        for name in ("comment", "corrected_output"):
+            if getattr(row.feedback, name) is not None:
+                count(f"feedback.{name}")
+        if row.spans is not None:
+            count("spans")
+    return UploadSummary(rows=len(rows), fields=counts)

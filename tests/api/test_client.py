@@ -75,6 +75,30 @@ def test_submit_uploads_each_local_file_once_and_sends_ids(
     assert job["status"] == "queued" and client.get(job["id"])["id"] == job["id"]
 
 
+def test_submit_uploads_a_feedback_file_with_purpose_feedback(
+    client: Client,
+    api: Api,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A job on rated runs and no train split: the feedback file is uploaded (checked as
+    rated runs), its id sent as data.feedback, and the job created."""
+    path = job_folder(tmp_path / "job", data={"val": "val.jsonl", "feedback": "rated.jsonl"})
+    rated = {
+        "inputs": {"question": "what is the color of quta?"},
+        "output": "unknown",
+        "feedback": {"rating": "down", "comment": "no colour", "corrected_output": "blue"},
+    }
+    (path.parent / "rated.jsonl").write_text(json.dumps(rated) + "\n")
+    before = {f["id"] for f in client.list_files()}
+    job = client.submit(path)
+    new = {f["id"]: f for f in client.list_files() if f["id"] not in before}
+    sent = job["spec"]["data"]
+    assert new[sent["feedback"]]["purpose"] == "feedback"
+    assert new[sent["feedback"]]["filename"] == "rated.jsonl"
+    assert new[sent["val"]]["purpose"] == "data" and "train" not in sent
+    assert job["status"] == "queued"
+
+
 def test_submit_with_one_idempotency_key_makes_one_job(client: Client, tmp_path: Path) -> None:
     path = job_folder(tmp_path / "job")
     first = client.submit(path, idempotency_key="client-test-1")

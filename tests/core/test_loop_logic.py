@@ -942,3 +942,243 @@ def test_a_job_run_one_stage_per_call_judges_no_output_twice(
     assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
     assert report.best_val_score == expected.best_val_score
     assert report.test_score == expected.test_score
+
+
+# -- 9. human feedback as data: rated runs as fixed traces --------------------------------------
+
+COMMENT = "FEEDBACK-COMMENT-5d1e: it never found the thing's colour"
+
+
+def rated_lines(
+    job: JobSpec, keys: list[str], *, right: bool, feedback: dict[str, Any], spans: bool
+) -> list[dict[str, Any]]:
+    """Feedback rows for ``keys``: with spans, lines of ``cotune eval --out``'s traces.jsonl
+    (a run whose query writer is always ``right``, or never) plus ``feedback``; without, the
+    inputs and the output such a run gives."""
+    from cotune.data import Example
+
+    engine = ScriptedEngine(query_ok=lambda key, adapter: right)
+    runtime = Runtime(job.system, {"tiny": engine}, ToolContext.for_system(job.system))
+    examples = [
+        Example(id=f"fb-{k}", inputs={"question": f"what is the color of {k}?"}) for k in keys
+    ]
+    lines = []
+    for trace in runtime.run(examples):
+        line = json.loads(trace.model_dump_json())
+        line["feedback"] = dict(feedback)
+        if "corrected_output" in feedback:  # a correction is the right colour of its key
+            line["feedback"]["corrected_output"] = FACTS[question_key(trace.inputs["question"])]
+        if not spans:
+            line = {k: line[k] for k in ("inputs", "output", "feedback")}
+        line["id"] = trace.example_id
+        lines.append(line)
+    return lines
+
+
+def feedback_job(folder: Path, *, judge: bool) -> tuple[JobSpec, dict[str, list[str]]]:
+    """A job on rated runs of train-split questions (no train split): rated-good rows with and
+    without spans, rated-bad rows with comments (with and without spans), and under metric
+    judge one rated-bad row with only a corrected_output; under exact_match every row has one
+    (its gold). Returns the job and its keys by kind of row."""
+    keys = split_keys(folder, "train")
+    kinds = {
+        "good": keys[0:3],
+        "good_bare": keys[3:5],
+        "bad": keys[5:9],
+        "bad_bare": keys[9:11],
+        "corrected": keys[11:12],
+    }
+    data: dict[str, Any] = {"val": "val.jsonl", "test": "test.jsonl", "feedback": "fb.jsonl"}
+    spec: dict[str, Any] = {
+        "system": "system.yaml",
+        "data": data,
+        "loop": {"epochs": 1, "samples_per_component": 8, "judge_samples": 1, "seed": 0},
+        "train": {"lora_r": 4, "lora_alpha": 8},
+    }
+    if judge:
+        spec["judge"] = {"model": "tiny"}
+    job = parse_job(spec, base_dir=folder)
+    gold = {} if judge else {"corrected_output": ""}
+    up, down = {"rating": "up", **gold}, {"rating": 0.0, "comment": COMMENT, **gold}
+    lines = [
+        *rated_lines(job, kinds["good"], right=True, feedback=up, spans=True),
+        *rated_lines(
+            job, kinds["good_bare"], right=True, feedback={**up, "rating": 0.9}, spans=False
+        ),
+        *rated_lines(job, kinds["bad"], right=False, feedback=down, spans=True),
+        *rated_lines(job, kinds["bad_bare"], right=False, feedback=down, spans=False),
+        *rated_lines(
+            job,
+            kinds["corrected"],
+            right=False,
+            feedback={"rating": "down", "corrected_output": ""},
+            spans=True,
+        ),
+    ]
+    (folder / "fb.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return job, kinds
+
+
+def test_rated_runs_make_bootstrap_rows_and_verified_corrections(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, kinds = feedback_job(folder, judge=True)
+    trainer = FakeTrainer()
+
+    def learned(adapter: str | None) -> bool:
+        epoch = adapter_epoch(adapter)
+        return any(
+            c.component == "query"
+            and c.seed == epoch
+            and any(r.source == "correction" for r in c.rows)
+            for c in trainer.calls
+        )
+
+    engine = ScriptedEngine(query_ok=lambda key, adapter: learned(adapter) or rarely_easy(key))
+    judge = ScriptedJudge(fix_query, score=right_colour)
+    run = harness(job, engine=engine, judge=judge, trainer=trainer)
+    assert job.data.train is None and run.context().split("train") == []
+    report = run.run()
+
+    # every row is a fixed trace: the rated output, scored by its rating
+    rollout = run.output(1, Stage.rollout, RolloutOut)
+    rated = {t.example_id: t for t in rollout.traces}
+    assert rollout.feedback == len(rollout.traces) == sum(len(k) for k in kinds.values())
+    good = kinds["good"] + kinds["good_bare"]
+    for key in good:
+        assert rated[f"fb-{key}"].passed and rated[f"fb-{key}"].output == FACTS[key]
+    for key in kinds["bad"] + kinds["bad_bare"] + kinds["corrected"]:
+        trace = rated[f"fb-{key}"]
+        assert trace.score == 0.0 and not trace.passed and trace.output != FACTS[key]
+    for key in kinds["good_bare"] + kinds["bad_bare"]:  # reconstructed, the output pinned
+        trace = rated[f"fb-{key}"]
+        assert [s.reconstructed for s in trace.spans] == [True, True, False]
+    assert rated[f"fb-{kinds['corrected'][0]}"].expected == [FACTS[kinds["corrected"][0]]]
+
+    # the credit judge read each comment as system-level feedback
+    credit = [r.messages[-1]["content"] for r in judge.requests if r not in judge.score_requests]
+    commented = [m for m in credit if f"Their comment on it: {COMMENT}" in m]
+    assert len(commented) == len(kinds["bad"]) + len(kinds["bad_bare"])
+
+    # each original was judged the way its replays were (0.0), the replays higher (1.0)
+    verify_out = run.output(1, Stage.verify, VerifyOut)
+    assert {t.example_id for t in verify_out.originals} == {
+        f"fb-{k}" for k in kinds["bad"] + kinds["bad_bare"] + kinds["corrected"]
+    }
+    assert all(t.score_samples == [0.0] for t in verify_out.originals)
+    accepted = run.store.candidates(run.job_id, accepted=True)
+    assert {c.example_id for c in accepted} == {t.example_id for t in verify_out.originals}
+    assert all(c.original_score == 0.0 and c.replay_scores == [1.0] for c in accepted)
+    corrected = kinds["corrected"][0]
+    reference = [
+        r for r in judge.score_requests if f"color of {corrected}?" in r.messages[-1]["content"]
+    ]
+    assert reference and all("A reference answer" in r.messages[-1]["content"] for r in reference)
+
+    # rated-good rows bootstrap (never from a reconstructed span), corrections train the query
+    buffer = run.output(1, Stage.synthesize, SynthesizeOut).buffer
+    sources = {r.source for r in buffer.sft["query"]}
+    assert {"bootstrap", "correction"} <= sources
+    booted = {
+        question_key(r.messages[-1]["content"])
+        for r in buffer.sft["query"]
+        if r.source == "bootstrap"
+    }
+    assert booted == set(kinds["good"])
+    answers = {
+        question_key(r.messages[-1]["content"]): r.completion
+        for r in buffer.sft["answer"]
+        if r.source == "bootstrap"
+    }
+    assert set(answers) == set(good) and all(answers[k] == FACTS[k] for k in good)
+    # nothing of val or test, and no comment, reached a training row
+    rows = [r for rows in buffer.sft.values() for r in rows]
+    assert all(COMMENT not in json.dumps(r.messages) + r.completion for r in rows)
+    held_out = set(split_keys(folder, "val")) | set(split_keys(folder, "test"))
+    assert not {question_key(r.messages[-1]["content"]) for r in rows} & held_out
+
+    assert report.epochs[0].kept and report.best_epoch == 1
+    assert report.base_val_score is not None and report.base_val_score < 0.5
+    assert [e.val_score for e in report.epochs] == [1.0]
+    verify_record = next(s for s in report.stages if s.stage == Stage.verify)
+    assert verify_record.judge_calls > 0  # scoring the originals and replays is paid for
+
+
+def test_under_a_gold_metric_corrected_outputs_are_the_gold_replays_are_scored_against(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    folder = write_tiny_example(tmp_path / "fb", splits=SPLITS, model_path=str(model_dir))
+    job, kinds = feedback_job(folder, judge=False)
+    run = harness(job)
+    run.run()
+    accepted = run.store.candidates(run.job_id, accepted=True)
+    bad = {f"fb-{k}" for k in kinds["bad"] + kinds["bad_bare"] + kinds["corrected"]}
+    assert accepted and {c.example_id for c in accepted} <= bad
+    assert all(c.original_score == 0.0 and c.replay_scores == [1.0] for c in accepted)
+    assert {c.source for c in accepted} <= {"resample", "gold"}
+    buffer = run.output(1, Stage.synthesize, SynthesizeOut).buffer
+    assert any(r.source == "correction" for rows in buffer.sft.values() for r in rows)
+
+
+def test_a_feedback_row_may_not_take_a_val_examples_id(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    from cotune.errors import DataError
+
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, _ = feedback_job(folder, judge=True)
+    lines = (folder / "fb.jsonl").read_text().splitlines()
+    taken = sorted(split_ids(folder, "val"))[0]
+    lines[1] = json.dumps({**json.loads(lines[1]), "id": taken})
+    (folder / "fb.jsonl").write_text("\n".join(lines) + "\n")
+    run = harness(job, judge=ScriptedJudge(fix_query, score=right_colour))
+    with pytest.raises(DataError) as info:
+        run.run()
+    assert info.value.param == "line 2.id" and "val or test" in info.value.message
+    assert run.judge is not None and run.judge.requests == [] and run.engine.calls == []
+
+
+def test_a_feedback_job_run_one_stage_per_call_judges_no_output_twice(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """The originals of rated runs, judged in verify, are stored with the stage: a worker
+    that runs one stage per task asks the judge what one uninterrupted run asks."""
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, _ = feedback_job(folder, judge=True)
+    job.loop.epochs = 2
+
+    def judged() -> Harness:
+        return harness(job, judge=ScriptedJudge(fix_query, score=right_colour))
+
+    whole = judged()
+    whole.run()
+    stepped = judged()
+    while True:
+        try:
+            run_job(stepped.context(stage_limit=1))
+            break
+        except StagePause:
+            continue
+    assert whole.judge is not None and stepped.judge is not None
+    assert whole.judge.score_requests
+    assert len(stepped.judge.score_requests) == len(whole.judge.score_requests)
+
+
+def test_quote_prices_rated_runs(tmp_path: Path, model_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
+    job, kinds = feedback_job(folder, judge=True)
+    rated = sum(len(k) for k in kinds.values())
+    quote = quote_job(job)
+    assert quote["examples"] == {"train": 0, "val": 12, "test": 12, "feedback": rated}
+    stages = quote["per_stage"]
+    # each rated run: reconstructed in rollout (two llm calls), judged once with a repair
+    # in credit, and its original scored in verify (K = 1 sample, repaired once)
+    assert stages["rollout"]["engine_requests"] == rated * 2
+    assert stages["rollout"]["judge_calls"] == 0
+    assert stages["credit"]["judge_calls"] == rated * 2
+    # verify: 4 candidates a run (2 trainable components x 2 re-samples) and the original,
+    # each scored with one sample and one repair
+    assert stages["verify"]["judge_calls"] == rated * (4 + 1) * 2

@@ -202,6 +202,21 @@ def test_the_judged_kb_qa_example_validates_with_its_data() -> None:
     assert quote_job(job)["per_stage"]["baseline"]["judge_calls"] > 0
 
 
+def test_the_feedback_kb_qa_example_validates_with_its_rated_runs() -> None:
+    from cotune.feedback import load_feedback
+    from cotune.quote import quote_job
+    from cotune.spec.job import load_job
+
+    job = load_job(Path(__file__).parents[2] / "examples" / "kb-qa" / "job-feedback.yaml")
+    assert job.data.train is None and job.system.metric == "judge"
+    path = job.data_path("feedback")
+    assert path is not None
+    rows = load_feedback(path, job.system)
+    assert {r.feedback.rating for r in rows} >= {0.0, 1.0}
+    assert any(r.feedback.comment for r in rows) and any(r.expected for r in rows)
+    assert quote_job(job)["examples"]["feedback"] == len(rows)
+
+
 def test_missing_prompt() -> None:
     err = refused(lambda s: comp(s, "answer").pop("prompt"))
     assert_names(err, "answer", "'prompt'", "components.answer.prompt")

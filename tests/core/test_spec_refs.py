@@ -19,6 +19,7 @@ from cotune.spec import (
     map_refs,
     parse_job,
 )
+from cotune.spec.refs import FEEDBACK
 from cotune.tiny import TINY_SYSTEM, write_tiny_example
 
 
@@ -224,8 +225,20 @@ def test_is_file_id(value: Any, expected: bool) -> None:
 def test_the_splits_are_the_job_specs_data_fields() -> None:
     from cotune.spec import DataSplits
 
-    # every field but the splits' format names a file
-    assert tuple(f for f in DataSplits.model_fields if f != "format") == SPLITS
+    # every field but the splits' format names a file: the splits, then the rated runs
+    assert tuple(f for f in DataSplits.model_fields if f != "format") == (*SPLITS, FEEDBACK)
+
+
+def test_a_feedback_file_is_walked_with_purpose_feedback() -> None:
+    spec = {"data": {"val": "file-b", "feedback": "fb.jsonl"}}
+    assert [(r.param, r.purpose, r.owner) for r in file_refs(spec)] == [
+        ("data.val", "data", "val"),
+        ("data.feedback", "feedback", "feedback"),
+    ]
+    assert map_refs(spec, lambda r: f"<{r.purpose}>")["data"] == {
+        "val": "<data>",
+        "feedback": "<feedback>",
+    }
 
 
 def test_openai_format_splits_are_fine_tune_files() -> None:

@@ -168,7 +168,7 @@ async def upload_file(
 def list_files(
     tenant: Tenant,
     state: State,
-    purpose: Annotated[str | None, Query(pattern="^(data|fine-tune|corpus)$")] = None,
+    purpose: Annotated[str | None, Query(pattern="^(data|fine-tune|feedback|corpus)$")] = None,
     after: After = None,
     limit: Limit = 20,
 ) -> ListObject[FileObject]:

@@ -103,7 +103,13 @@ def quote(body: SpecBody, tenant: Tenant, state: State) -> QuoteObject:
     built = job_spec_from_request(body)
     job = _checked(built, tenant, state)
     rows = split_rows(built.spec, state.accounts, tenant)
-    priced = quote_job(job, n_train=rows["train"], n_val=rows["val"], n_test=rows["test"])
+    priced = quote_job(
+        job,
+        n_train=rows["train"],
+        n_val=rows["val"],
+        n_test=rows["test"],
+        n_feedback=rows["feedback"],
+    )
     return QuoteObject(**priced)
 
 
