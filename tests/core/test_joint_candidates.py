@@ -53,6 +53,15 @@ class ChainEngine:
     def supports_json_schema(self) -> bool:
         return False
 
+    # No model to step aside: only the state is kept.
+    released = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def reacquire(self) -> None:
+        self.released = False
+
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
     ) -> list[GenerationResult]:
