@@ -305,3 +305,26 @@ def test_with_seeded_replays_the_joint_is_compared_to_the_unmodified_runs(
         assert candidate.without_scores == [0.0] * 3 and candidate.needed
         assert candidate.accepted and candidate.accepted_by == "score"
     assert [c.source for c in candidates] == ["judge", "resample"]
+
+
+@pytest.mark.parametrize("graded", [True, False])
+def test_a_joint_closer_to_gold_is_attributed_by_the_companion(
+    system: SystemSpec, graded: bool
+) -> None:
+    """``first`` fixed and ``aside`` changed: the writer says ``ok bad``, half of ``ok good``
+    by token F1 and still wrong by exact match; without ``first`` it is ``bad bad`` again."""
+    runtime, trace = rolled_out(system)
+    joint = JointProposal(
+        trace, {"first": "ok", "aside": "fine"}, {"first": "judge", "aside": "judge"}, {}
+    )
+    candidates, _ = verify_joint(runtime, [joint], epoch=1, writer="writer", graded=graded)
+    by_name = {c.component: c for c in candidates}
+    assert by_name["first"].replay_scores == [0.0]
+    assert by_name["first"].replay_graded == [pytest.approx(0.5)]
+    if not graded:  # not right, so refused, and not attributed
+        assert all(not c.accepted and c.needed is None for c in candidates)
+        return
+    assert (by_name["first"].needed, by_name["aside"].needed) == (True, False)
+    assert by_name["first"].without_graded == [0.0]
+    assert by_name["aside"].without_graded == [pytest.approx(0.5)]
+    assert [c.accepted_by for c in candidates] == ["graded", None]
