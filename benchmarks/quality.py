@@ -70,6 +70,7 @@ VARIANTS: dict[str, str] = {
     "full": "judge + replay-verified corrections + synthesis, SFT then DPO",
     "no-verify": "full, proposals accepted without replay verification",
     "binary-verify": "full, verified by the task metric only (no graded verification)",
+    "no-joint": "full with single-span candidates only (no joint candidates, no downstream first)",
     "no-judge": "no judge: re-sampled candidates only, verified by replay",
     "sft-only": "full without DPO",
 }
@@ -175,6 +176,8 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
         loop["verify_by_replay"] = False
     elif variant == "binary-verify":
         loop["graded_verification"] = False
+    elif variant == "no-joint":
+        loop["joint_candidates"] = False
     elif variant not in ("base", "full"):
         raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
     return job

@@ -14,11 +14,12 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cotune.data import Example
 from cotune.feedback import fixed_traces
 from cotune.records import (
+    Candidate,
     ComponentTraining,
     CreditOut,
     EvalOut,
@@ -43,6 +44,9 @@ from cotune.runner import (
 from cotune.runtime import Runtime, Trace, mean_score
 from cotune.scoring import Scorer
 from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources, given_rows
+
+if TYPE_CHECKING:
+    from cotune.verify import JointProposal, Proposal
 
 
 class JobCancelled(Exception):
@@ -196,8 +200,9 @@ def verify_candidates(
 ) -> VerifyOut:
     """Replay each proposal; keep those that raise the score or, with graded verification,
     move the output strictly closer to gold without lowering it. Without judge proposals for
-    a trace, candidates come from re-sampling its trainable components."""
-    from cotune.verify import gold_proposals, judge_proposals, resample_proposals, verify
+    a trace, candidates come from re-sampling its trainable components. Then the joint
+    candidates, downstream first (``replay_candidates``)."""
+    from cotune.verify import gold_proposals, joint_proposals, judge_proposals, resample_proposals
 
     loop = ctx.job.loop
     failed = [t for t in rollout_out.traces if not t.passed]
@@ -221,25 +226,80 @@ def verify_candidates(
         temperature=loop.candidate_temperature,
         seed=loop.seed * 7919 + epoch,
     )
+    joints = joint_proposals(ctx.job.system, failed, credit.outcomes)
+    candidates, replays = replay_candidates(
+        ctx, runtime, scorer, proposals, joints, epoch=epoch, seed=loop.seed + epoch
+    )
+    ctx.store.add_candidates(ctx.job_id, candidates, replace_epoch=epoch)
+    accepted = sum(c.accepted for c in candidates if c.kind == "single")
+    singles = sum(c.kind == "single" for c in candidates)
+    how = "verified by replay" if loop.verify_by_replay else "accepted unverified (ablation)"
+    closer = sum(c.accepted_by == "graded" for c in candidates if c.kind == "single")
+    graded = f" ({closer} of them closer to gold, not yet right)" if closer else ""
+    ctx.event(f"epoch {epoch}: {accepted} of {singles} candidates {how}{graded}")
+    joined = {c.joint_id for c in candidates if c.kind == "joint"}
+    if joined:
+        gained = {c.joint_id for c in candidates if c.kind == "joint" and c.needed is not None}
+        needed = sum(c.accepted for c in candidates if c.kind == "joint")
+        ctx.event(
+            f"epoch {epoch}: {len(gained)} of {len(joined)} joint candidates verified by "
+            f"replay, {needed} of their members needed (leave-one-out)"
+        )
+    return VerifyOut(
+        candidates=candidates, replays=replays, originals=originals, judge_calls=scorer.calls
+    )
+
+
+def replay_candidates(
+    ctx: JobContext,
+    runtime: Runtime,
+    scorer: Scorer,
+    proposals: list[Proposal],
+    joints: list[JointProposal],
+    *,
+    epoch: int,
+    seed: int,
+) -> tuple[list[Candidate], dict[int, Trace]]:
+    """Verification in its order (docs/algorithm.md): every single-span proposal, replayed
+    in one batch; then, with ``loop.joint_candidates`` (and verification on), the joint
+    candidates downstream first: ``joints`` (a verdict's upstream fixes together) and every
+    refused upstream single, each completed with the final writer's corrected output where
+    the corrected inputs admit a gold target, accepted by the single rule and attributed by
+    leave-one-out. Joint members follow the singles; replays are keyed by candidate index."""
+    from cotune.verify import downstream_first, hindsight_writer, verify, verify_joint
+
+    loop, system = ctx.job.loop, ctx.job.system
     candidates, replays = verify(
         runtime,
         proposals,
         epoch=epoch,
         replays=loop.replays,
-        seed=loop.seed + epoch,
+        seed=seed,
         require_gain=loop.verify_by_replay,
         scorer=scorer,
         graded=loop.graded_verification,
     )
-    ctx.store.add_candidates(ctx.job_id, candidates, replace_epoch=epoch)
-    accepted = sum(c.accepted for c in candidates)
-    how = "verified by replay" if loop.verify_by_replay else "accepted unverified (ablation)"
-    closer = sum(c.accepted_by == "graded" for c in candidates)
-    graded = f" ({closer} of them closer to gold, not yet right)" if closer else ""
-    ctx.event(f"epoch {epoch}: {accepted} of {len(candidates)} candidates {how}{graded}")
-    return VerifyOut(
-        candidates=candidates, replays=replays, originals=originals, judge_calls=scorer.calls
+    if not (loop.joint_candidates and loop.verify_by_replay):
+        return candidates, replays
+    writer = hindsight_writer(system) if loop.gold_candidates else None
+    if writer is not None:
+        joints = joints + downstream_first(
+            system, proposals, candidates, replays, reuse=loop.replays == 1
+        )
+    unique = list({j.key(): j for j in joints}.values())
+    more, more_replays = verify_joint(
+        runtime,
+        unique,
+        epoch=epoch,
+        writer=writer.name if writer else None,
+        replays=loop.replays,
+        seed=seed + 1,
+        scorer=scorer,
+        graded=loop.graded_verification,
     )
+    offset = len(candidates)
+    replays.update({offset + i: trace for i, trace in more_replays.items()})
+    return candidates + more, replays
 
 
 def synthesize(
@@ -249,7 +309,11 @@ def synthesize(
     checked: VerifyOut,
     current: dict[str, str],
 ) -> SynthesizeOut:
-    """Cumulative buffer: last epoch's rows + bootstrapped + corrections + augmentation."""
+    """Cumulative buffer: last epoch's rows + bootstrapped + corrections + augmentation.
+    Augmentation rounds run while a component is short of ``samples_per_component`` rows:
+    sampled rollouts of the train split, whose passing spans become rows and whose failed
+    traces get gold and re-sampled candidates, verified like the verify stage's
+    (``replay_candidates``, joints included) and kept as ``augment-`` rows."""
     system, loop = ctx.job.system, ctx.job.loop
     if ctx.job.train.rows == "given":
         buffer = given_rows(system, ctx.split("train"))
@@ -274,7 +338,7 @@ def synthesize(
         if system.writer_of(system.output)
         else None,
     )
-    augmented = 0
+    augmented = corrected = 0
     runtime = None
     scorer = ctx.scorer(capped=True)
     for round_ in range(loop.augment_rollouts):
@@ -297,12 +361,68 @@ def synthesize(
         )
         check_sources(extra, sources)
         augmented += sum(add_bootstrap(buffer, system, extra, source="augment").values())
+        added = _augment_corrections(ctx, epoch, round_, runtime, scorer, buffer, extra)
+        corrected += added
+        augmented += added
     counts = buffer.counts()
     shown = {name: count.model_dump() for name, count in counts.items()}
-    ctx.event(f"epoch {epoch}: buffer {shown} ({augmented} rows from augmentation)")
-    return SynthesizeOut(
-        buffer=buffer.rows(), counts=counts, augmented=augmented, judge_calls=scorer.calls
+    ctx.event(
+        f"epoch {epoch}: buffer {shown} ({augmented} rows from augmentation, {corrected} of "
+        "them verified corrections)"
     )
+    return SynthesizeOut(
+        buffer=buffer.rows(),
+        counts=counts,
+        augmented=augmented,
+        augment_corrections=corrected,
+        judge_calls=scorer.calls,
+    )
+
+
+def _augment_corrections(
+    ctx: JobContext,
+    epoch: int,
+    round_: int,
+    runtime: Runtime,
+    scorer: Scorer,
+    buffer: Buffer,
+    extra: list[Trace],
+) -> int:
+    """Rows from the failed traces of one augmentation round: gold (``loop.gold_candidates``)
+    and re-sampled candidates (``loop.resample_candidates`` per trainable span), replayed like
+    the verify stage's; the accepted ones become ``augment-correction`` rows (and the passing
+    replays' downstream spans ``augment-downstream`` rows)."""
+    from cotune.verify import gold_proposals, resample_proposals
+
+    system, loop = ctx.job.system, ctx.job.loop
+    failed = [t for t in extra if t.passed is False]
+    if not failed:
+        return 0
+    seed = loop.seed * 131 + epoch * 1009 + round_ * 17
+    proposals = gold_proposals(system, failed) if loop.gold_candidates else []
+    proposals += resample_proposals(
+        runtime,
+        failed,
+        n=loop.resample_candidates,
+        temperature=loop.candidate_temperature,
+        seed=seed,
+    )
+    if not proposals:
+        return 0
+    candidates, replays = replay_candidates(
+        ctx, runtime, scorer, proposals, [], epoch=epoch, seed=seed
+    )
+    writer = system.writer_of(system.output)
+    added = add_corrections(
+        buffer,
+        system,
+        {t.trace_id: t for t in failed},
+        replays,
+        candidates,
+        final_component=writer.name if writer else None,
+        prefix="augment-",
+    )
+    return sum(added.values())
 
 
 def train_components(

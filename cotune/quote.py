@@ -1,7 +1,9 @@
 """Pricing a job before running it: engine calls, generated tokens and judge calls per stage.
 
 Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
-and corrected), every LLM output to run to its ``max_tokens``. With ``metric: judge`` every
+and corrected), every LLM output to run to its ``max_tokens``; joint candidates
+(``loop.joint_candidates``) are priced with every joint accepted and replayed once per member
+left out, augmentation with every rollout failing and corrected. With ``metric: judge`` every
 scored output also costs K judge samples, each repaired once (no cache hit assumed). Rated
 runs (``data.feedback``) are fixed traces: each is assumed rated bad every epoch, re-run once to
 reconstruct its spans, judged, corrected, and its original output scored once for verify. The
@@ -59,14 +61,22 @@ def quote_job(
 
     judged_traces = batch + n_feedback
     judge_calls = judged_traces * loop.judge_samples * 2 if job.judge else 0  # one repair each
-    per_trace = len(system.trainable_components) * max(loop.resample_candidates, 1)
-    candidates = judged_traces * per_trace
+    trainable = len(system.trainable_components)
+    candidates = judged_traces * (trainable * max(loop.resample_candidates, 1))
+    joints = _joint_replays(job, judged_traces, candidates)
     rerun = {  # rebuilding a rated run's spans generates them; its rating is its score
         "engine_requests": n_feedback * len(llms),
         "generated_tokens": n_feedback * per_run_tokens,
         "judge_calls": 0,
     }
     originals = {k: v - rerun[k] for k, v in run(n_feedback).items()}  # scored, not run
+    # augmentation: per round, the rollouts and, for each failed one, its re-sampled
+    # candidates (each sampled, priced as a run, and replayed), its gold candidate and the
+    # joints of these (a leave-one-out replay per member)
+    fixes = 2 * trainable * loop.resample_candidates + 1
+    augment = (n_train + n_feedback) * loop.augment_rollouts
+    corrections = run(augment * (fixes + trainable * _joints_on(job)))
+    per_replay = loop.replays * (2 if loop.replays > 1 else 1)  # R, and R unmodified with R > 1
     stages: dict[str, dict[str, int]] = {
         "baseline": run(n_val),
         "rollout": {k: v + rerun[k] for k, v in run(batch).items()},
@@ -75,11 +85,8 @@ def quote_job(
             "generated_tokens": judge_calls * judge_max,
             "judge_calls": judge_calls,
         },
-        "verify": {
-            k: v * loop.replays * (2 if loop.replays > 1 else 1) + originals[k]
-            for k, v in run(candidates).items()
-        },
-        "synthesize": run((n_train + n_feedback) * loop.augment_rollouts),
+        "verify": {k: v * per_replay + originals[k] for k, v in run(candidates + joints).items()},
+        "synthesize": {k: v + corrections[k] * per_replay for k, v in run(augment).items()},
         "train": {"engine_requests": 0, "generated_tokens": 0, "judge_calls": 0},
         "evaluate": run(n_val),
         "test": run(2 * n_test),
@@ -106,6 +113,23 @@ def quote_job(
         "budget": job.budget.model_dump(),
         "trainable_components": [c.name for c in system.trainable_components],
     }
+
+
+def _joints_on(job: JobSpec) -> int:
+    """1 where the loop replays joint candidates (``loop.joint_candidates``, verification on)."""
+    return int(job.loop.joint_candidates and job.loop.verify_by_replay)
+
+
+def _joint_replays(job: JobSpec, batch: int, candidates: int) -> int:
+    """System runs the joint candidates of one verify stage may add, at most: each judge
+    verdict's joint of a failed trace, and each refused single completed downstream first
+    (its own replay reused when R = 1), each replayed once more per member left out."""
+    if not _joints_on(job):
+        return 0
+    members = len(job.system.trainable_components)
+    verdicts = batch * job.loop.judge_samples if job.judge else 0
+    singles = candidates if job.loop.replays > 1 else 0
+    return (verdicts + singles) * (1 + members) + candidates * members
 
 
 def format_quote(quote: dict[str, Any]) -> str:

@@ -116,6 +116,9 @@ class Event(BaseModel):
 # Why a candidate was accepted: its replay raised the task score ("score"), graded verification
 # found it strictly closer to gold ("graded"), or verification was off ("unverified").
 AcceptedBy = Literal["score", "graded", "unverified"]
+# A single span's correction, or one member of a joint correction: several spans' outputs
+# replayed together, each member attributed by leave-one-out (docs/algorithm.md).
+CandidateKind = Literal["single", "joint"]
 
 
 class Candidate(BaseModel):
@@ -125,7 +128,9 @@ class Candidate(BaseModel):
     trace_id: str
     example_id: str
     component: str
-    source: str  # "judge", "gold" (the final writer's own inputs held it) or "resample"
+    # "judge", "gold" (the final writer's own inputs admitted it: cotune.verify.hindsight_target)
+    # or "resample"
+    source: str
     proposed_output: Any
     original_output: Any
     original_score: float
@@ -139,14 +144,25 @@ class Candidate(BaseModel):
     replay_graded: list[float] = Field(default_factory=list)
     baseline_graded: list[float] = Field(default_factory=list)
     accepted_by: AcceptedBy | None = None  # None: refused (or stored before this existed)
+    # joint corrections (loop.joint_candidates): this record is one member of the joint
+    # ``joint_id`` of spans ``members``; its replay scores are the joint's; ``without_scores``
+    # (and ``without_graded``) are the replays with every member but this one, and ``needed``
+    # says whether the gain went (in part) away without it. None: not attributed (refused).
+    kind: CandidateKind = "single"
+    joint_id: str | None = None
+    members: list[str] = Field(default_factory=list)
+    without_scores: list[float] = Field(default_factory=list)
+    without_graded: list[float] = Field(default_factory=list)
+    needed: bool | None = None
 
     @property
     def verified(self) -> bool:
         """Replaying with it raised the score: above the original trace's (one replay) or
         the mean of the seeded replays of the unmodified span. ``accepted`` is the same unless
         the job turned verification off (``loop.verify_by_replay: false``) or on graded
-        verification accepted it as ``closer``."""
-        if not self.replay_scores:
+        verification accepted it as ``closer``. A joint member is verified only when the
+        joint raised the score and the member was ``needed``."""
+        if not self.replay_scores or not self._attributed:
             return False
         return _mean(self.replay_scores) > self._reference_score
 
@@ -155,7 +171,7 @@ class Candidate(BaseModel):
         """Graded verification's rule: the replays' graded companion is strictly above the
         reference's (the original trace's, or the unmodified replays' mean) while their task
         score is not below the reference's. Without graded scores it is False."""
-        if not self.replay_scores or not self.replay_graded:
+        if not self.replay_scores or not self.replay_graded or not self._attributed:
             return False
         reference = _mean(self.baseline_graded) if self.baseline_graded else self.original_graded
         if reference is None:
@@ -164,6 +180,11 @@ class Candidate(BaseModel):
             _mean(self.replay_graded) > reference
             and _mean(self.replay_scores) >= self._reference_score
         )
+
+    @property
+    def _attributed(self) -> bool:
+        """A single candidate stands alone; a joint member counts only where it was needed."""
+        return self.kind == "single" or bool(self.needed)
 
     @property
     def _reference_score(self) -> float:
@@ -293,10 +314,15 @@ class VerifyOut(StageOut):
     )
 
     def details(self) -> dict[str, int | float]:
+        singles = [c for c in self.candidates if c.kind == "single"]
+        members = [c for c in self.candidates if c.kind == "joint"]
         return {
-            "candidates": len(self.candidates),
-            "verified": sum(c.verified for c in self.candidates),
-            "accepted_graded": sum(c.accepted_by == "graded" for c in self.candidates),
+            "candidates": len(singles),
+            "verified": sum(c.verified for c in singles),
+            "accepted_graded": sum(c.accepted_by == "graded" for c in singles),
+            "joint_candidates": len({c.joint_id for c in members}),
+            "joint_verified": len({c.joint_id for c in members if c.needed is not None}),
+            "joint_members_needed": sum(c.accepted for c in members),
         }
 
 
@@ -319,12 +345,18 @@ class SynthesizeOut(StageOut):
         default_factory=dict, description="rows per component (only those with any)"
     )
     augmented: int = Field(0, description="rows this epoch added from augmentation rollouts")
+    augment_corrections: int = Field(
+        0,
+        description="of those, rows from verified corrections of the augmentation rollouts "
+        "that failed",
+    )
 
     def details(self) -> dict[str, int | float]:
         return {
             "samples": sum(c.samples for c in self.counts.values()),
             "pairs": sum(c.pairs for c in self.counts.values()),
             "augmented": self.augmented,
+            "augment_corrections": self.augment_corrections,
         }
 
 

@@ -180,27 +180,48 @@ class Runtime:
         temperature: float | None = None,
     ) -> list[Trace]:
         """Replace each span's output and re-run only what is downstream of it, batched."""
+        return self.replay_joint(
+            [(trace, {span_id: output}) for trace, span_id, output in items],
+            seed=seed,
+            temperature=temperature,
+        )
+
+    def replay_joint(
+        self,
+        items: Sequence[tuple[Trace, Mapping[str, Any]]],
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> list[Trace]:
+        """Replace several spans' outputs of each trace at once and re-run what is downstream
+        of any of them, keeping each replaced span's given output, batched. A replay of a
+        replay still names the first trace as the one it replays."""
         states = []
-        for i, (trace, span_id, new_output) in enumerate(items):
-            component = self.system.component(span_id)
-            downstream = set(self.system.downstream(span_id))
+        for i, (trace, outputs) in enumerate(items):
+            if not outputs:
+                raise ValueError(f"a replay of trace {trace.trace_id} replaces no span")
+            downstream = {d for span_id in outputs for d in self.system.downstream(span_id)}
+            downstream -= set(outputs)
             values = trace.fields()
-            values[component.writes] = new_output
-            replaced = trace.span(span_id).model_copy(deep=True)
-            replaced.output, replaced.replaced, replaced.error = new_output, True, None
-            spans = [
-                replaced if s.span_id == span_id else s.model_copy(deep=True)
-                for s in trace.spans
-                if s.span_id not in downstream
-            ]
+            for span_id, new_output in outputs.items():
+                values[self.system.component(span_id).writes] = new_output
+            spans = []
+            for span in trace.spans:
+                if span.span_id in downstream:
+                    continue
+                copy = span.model_copy(deep=True)
+                if span.span_id in outputs:
+                    copy.output, copy.replaced, copy.error = outputs[span.span_id], True, None
+                    copy.rerun = False
+                spans.append(copy)
             replay = Trace(
                 trace_id=uuid.uuid4().hex[:16],
                 example_id=trace.example_id,
                 inputs=dict(trace.inputs),
                 expected=trace.expected,
                 spans=spans,
-                replay_of=trace.trace_id,
-                replaced_span=span_id,
+                replay_of=trace.replay_of or trace.trace_id,
+                replaced_span=next(iter(outputs)),
             )
             states.append(
                 _State(

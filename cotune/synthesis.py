@@ -2,8 +2,9 @@
 
 Sources, in order of trust: spans of traces that passed (bootstrapping, as in DSPy's
 BootstrapFinetune; a rated-good run of ``data.feedback`` is such a trace, minus any span
-reconstructed by a re-run), verified corrections and the downstream spans of the corrected
-replays, then augmentation (more sampled rollouts, kept only when they pass). DPO pairs
+reconstructed by a re-run), verified corrections (single and needed joint members) and the
+downstream spans of the corrected replays, then augmentation (more sampled rollouts: the spans
+of those that pass, and the verified corrections of those that fail, ``augment-`` rows). DPO pairs
 contrast a verified correction with the original output. Rows are rendered from a span's own
 messages, so a prompt holds only what the component saw: never a critique, never a gold answer
 it was not given.
@@ -140,32 +141,49 @@ def add_corrections(
     replays_by_candidate: dict[int, Trace],
     candidates: Sequence[Candidate],
     final_component: str | None,
+    prefix: str = "",
 ) -> dict[str, int]:
     """Verified corrections (SFT rows + DPO pairs) and the passing downstream spans of their
-    replays. ``replays_by_candidate`` maps a candidate's index to its replay trace."""
+    replays. ``replays_by_candidate`` maps a candidate's index to its replay trace. A joint
+    member's prompt is its span in the joint's replay (an upstream member's is its own span
+    as it was; the final writer's saw the corrected inputs). A gold target ("gold" source)
+    is kept only where that prompt's inputs admit it (``cotune.verify.hindsight_target``).
+    ``prefix`` goes before the rows' sources ("augment-" for augmentation's corrections)."""
+    from cotune.verify import hindsight_target
+
     added: dict[str, int] = {}
     trainable = {c.name for c in system.trainable_components}
     for index, candidate in enumerate(candidates):
         if not candidate.accepted or candidate.component not in trainable:
             continue
         original = traces_by_id[candidate.trace_id]
-        span = original.span(candidate.component)
+        replay = replays_by_candidate.get(index)
+        if candidate.kind == "joint":
+            if replay is None:
+                continue
+            span = replay.span(candidate.component)
+        else:
+            span = original.span(candidate.component)
         chosen = as_completion(candidate.proposed_output)
         rejected = as_completion(candidate.original_output)
         if span.messages is None:
             continue
         if candidate.component != final_component and leaks_gold(span, chosen, original.expected):
             continue
-        if buffer.add_sft(candidate.component, SFTRow(span.messages, chosen, "correction")):
+        if candidate.source == "gold" and hindsight_target(span, original.expected) != chosen:
+            continue
+        row = SFTRow(span.messages, chosen, f"{prefix}correction")
+        if buffer.add_sft(candidate.component, row):
             added[candidate.component] = added.get(candidate.component, 0) + 1
         if chosen.strip() != rejected.strip():
             buffer.add_pair(candidate.component, DPOPair(span.messages, chosen, rejected))
-        replay = replays_by_candidate.get(index)
         if replay is not None and replay.passed:
             for downstream in training_spans(system, replay):
                 if downstream.rerun and downstream.messages:
                     row = SFTRow(
-                        downstream.messages, as_completion(downstream.output), "downstream"
+                        downstream.messages,
+                        as_completion(downstream.output),
+                        f"{prefix}downstream",
                     )
                     if buffer.add_sft(downstream.component, row):
                         added[downstream.component] = added.get(downstream.component, 0) + 1

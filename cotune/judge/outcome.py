@@ -118,16 +118,28 @@ class JudgeOutcome:
         LLM span that differs from what the span wrote, in verdict order."""
         found: list[tuple[str, str, str]] = []
         seen: set[tuple[str, str]] = set()
+        for verdict in self.verdict_proposals():
+            for span_id, proposed, critique in verdict:
+                if (span_id, proposed) not in seen:
+                    seen.add((span_id, proposed))
+                    found.append((span_id, proposed, critique))
+        return found
+
+    def verdict_proposals(self) -> list[list[tuple[str, str, str]]]:
+        """Per valid verdict, ``(span_id, should_have_output, critique)`` for each LLM span it
+        proposes an output for that differs from what the span wrote: one verdict's fixes
+        belong together (joint candidates, ``cotune.verify.joint_proposals``)."""
+        found = []
         for verdict in self.verdicts:
+            fixes = []
             for item in verdict.components:
                 proposed = item.should_have_output
                 if proposed is None or not proposed.strip():
                     continue
                 if item.span_id not in self.llm_outputs:
                     continue
-                key = (item.span_id, proposed.strip())
-                if key in seen or _same_output(proposed, self.llm_outputs[item.span_id]):
+                if _same_output(proposed, self.llm_outputs[item.span_id]):
                     continue
-                seen.add(key)
-                found.append((item.span_id, proposed.strip(), item.critique))
+                fixes.append((item.span_id, proposed.strip(), item.critique))
+            found.append(fixes)
         return found

@@ -82,8 +82,9 @@ class LoopConfig(_Strict):
     )
     gold_candidates: bool = Field(
         default=True,
-        description="propose the gold answer for the final writer when its own inputs "
-        "contain it (verified by replay like any candidate)",
+        description="propose the gold answer for the final writer when its own inputs admit "
+        "it: it occurs in them, or each of its words does (verified by replay like any "
+        "candidate; docs/algorithm.md)",
     )
     verify_by_replay: bool = Field(
         default=True,
@@ -98,11 +99,24 @@ class LoopConfig(_Strict):
         "graded companion (token F1, a number's distance, list items right) while its task "
         "score does not fall; final scores stay the task metric (docs/algorithm.md)",
     )
+    joint_candidates: bool = Field(
+        default=True,
+        description="also replay a failed trace with corrections of several spans together: "
+        "each judge verdict's fixes of the upstream components at once, and (downstream "
+        "first) each refused upstream fix completed with the final writer's gold target where "
+        "its corrected inputs admit it; an accepted joint keeps only the members leave-one-out "
+        "finds needed (docs/algorithm.md); false: single-span candidates only (an ablation)",
+    )
     candidate_temperature: Float = Field(
         default=0.8, gt=0.0, le=2.0, description="sampling temperature of re-sampled candidates"
     )
     augment_rollouts: Int = Field(
-        default=2, ge=0, le=16, description="extra sampled rollouts to fill up to N samples"
+        default=2,
+        ge=0,
+        le=16,
+        description="rounds of extra sampled rollouts of the train split while a component "
+        "has fewer than samples_per_component rows: the spans of those that pass become rows, "
+        "and those that fail get gold, re-sampled (and joint) candidates verified by replay",
     )
     val_limit: Int | None = Field(
         default=None, ge=1, description="evaluate on at most this many val rows"

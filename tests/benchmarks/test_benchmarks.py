@@ -208,6 +208,8 @@ def test_variants_are_loop_settings() -> None:
     assert all(j.loop.verify_by_replay for v, j in jobs.items() if v != "no-verify")
     assert not jobs["binary-verify"].loop.graded_verification
     assert all(j.loop.graded_verification for v, j in jobs.items() if v != "binary-verify")
+    assert not jobs["no-joint"].loop.joint_candidates
+    assert all(j.loop.joint_candidates for v, j in jobs.items() if v != "no-joint")
     assert jobs["bootstrap"].judge is None and not jobs["bootstrap"].loop.gold_candidates
     assert jobs["bootstrap"].loop.resample_candidates == 0
     assert jobs["bootstrap"].train.method == jobs["sft-only"].train.method == "sft"

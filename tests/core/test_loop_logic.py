@@ -493,6 +493,132 @@ def test_graded_verification_accepts_closer_answers_and_scores_stay_exact_match(
         assert any(t.graded_score for t in evaluated.traces)
 
 
+# -- 3c. joint candidates, downstream first, synthesis up to N ----------------------------------
+
+
+def both_wrong() -> ScriptedEngine:
+    """The base query writer is always wrong and the base answer writer answers ``wrong``:
+    a right query alone leaves the answer wrong, and the answer writer's inputs (no passage)
+    never admit the gold colour, so no single fix flips the answer."""
+    return ScriptedEngine(query_ok=lambda key, adapter: False, answer_wrong=lambda a: a is None)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_when_both_components_are_wrong_only_the_joint_fix_teaches(
+    example_dir: Path, harness: Callable[..., Harness], joint: bool
+) -> None:
+    job = make_job(example_dir, loop={"joint_candidates": joint, "augment_rollouts": 0})
+    run = harness(job, engine=both_wrong(), judge=ScriptedJudge(fix_query))
+    run.run()
+
+    failed = run.output(1, Stage.rollout, RolloutOut).traces
+    assert failed and not any(t.passed for t in failed)
+    checked = run.output(1, Stage.verify, VerifyOut)
+    singles = [c for c in checked.candidates if c.kind == "single"]
+    assert singles and not any(c.accepted for c in singles), "no single fix flips it"
+    assert {c.source for c in singles} == {"judge"}  # no gold in the answer writer's inputs
+    members = [c for c in checked.candidates if c.kind == "joint"]
+    buffer = run.output(1, Stage.synthesize, SynthesizeOut).buffer
+    if not joint:
+        assert members == [] and buffer.sft == {} and run.trainer.calls == []
+        return
+
+    # downstream first: each refused query fix, completed with the answer writer's gold
+    # (the right query's passage shows it), is a joint of both; both are needed
+    assert len(members) == 2 * len(failed)
+    assert all(c.accepted and c.needed and c.replay_scores == [1.0] for c in members)
+    for trace in failed:
+        key, gold = (
+            question_key(trace.inputs["question"]),
+            FACTS[question_key(trace.inputs["question"])],
+        )
+        mine = {c.component: c for c in members if c.trace_id == trace.trace_id}
+        assert (
+            mine["query"].proposed_output == f"color of {key}" and mine["query"].source == "judge"
+        )
+        assert mine["answer"].proposed_output == gold and mine["answer"].source == "gold"
+        assert mine["answer"].original_output == "wrong"  # what it said on the right passage
+        assert mine["query"].without_scores == mine["answer"].without_scores == [0.0]
+    details = checked.details()
+    assert details["joint_candidates"] == details["joint_verified"] == len(failed)
+    assert details["joint_members_needed"] == 2 * len(failed)
+    stored = run.store.candidates(run.job_id, accepted=True)
+    assert {(c.kind, c.component) for c in stored} == {("joint", "query"), ("joint", "answer")}
+
+    # the rows: each needed member's correction, on the prompt its span had in the joint
+    assert {r.source for rows in buffer.sft.values() for r in rows} == {"correction"}
+    assert len(buffer.sft["query"]) == len(buffer.sft["answer"]) == len(failed)
+    for row in buffer.sft["answer"]:
+        key = question_key(row.messages[-1]["content"])
+        assert row.completion == FACTS[key]
+        assert word_in(FACTS[key], row.messages[-1]["content"]), "the prompt shows the gold"
+    for row in buffer.sft["query"]:
+        assert not word_in(FACTS[question_key(row.messages[-1]["content"])], row.completion)
+    assert {c.component for c in run.trainer.calls} == {"query", "answer"}
+    assert any("joint candidates verified by replay" in m for m in run.messages())
+
+
+def test_a_joint_member_that_is_not_needed_gives_no_row(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """The easy keys' query was right and its passage showed the gold: the judge's other query
+    is not needed (leave-one-out: the answer writer's gold on the original inputs passes too),
+    so only the answer writer's correction is kept; the hard keys need both."""
+
+    def other_query(key: str, gold: str, index: int) -> list[dict[str, Any]]:
+        return [critique("query", f"what is the color of {key}", "ask it whole")]
+
+    job = make_job(example_dir, loop={"augment_rollouts": 0})
+    engine = ScriptedEngine(answer_wrong=lambda adapter: adapter is None)
+    run = harness(job, engine=engine, judge=ScriptedJudge(other_query))
+    run.run()
+
+    checked = run.output(1, Stage.verify, VerifyOut)
+    members = [c for c in checked.candidates if c.kind == "joint"]
+    keys = {c.trace_id: c.proposed_output.split()[-1] for c in members if c.component == "query"}
+    assert {is_hard(k) for k in keys.values()} == {True, False}, "both kinds of keys failed"
+    for candidate in members:
+        hard = is_hard(keys[candidate.trace_id])
+        assert candidate.needed == (hard or candidate.component == "answer"), candidate
+        assert candidate.accepted == candidate.needed
+    # the easy keys' gold single passed on its own, the hard keys' could not be proposed
+    gold = [c for c in checked.candidates if c.kind == "single" and c.source == "gold"]
+    assert gold and all(c.accepted and not is_hard(keys[c.trace_id]) for c in gold)
+    rows = run.output(1, Stage.synthesize, SynthesizeOut).buffer.sft["query"]
+    corrected = {r.completion.split()[-1] for r in rows if r.source == "correction"}
+    assert corrected == {k for k in keys.values() if is_hard(k)}
+
+
+def test_augmentation_fills_up_to_n_from_verified_corrections(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """Few augmentation rollouts pass (the answer writer answers ``wrong`` unless a sampled
+    seed names a colour); their failed traces' verified corrections fill the buffer."""
+    loop = {"rollout_batch": 2, "samples_per_component": 8, "augment_rollouts": 2}
+    engine = ScriptedEngine(query_ok=lambda key, adapter: False, answer_wrong=lambda a: True)
+    run = harness(make_job(example_dir, judge=False, loop=loop), engine=engine)
+    run.run()
+
+    out = run.output(1, Stage.synthesize, SynthesizeOut)
+    assert out.augment_corrections > 0 and out.augmented >= out.augment_corrections
+    assert out.details()["augment_corrections"] == out.augment_corrections
+    for component in ("query", "answer"):
+        rows = out.buffer.sft[component]
+        assert len(rows) >= 8, (component, len(rows))
+        fresh = [r for r in rows if r.source.startswith("augment-")]
+        assert len(fresh) > len([r for r in rows if r.source == "augment"])
+    train_keys = set(split_keys(example_dir, "train"))
+    for row in out.buffer.sft["query"]:  # no gold the query writer did not see
+        key = question_key(row.messages[-1]["content"])
+        assert key in train_keys and not word_in(FACTS[key], row.completion)
+    for row in out.buffer.sft["answer"]:
+        if row.source == "augment-correction":
+            key = question_key(row.messages[-1]["content"])
+            assert row.completion == FACTS[key]
+            assert word_in(FACTS[key], row.messages[-1]["content"])
+    assert any("verified corrections)" in m for m in run.messages())
+
+
 # -- 4. the best epoch ------------------------------------------------------------------------
 
 
@@ -1171,7 +1297,11 @@ def test_quote_prices_rated_runs(tmp_path: Path, model_dir: Path) -> None:
     folder = write_judged_tiny_example(tmp_path / "fb", model_path=str(model_dir), splits=SPLITS)
     job, kinds = feedback_job(folder, judge=True)
     rated = sum(len(k) for k in kinds.values())
+    with_joints = quote_job(job)["per_stage"]["verify"]
+    # the joints' replays are priced by their own test; here, what rated runs cost alone
+    job.loop = job.loop.model_copy(update={"joint_candidates": False})
     quote = quote_job(job)
+    assert with_joints["judge_calls"] > quote["per_stage"]["verify"]["judge_calls"]
     assert quote["examples"] == {"train": 0, "val": 12, "test": 12, "feedback": rated}
     stages = quote["per_stage"]
     # each rated run: reconstructed in rollout (two llm calls), judged once with a repair
@@ -1182,3 +1312,25 @@ def test_quote_prices_rated_runs(tmp_path: Path, model_dir: Path) -> None:
     # verify: 4 candidates a run (2 trainable components x 2 re-samples) and the original,
     # each scored with one sample and one repair
     assert stages["verify"]["judge_calls"] == rated * (4 + 1) * 2
+
+
+def test_quote_prices_joint_candidates_and_augmentation_corrections(example_dir: Path) -> None:
+    from cotune.quote import quote_job
+
+    def per_stage(**loop: Any) -> dict[str, dict[str, int]]:
+        return quote_job(make_job(example_dir, loop=loop))["per_stage"]
+
+    joint, single = per_stage(), per_stage(joint_candidates=False)
+    assert joint["verify"]["engine_requests"] > single["verify"]["engine_requests"]
+    assert joint["synthesize"]["engine_requests"] > single["synthesize"]["engine_requests"]
+    assert joint["rollout"] == single["rollout"]
+    # verification off: no joints (their attribution is by replay)
+    unverified = per_stage(verify_by_replay=False)
+    assert (
+        unverified["verify"] == per_stage(verify_by_replay=False, joint_candidates=False)["verify"]
+    )
+    # augmentation's corrections: more than its rollouts alone
+    rollouts_only = quote_job(make_job(example_dir, loop={"resample_candidates": 0}))["per_stage"]
+    assert (
+        single["synthesize"]["engine_requests"] > rollouts_only["synthesize"]["engine_requests"] > 0
+    )
