@@ -116,6 +116,19 @@ QueryRule = Callable[[str, str | None], bool]  # (key, adapter) -> the query com
 AnswerRule = Callable[[str | None], bool]  # adapter -> the answer writer answers wrong
 
 
+class StepsAside:
+    """An engine double's release/reacquire: no model to step aside, only the state is kept,
+    for tests of who releases when."""
+
+    released = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def reacquire(self) -> None:
+        self.released = False
+
+
 @dataclass
 class EngineCall:
     component: str
@@ -124,7 +137,7 @@ class EngineCall:
     keys: list[str]
 
 
-class ScriptedEngine:
+class ScriptedEngine(StepsAside):
     """Test double for an ``InferenceEngine`` on the tiny-kb task: answers by rule, no model.
 
     - The query writer ("Write a search query for: ...") returns ``color of <key>`` when
@@ -155,15 +168,6 @@ class ScriptedEngine:
 
     def supports_json_schema(self) -> bool:
         return True
-
-    # No model to step aside: only the state is kept, for tests of who releases when.
-    released = False
-
-    def release(self) -> None:
-        self.released = True
-
-    def reacquire(self) -> None:
-        self.released = False
 
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
@@ -226,7 +230,7 @@ def critique(
     }
 
 
-class ScriptedJudge:
+class ScriptedJudge(StepsAside):
     """Test double for the judge's engine: builds each verdict with ``propose`` (from the key
     and the gold answer it reads in the judge prompt, and the sample's index among this
     trace's requests in the batch), returns it as JSON. A scoring prompt (``metric: judge``)
@@ -247,15 +251,6 @@ class ScriptedJudge:
 
     def supports_json_schema(self) -> bool:
         return True
-
-    # No model to step aside: only the state is kept, for tests of who releases when.
-    released = False
-
-    def release(self) -> None:
-        self.released = True
-
-    def reacquire(self) -> None:
-        self.released = False
 
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None

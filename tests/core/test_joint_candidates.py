@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doubles import StepsAside
 
 from cotune.data import Example
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
@@ -39,7 +40,7 @@ from cotune.verify import (
 GOLD = "ok good"
 
 
-class ChainEngine:
+class ChainEngine(StepsAside):
     """Test double for an engine on the chain: ``first``, ``second`` and ``aside`` answer
     ``bad``; ``writer`` answers what its prompt shows for ``first`` and ``second``, joined."""
 
@@ -52,15 +53,6 @@ class ChainEngine:
 
     def supports_json_schema(self) -> bool:
         return False
-
-    # No model to step aside: only the state is kept.
-    released = False
-
-    def release(self) -> None:
-        self.released = True
-
-    def reacquire(self) -> None:
-        self.released = False
 
     def generate(
         self, requests: list[GenerationRequest], adapter: str | None = None
