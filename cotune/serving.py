@@ -408,6 +408,12 @@ def open_bundle(
         raise BundleError(f"{folder} is not an intact bundle: " + "; ".join(problems[:5]))
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     system = load_system(folder / SYSTEM_FILE)
+    for component in system.components:
+        if component.tool == "bm25" and not system.resolve_path(component.args["corpus"]).is_file():
+            raise BundleError(
+                f"component {component.name!r}: its corpus {component.args['corpus']!r} is not "
+                "in the bundle (built before corpora travelled in bundles: download it again)"
+            )
     mapping = json.loads((folder / ADAPTERS_FILE).read_text(encoding="utf-8"))
     adapters = {component: str(folder / relative) for component, relative in mapping.items()}
     system = system.model_copy(update={"models": _model_folders(system, manifest)})

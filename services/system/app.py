@@ -10,6 +10,8 @@ answers).
   ``rating`` for a bad one;
 - ``GET /healthz``: no key needed.
 
+A body over ``COTUNE_MAX_JSON_BODY_BYTES`` answers 413.
+
 API keys (``cotune keys create``, in ``COTUNE_DATABASE_URL``), rate limits and the
 ``http_search`` allow-list are the API's settings (``cotune.settings``), checked by the API's
 own code (``services.api.auth.authenticate``). A tenant sees only its own traces.
@@ -27,6 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cotune.errors import EngineError, ToolError
 from cotune.runtime import Trace
@@ -113,6 +116,38 @@ def _checked(value: Any, param: str) -> None:
         raise ApiError(422, "invalid_request", f"{where}: {what}", where)
 
 
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes (``COTUNE_MAX_JSON_BODY_BYTES``) with 413,
+    declared or streamed, before any of it is parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from services.api.app import send_error
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than the limit of {self.limit} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await send_error(send, 413, "request_too_large", message, close=True)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            got = await receive()
+            if got["type"] == "http.request":
+                received += len(got.get("body", b""))
+                if received > self.limit:
+                    raise ApiError(413, "request_too_large", message)
+            return got
+
+        await self.app(scope, limited, send)
+
+
 def create_system_app(server: SystemServer, settings: Settings | None = None) -> FastAPI:
     """The served system's app over ``server``; keys from ``settings.database_url``."""
     from services.api.app import _sqlite_folder
@@ -135,6 +170,7 @@ def create_system_app(server: SystemServer, settings: Settings | None = None) ->
     )
     app.state.system = state
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)
 
     @app.exception_handler(ServingError)
     async def _refused(request: Request, exc: ServingError) -> JSONResponse:

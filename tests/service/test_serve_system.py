@@ -132,6 +132,7 @@ def served(finished_job: FinishedJob, tmp_path_factory: pytest.TempPathFactory) 
         root / "serve-system.log",
         COTUNE_RATE_LIMIT_BURST="40",
         COTUNE_RATE_LIMIT_PER_MINUTE="1",
+        COTUNE_MAX_JSON_BODY_BYTES="4096",
     ) as url:
         yield Served(url=url, traces=traces, env=finished_job.env)
     log = (root / "serve-system.log").read_text()
@@ -308,6 +309,10 @@ def test_requests_are_checked(finished_job: FinishedJob, served: Served) -> None
         answer = post("/v1/run", body)
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["param"] == param, answer.text
+
+    # A body over the settings' limit (COTUNE_MAX_JSON_BODY_BYTES) is refused unread.
+    huge = post("/v1/run", {"inputs": {"question": "x" * 5000}})
+    assert huge.status_code == 413, huge.text
 
     # Keys: none or a wrong one answers 401.
     assert httpx.post(f"{url}/v1/run", json={"inputs": {"question": "q"}}).status_code == 401
