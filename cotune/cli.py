@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "2026-12-01T12:00:00+00:00; UTC unless it says)",
     )
     export.add_argument("--tenant", help="only this tenant's traces")
+    export.add_argument(
+        "--corrected-only",
+        action="store_true",
+        help="only traces rated with a corrected_output (a job under a gold metric needs one "
+        "on every row; rating-only rows need metric: judge)",
+    )
     export.set_defaults(handler=cmd_feedback_export)
 
     worker = sub.add_parser("worker", help="run a Celery worker (queues gpu and cpu)")
@@ -349,7 +355,13 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         args.traces or settings.traces_dir(), settings.trace_retention_days, create=False
     )
     try:
-        count = export_feedback(log, args.out, since=args.since, tenant=args.tenant)
+        count = export_feedback(
+            log,
+            args.out,
+            since=args.since,
+            tenant=args.tenant,
+            corrected_only=args.corrected_only,
+        )
     finally:
         log.close()
     print(f"exported {count} rated traces to {args.out}")

@@ -85,13 +85,11 @@ class Feedback(BaseModel):
     )
     comment: str | None = Field(
         default=None,
-        min_length=1,
         max_length=COMMENT_MAX,
         description="the person's words: what was wrong or right (the judge reads it)",
     )
     corrected_output: str | None = Field(
         default=None,
-        min_length=1,
         max_length=CORRECTED_OUTPUT_MAX,
         description="what the system should have answered (a retraining job takes it as gold)",
     )
@@ -105,6 +103,13 @@ class Feedback(BaseModel):
         if number and math.isfinite(value) and 0.0 <= value <= 1.0:
             return float(value)
         raise ValueError(f"must be a number from 0 to 1, 'up' or 'down', got {value!r}")
+
+    @field_validator("comment", "corrected_output")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty or blank (leave it out instead)")
+        return value
 
     def as_json(self) -> dict[str, Any]:
         """As the feedback file holds it: the optional parts only where given."""
@@ -267,13 +272,20 @@ class TraceLog:
         return self.get(trace_id, tenant)
 
     def rated(
-        self, *, since: _dt.datetime | None = None, tenant: str | None = None
+        self,
+        *,
+        since: _dt.datetime | None = None,
+        tenant: str | None = None,
+        corrected_only: bool = False,
     ) -> Iterator[LoggedTrace]:
-        """The rated traces, oldest first: rated at or after ``since``, of ``tenant`` if given."""
+        """The rated traces, oldest first: rated at or after ``since``, of ``tenant`` if given,
+        only those with a ``corrected_output`` if ``corrected_only``."""
         query = (
             "SELECT id, tenant, created_at, trace, feedback, rated_at FROM traces "
             "WHERE feedback IS NOT NULL AND created_at >= ?"
         )
+        if corrected_only:
+            query += " AND json_extract(feedback, '$.corrected_output') IS NOT NULL"
         args: list[Any] = [self._cutoff()]
         if since is not None:
             if since.tzinfo is None:
@@ -307,13 +319,18 @@ def export_feedback(
     *,
     since: _dt.datetime | None = None,
     tenant: str | None = None,
+    corrected_only: bool = False,
 ) -> int:
     """Write the rated traces to ``out`` as a feedback file (JSONL, the pinned format); how many.
-    The file appears whole or not at all; with no rated trace nothing is written and
+    ``corrected_only``: only those with a ``corrected_output`` (what a job under a gold metric
+    takes: the corrected output is the row's gold; rating-only rows need ``metric: judge``).
+    The file appears whole or not at all; with no such trace nothing is written and
     ``ServingError`` says so."""
-    rows = [FeedbackRow.of(logged) for logged in log.rated(since=since, tenant=tenant)]
+    rated = log.rated(since=since, tenant=tenant, corrected_only=corrected_only)
+    rows = [FeedbackRow.of(logged) for logged in rated]
     if not rows:
-        scope = "" if since is None else f" since {since.isoformat()}"
+        scope = " with a corrected_output" if corrected_only else ""
+        scope += "" if since is None else f" since {since.isoformat()}"
         scope += "" if tenant is None else f" of tenant {tenant!r}"
         raise ServingError(f"no rated traces{scope} in {log.path}: nothing to export")
     out = Path(out)

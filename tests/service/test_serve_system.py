@@ -257,6 +257,21 @@ def test_serve_rate_export(finished_job: FinishedJob, served: Served, tmp_path: 
     again = Trace(trace_id="x", example_id="x", inputs=lines[0]["inputs"], spans=lines[0]["spans"])
     assert [s.model_dump(mode="json") for s in again.spans] == lines[0]["spans"]
 
+    # --corrected-only: the rated runs with a corrected_output (a gold-metric job's rows).
+    corrected = tmp_path / "corrected.jsonl"
+    traces_dir = str(served.traces)
+    cli(
+        served.env,
+        "feedback",
+        "export",
+        "--traces",
+        traces_dir,
+        "--out",
+        str(corrected),
+        "--corrected-only",
+    )
+    assert [json.loads(x) for x in corrected.read_text().splitlines()] == [lines[2]]
+
     # --since: ratings after it only; none -> the command fails and writes nothing.
     later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
     none = str(tmp_path / "none.jsonl")
@@ -287,7 +302,9 @@ def feedback_export_for_next_job(served: Served, tmp_path: Path) -> Path:
     exported feedback file. Once branch ``feedback`` (the job side of ``data.feedback``) is
     merged, submit a second tiny-kb job here whose ``data.feedback`` is this file (``cotune
     submit`` uploads it with purpose ``feedback``) and assert it finishes and trains a
-    component."""
+    component. Note: that branch's parser wants a ``corrected_output`` on every row under a gold
+    metric (tiny-kb's is exact_match): give the second job ``metric: judge`` and a ``rubric``,
+    or take ``corrected.jsonl`` (``--corrected-only``, written beside this file by the test)."""
     return exported_feedback_file(served, tmp_path / "feedback.jsonl")
 
 
@@ -330,8 +347,9 @@ def test_requests_are_checked(finished_job: FinishedJob, served: Served) -> None
         assert answer.json()["error"]["param"] == "rating", answer.text
     answer = post(f"/v1/runs/{run_id}/feedback", {"rating": 1, "stars": 5})
     assert answer.status_code == 422 and answer.json()["error"]["param"] == "stars"
-    answer = post(f"/v1/runs/{run_id}/feedback", {"rating": 1, "comment": ""})
-    assert answer.status_code == 422 and answer.json()["error"]["param"] == "comment"
+    for blank in ("", "  \n"):
+        answer = post(f"/v1/runs/{run_id}/feedback", {"rating": 1, "comment": blank})
+        assert answer.status_code == 422 and answer.json()["error"]["param"] == "comment"
     assert post("/v1/runs/0000000000000000/feedback", {"rating": 1}).status_code == 404
     assert httpx.get(f"{url}/v1/runs/0000000000000000", headers=headers).status_code == 404
     other = new_key(served.env, "other")
@@ -454,9 +472,10 @@ def test_feedback_is_checked_and_exported_in_the_pinned_format(tmp_path: Path) -
         with pytest.raises(ServingError) as refused:
             log.record_feedback("t1", rating)
         assert refused.value.param == param
-    with pytest.raises(ServingError) as refused:
-        log.record_feedback("t1", 1, corrected_output="")
-    assert refused.value.param == "corrected_output"
+    for blank in ("", " "):
+        with pytest.raises(ServingError) as refused:
+            log.record_feedback("t1", 1, corrected_output=blank)
+        assert refused.value.param == "corrected_output"
     with pytest.raises(TraceNotFound):
         log.record_feedback("nope", 1)
     with pytest.raises(ServingError, match="no rated traces"):
@@ -476,6 +495,10 @@ def test_feedback_is_checked_and_exported_in_the_pinned_format(tmp_path: Path) -
     }
     assert rows[1]["feedback"] == {"rating": "down", "comment": "wrong", "corrected_output": "red"}
     assert FeedbackRow.model_validate(rows[1]).id == "t3"
+    # Only the rows with a corrected_output: what a job under a gold metric takes.
+    assert export_feedback(log, tmp_path / "corrected.jsonl", corrected_only=True) == 1
+    corrected = [json.loads(x) for x in (tmp_path / "corrected.jsonl").read_text().splitlines()]
+    assert corrected == [rows[1]]
     with pytest.raises(ServingError, match="of tenant 'acme'"):
         export_feedback(log, tmp_path / "acme.jsonl", tenant="acme")
     log.close()
