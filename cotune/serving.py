@@ -375,11 +375,15 @@ def check_inputs(system: SystemSpec, inputs: Any) -> dict[str, Any]:
 @dataclass
 class SystemServer:
     """A bundle's system, ready to answer: one run per request (runs take turns: one engine
-    call batch at a time), each trace logged."""
+    call batch at a time), each trace logged. A logged span names no folder of this machine:
+    its ``model`` is the base model's registry name (else its alias) and its ``adapter`` the
+    adapter's folder within the bundle (``adapters/<component>``)."""
 
     bundle: Path
     runtime: Runtime
     log: TraceLog
+    model_names: dict[str, str] = field(default_factory=dict)  # model alias -> shown name
+    adapter_names: dict[str, str] = field(default_factory=dict)  # component -> in the bundle
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -394,6 +398,11 @@ class SystemServer:
         with self._lock:
             trace = self.runtime.run([Example(id="served", inputs=values)])[0]
         trace.example_id = trace.trace_id
+        for span in trace.spans:
+            if span.kind == "llm":
+                alias = self.system.component(span.component).model or ""
+                span.model = self.model_names.get(alias, alias)
+                span.adapter = self.adapter_names.get(span.component)
         return self.log.add(trace, tenant)
 
     def close(self) -> None:
@@ -433,6 +442,14 @@ def open_bundle(
             )
     mapping = json.loads((folder / ADAPTERS_FILE).read_text(encoding="utf-8"))
     adapters = {component: str(folder / relative) for component, relative in mapping.items()}
+    names = {
+        alias: ref.name if ref.name is not None else alias for alias, ref in system.models.items()
+    }
+    names.update(
+        (alias, info["name"])
+        for alias, info in manifest.get("base_models", {}).items()
+        if info.get("kind") == "registry"
+    )
     system = system.model_copy(update={"models": _model_folders(system, manifest)})
 
     options: dict[str, Any] = {}
@@ -452,7 +469,7 @@ def open_bundle(
     )
     log = TraceLog(traces or settings.traces_dir(), settings.trace_retention_days)
     log.prune()
-    return SystemServer(folder, runtime, log)
+    return SystemServer(folder, runtime, log, names, dict(mapping))
 
 
 def _model_folders(system: SystemSpec, manifest: Mapping[str, Any]) -> dict[str, Any]:

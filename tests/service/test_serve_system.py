@@ -218,9 +218,15 @@ def test_serve_rate_export(finished_job: FinishedJob, served: Served, tmp_path: 
         assert [s["component"] for s in trace["spans"]] == ["query", "search", "answer"]
         search = trace["spans"][1]
         assert search["kind"] == "tool" and set(search["output"]) <= passages
+        # No folder of the server in a trace: the model's registry name, the bundle's adapter.
         for span in trace["spans"]:
-            if span["component"] in health["adapters"]:
-                assert span["adapter"].startswith(str(finished_job.bundle)), span["adapter"]
+            if span["kind"] == "llm":
+                assert span["model"] == "tiny", span
+                adapter = f"adapters/{span['component']}"
+                if span["component"] in health["adapters"]:
+                    assert span["adapter"] == adapter and (finished_job.bundle / adapter).is_dir()
+                else:
+                    assert span["adapter"] is None
         traces[run["id"]] = trace
 
     # Feedback: a number, up/down, a comment, a corrected output; a later rating replaces one.
@@ -391,6 +397,7 @@ def test_the_bundle_runs_in_process_with_the_settings(
         assert server.log.path == tmp_path / "traces" / "traces.db"
         logged = server.run({"question": "what is the color of sami?"}, tenant="acme")
         assert [s.component for s in logged.trace.spans] == ["query", "search", "answer"]
+        assert {s.model for s in logged.trace.spans if s.kind == "llm"} == {"tiny"}
         assert server.log.get(logged.id, "acme").trace == logged.trace
         with pytest.raises(ServingError) as refused:
             server.run({"question": "q", "extra": 1})
