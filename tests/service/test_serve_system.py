@@ -37,6 +37,7 @@ from cotune.serving import (
     export_feedback,
 )
 from cotune.settings import Settings
+from cotune.spec.job import DataSplits
 
 CLI = [sys.executable, "-m", "cotune.cli"]
 FEEDBACK_KEYS = {"id", "inputs", "output", "feedback", "spans"}
@@ -247,6 +248,10 @@ def test_serve_rate_export(finished_job: FinishedJob, served: Served, tmp_path: 
 
     # The export: exactly the rated traces, line by line in the pinned format.
     path = feedback_export_for_next_job(served, tmp_path)
+    # The issue's last step needs the job side of data.feedback (branch `feedback`); it ran
+    # and passed on this branch merged with main (2026-12-03). LEAD: drop this guard once merged.
+    if "feedback" in DataSplits.model_fields:
+        second_job_trains_on(finished_job, path, tmp_path)
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [row["id"] for row in lines] == [r["id"] for r in runs[:3]]  # oldest first
     for row in lines:
@@ -304,14 +309,60 @@ def test_serve_rate_export(finished_job: FinishedJob, served: Served, tmp_path: 
 
 
 def feedback_export_for_next_job(served: Served, tmp_path: Path) -> Path:
-    """THE PLACE FOR THE ISSUE'S LAST STEP ("a second job trains on that export"): the
-    exported feedback file. Once branch ``feedback`` (the job side of ``data.feedback``) is
-    merged, submit a second tiny-kb job here whose ``data.feedback`` is this file (``cotune
-    submit`` uploads it with purpose ``feedback``) and assert it finishes and trains a
-    component. Note: that branch's parser wants a ``corrected_output`` on every row under a gold
-    metric (tiny-kb's is exact_match): give the second job ``metric: judge`` and a ``rubric``,
-    or take ``corrected.jsonl`` (``--corrected-only``, written beside this file by the test)."""
+    """The exported feedback file the next job takes (``data.feedback``): the issue's last
+    step, ``second_job_trains_on``, submits a second job on it."""
     return exported_feedback_file(served, tmp_path / "feedback.jsonl")
+
+
+def second_job_trains_on(job: FinishedJob, feedback: Path, root: Path) -> None:
+    """The issue's last step: a second tiny-kb job takes the export as ``data.feedback`` (``cotune
+    submit`` uploads it with purpose ``feedback``) and trains on it. Judge-scored (``metric:
+    judge``, the tiny model as judge): the exported rows carry ratings and comments, and only one
+    has a ``corrected_output`` (a gold metric needs one on every row). No train split: what it
+    trains on is the export."""
+    import shutil
+
+    from doubles import JUDGED_RUBRIC
+    from e2e import TRAIN
+
+    from cotune.client import Client
+
+    folder = root / "second-job"
+    shutil.copytree(job.job_folder, folder)
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system.update(metric="judge", rubric=JUDGED_RUBRIC)
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    shutil.copy(feedback, folder / "feedback.jsonl")
+    spec = {
+        "system": "system.yaml",
+        "data": {"feedback": "feedback.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
+        "judge": {"model": "tiny", "max_tokens": 256},
+        "loop": {
+            "epochs": 1,
+            "samples_per_component": 8,
+            "judge_samples": 1,
+            "augment_rollouts": 0,
+            "val_limit": 8,
+            "seed": 0,
+        },
+        "train": TRAIN,
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    server, url = start_api(job.env, root / "second-api.log", "--embedded")
+    try:
+        client_env = {**job.env, "COTUNE_API_URL": url, "COTUNE_API_KEY": job.key}
+        out = cli(client_env, "submit", str(folder / "job.yaml"), "--wait", timeout=900)
+        job_id = out.splitlines()[0]
+        assert f"{job_id}  tiny-kb  succeeded" in out, out
+        with Client(url, job.key) as client:
+            metrics = client.metrics(job_id)
+    finally:
+        stop(server)
+    stages = {(s["epoch"], s["stage"]): s for s in metrics["stages"]}
+    rollout = stages[(1, "rollout")]["details"]
+    assert rollout["feedback"] == rollout["traces"] == 3  # the exported rated runs
+    assert stages[(1, "synthesize")]["details"]["samples"] >= 1
+    assert stages[(1, "train")]["details"]["trained"] >= 1
 
 
 def test_requests_are_checked(finished_job: FinishedJob, served: Served) -> None:
