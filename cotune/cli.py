@@ -95,6 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=cmd_serve)
 
+    system = sub.add_parser(
+        "serve-system",
+        help="serve a downloaded bundle as the whole system: POST /v1/run, ratings, traces",
+    )
+    system.add_argument("bundle", type=Path, help="a bundle folder (`cotune download JOB`)")
+    system.add_argument("--host", default="127.0.0.1")
+    system.add_argument("--port", type=int, default=8100)
+    system.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    system.add_argument(
+        "--traces",
+        type=Path,
+        help="the trace log's folder (default: COTUNE_SYSTEM_TRACES, else "
+        "$COTUNE_HOME/system-traces)",
+    )
+    system.set_defaults(handler=cmd_serve_system)
+
+    feedback = sub.add_parser("feedback", help="the served system's ratings as training data")
+    feedback_sub = feedback.add_subparsers()
+    export = feedback_sub.add_parser(
+        "export", help="write the rated traces as a feedback file (JSONL) for the next job"
+    )
+    export.add_argument("--traces", type=Path, help="the trace log's folder (as serve-system)")
+    export.add_argument("--out", type=Path, required=True, help="the feedback file to write")
+    export.add_argument(
+        "--since",
+        type=_utc_time,
+        help="only traces rated at or after this time (ISO 8601, e.g. 2026-12-01 or "
+        "2026-12-01T12:00:00+00:00; UTC unless it says)",
+    )
+    export.add_argument("--tenant", help="only this tenant's traces")
+    export.add_argument(
+        "--corrected-only",
+        action="store_true",
+        help="only traces rated with a corrected_output (a job under a gold metric needs one "
+        "on every row; rating-only rows need metric: judge)",
+    )
+    export.set_defaults(handler=cmd_feedback_export)
+
     worker = sub.add_parser("worker", help="run a Celery worker (queues gpu and cpu)")
     _add_worker_arguments(worker)
     worker.set_defaults(handler=cmd_worker)
@@ -290,6 +328,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.api.app import serve
 
     return serve(args.host, args.port, embedded=args.embedded)
+
+
+def cmd_serve_system(args: argparse.Namespace) -> int:
+    from services.system.app import serve_system
+
+    return serve_system(args.bundle, args.host, args.port, engine=args.engine, traces=args.traces)
+
+
+def _utc_time(text: str) -> Any:
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from cotune.serving import TraceLog, export_feedback
+    from cotune.settings import get_settings
+
+    settings = get_settings()
+    log = TraceLog(
+        args.traces or settings.traces_dir(), settings.trace_retention_days, create=False
+    )
+    try:
+        count = export_feedback(
+            log,
+            args.out,
+            since=args.since,
+            tenant=args.tenant,
+            corrected_only=args.corrected_only,
+        )
+    finally:
+        log.close()
+    print(f"exported {count} rated traces to {args.out}")
+    return 0
 
 
 def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:

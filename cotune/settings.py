@@ -233,6 +233,21 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # The served system (`cotune serve-system BUNDLE`, cotune/serving.py); its API keys, rate
+    # limits and http_search allow-list are the settings above.
+    system_traces: str | None = Field(
+        default=None,
+        description="the folder of the served system's trace log (traces.db, SQLite: every "
+        "request's trace and its feedback); None: $COTUNE_HOME/system-traces. "
+        "`serve-system --traces DIR` overrides it",
+    )
+    trace_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="the served system deletes a trace (and its feedback) this many days after "
+        "it was made: at start-up and then hourly",
+    )
+
     @field_validator("http_search_allowed_hosts", "http_search_private_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: Any) -> Any:
@@ -314,6 +329,14 @@ class Settings(BaseSettings):
             + self.reaper_interval
             + REAPER_SECOND_LOOK_SECONDS
         )
+
+    def traces_dir(self) -> Path:
+        """The served system's trace log folder (``system_traces``; not created here)."""
+        if self.system_traces:
+            return Path(self.system_traces).expanduser()
+        from cotune.models import cotune_home
+
+        return cotune_home() / "system-traces"
 
     def work_dir(self) -> Path:
         """Where jobs' files are materialised for a run (created)."""

@@ -4,15 +4,18 @@ A bundle is a folder (and, for downloads, a ``.tar.gz`` of it)::
 
     <bundle>/adapters/<component>/adapter_config.json         PEFT LoRA, one per component
     <bundle>/adapters/<component>/adapter_model.safetensors
-    <bundle>/system.yaml      the system spec, unchanged
+    <bundle>/corpora/<component>.jsonl                        each bm25 component's corpus
+    <bundle>/system.yaml      the system spec, its bm25 corpora pointing at their copies
     <bundle>/adapters.json    component -> adapter folder, relative to the bundle
     <bundle>/serve.sh         starts one vLLM OpenAI-compatible server per base model
     <bundle>/manifest.json    base models and their revisions, library versions, and the
                               sha256 and size of every other file (``verify_bundle`` checks them)
 
-Only the two adapter files are ever copied: anything else in an adapter folder (a pickled
-``.bin``, a tokenizer, a README) is refused, as are symbolic links anywhere, and the
-safetensors header is parsed before the file is accepted. Nothing is unpickled.
+The bundle runs the whole system, tools included: ``cotune serve-system BUNDLE``
+(``cotune.serving``) opens it as a runtime. Only the two adapter files are ever copied:
+anything else in an adapter folder (a pickled ``.bin``, a tokenizer, a README) is refused, as
+are symbolic links anywhere, and the safetensors header is parsed before the file is accepted.
+Nothing is unpickled.
 
 ``serve.sh`` serves every component that shares a base model from ONE server (``--enable-lora
 --lora-modules <component>=<adapter>``, ``--max-lora-rank`` and ``--max-loras`` large enough);
@@ -31,6 +34,7 @@ from cotune.bundle.build import build_bundle, library_versions
 from cotune.bundle.layout import (
     ADAPTERS_FILE,
     BUNDLE_FORMAT,
+    CORPORA_DIR,
     LIBRARIES,
     MANIFEST,
     SAFETENSORS_HEADER_LIMIT,
@@ -47,6 +51,7 @@ __all__ = [
     "ADAPTERS_FILE",
     "ADAPTER_FILES",
     "BUNDLE_FORMAT",
+    "CORPORA_DIR",
     "LIBRARIES",
     "MANIFEST",
     "SAFETENSORS_HEADER_LIMIT",

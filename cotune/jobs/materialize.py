@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cotune.errors import DataError, SpecError
 from cotune.spec.job import JobSpec, parse_job
-from cotune.spec.refs import FileRef, is_file_id, map_refs
+from cotune.spec.refs import FileRef, file_refs, is_file_id, map_refs
 
 if TYPE_CHECKING:
     from cotune.model_records import RegisteredModel
@@ -167,6 +167,24 @@ def materialize(
             judge["api_key_env"] = hosted.api_key_env
     (dest / "job.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return parse_job(dict(spec), base_dir=dest)
+
+
+def fetch_corpora(
+    spec: Mapping[str, Any], tenant: str | None, files: Any, artifacts: ArtifactStore, dest: Path
+) -> dict[str, Path]:
+    """A stored job's bm25 corpora that are uploaded files, copied into ``dest``, by component
+    name (what ``cotune.bundle.build_bundle`` takes); a corpus given by a local path (a job
+    without a tenant) is left to the bundle, which reads it where it is."""
+    lookup = lookup_files(files, tenant)
+    found: dict[str, Path] = {}
+    for ref in file_refs(spec):
+        if ref.purpose != "corpus" or not is_file_id(ref.value):
+            continue
+        record = file_ref(ref.value, ref.purpose, ref.param, lookup)
+        target = Path(dest) / f"{record.id}.jsonl"
+        _copy_file(artifacts, record, target)
+        found[ref.owner] = target
+    return found
 
 
 def local_spec(job: JobSpec) -> dict[str, Any]:

@@ -22,7 +22,6 @@ threads (``cotune.jobs.threads.ThreadDispatcher``); with one, the Celery workers
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from cotune.settings import Settings, get_settings
 from cotune.store import ArtifactStore, JobStore
 from cotune.store.accounts import AccountStore
 from services.api import errors, openapi
-from services.api.auth import TENANT_SCOPE_KEY
+from services.api.auth import TENANT_SCOPE_KEY, ensure_key
 from services.api.errors import ApiError, error_body
 from services.api.logs import configure_logging
 from services.api.metrics import ApiMetrics
@@ -305,13 +304,6 @@ def serve(
             resumed = dispatcher.recover()
             if resumed:
                 log.info("re-dispatched %d unfinished jobs", len(resumed))
-        accounts: AccountStore = app.state.cotune.accounts
-        if not any(k.active for k in accounts.list_keys()):
-            key_id, plaintext = accounts.create_key("default", name="embedded")
-            print(
-                f"cotune: created API key {key_id} for tenant 'default' (shown once):\n"
-                f"  {plaintext}",
-                file=sys.stderr,
-            )
+        ensure_key(app.state.cotune.accounts, "embedded")
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
     return 0

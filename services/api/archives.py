@@ -46,9 +46,10 @@ def adapter_archive(state: ApiState, component: str, key: str) -> Path:
 def bundle_archive(
     state: ApiState, record: JobRecord, system: SystemSpec, adapters: dict[str, str]
 ) -> Path:
-    """The job's bundle (``cotune.bundle``) as a .tar.gz; a failure answers 500 without
-    server paths."""
+    """The job's bundle (``cotune.bundle``), its bm25 corpora included, as a .tar.gz; a
+    failure answers 500 without server paths."""
     from cotune.bundle import build_bundle, write_bundle_tar
+    from cotune.jobs.materialize import fetch_corpora
 
     scratch = Path(tempfile.mkdtemp(prefix="cotune-bundle-"))
     try:
@@ -61,6 +62,9 @@ def bundle_archive(
             scratch / f"{record.name}-{record.id}",
             base_models={a: ref.name for a, ref in system.models.items() if ref.name},
             job_name=f"{record.name}:{record.id}",
+            corpora=fetch_corpora(
+                record.spec, record.tenant_id, state.accounts, state.artifacts, scratch / "corpora"
+            ),
         )
         return write_bundle_tar(folder)
     except CotuneError as err:

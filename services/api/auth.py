@@ -6,13 +6,15 @@ tenant scopes every query; the key itself is never logged or echoed.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from cotune.store.accounts import AccountStore
 from services.api.errors import ApiError
-from services.api.limits import key_fingerprint, retry_after
+from services.api.limits import RateLimits, key_fingerprint, retry_after
 from services.api.schemas import ErrorResponse
 from services.api.state import ApiState, get_state
 
@@ -32,6 +34,14 @@ def current_tenant(
     """The caller's tenant, or 401; 429 while the key is over its rate or the client's
     address has failed to authenticate too often (``services.api.limits``)."""
     key = credentials.credentials if credentials is not None else header_key
+    return authenticate(request, key, state.accounts, state.limits)
+
+
+def authenticate(
+    request: Request, key: str | None, accounts: AccountStore, limits: RateLimits
+) -> str:
+    """The tenant of ``key`` (``current_tenant``'s work, for any app holding the accounts and
+    the rate limits: the API, the served system of ``services/system``)."""
     if not key:
         raise ApiError(
             401,
@@ -39,12 +49,11 @@ def current_tenant(
             "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers=_CHALLENGE,
         )
-    limits = state.limits
     address = request.client.host if request.client is not None else "unknown"
     wait = limits.auth_failures.wait(address)
     if wait is not None:
         raise _too_many("auth_backoff", "too many failed authentications from your address", wait)
-    tenant = state.accounts.verify_key(key)
+    tenant = accounts.verify_key(key)
     if tenant is None:
         limits.auth_failures.take(address)
         raise ApiError(
@@ -55,6 +64,17 @@ def current_tenant(
         raise _too_many("rate_limited", "this API key is over its request rate", wait)
     request.scope[TENANT_SCOPE_KEY] = tenant
     return tenant
+
+
+def ensure_key(accounts: AccountStore, name: str) -> None:
+    """If the database holds no live key, create one for tenant ``default`` and print it once on
+    stderr (``cotune serve --embedded`` and ``cotune serve-system``)."""
+    if not any(k.active for k in accounts.list_keys()):
+        key_id, plaintext = accounts.create_key("default", name=name)
+        print(
+            f"cotune: created API key {key_id} for tenant 'default' (shown once):\n  {plaintext}",
+            file=sys.stderr,
+        )
 
 
 def _too_many(code: str, what: str, wait: float) -> ApiError:

@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from e2e import serve_env, serving
 
 from cotune.bundle import (
@@ -133,6 +132,7 @@ def flag_values(command: list[str], flag: str) -> list[str]:
 def test_bundle_holds_only_the_allowed_files(bundle: Path, adapters: dict[str, Path]) -> None:
     expected = {f"adapters/{c}/{name}" for c in COMPONENTS for name in ADAPTER_FILES}
     expected |= {"system.yaml", "adapters.json", "serve.sh", "manifest.json"}
+    expected |= {"corpora/search.jsonl"}  # the bm25 component's corpus travels
     assert bundle_files(bundle) == expected
     assert not any(p.is_symlink() for p in bundle.rglob("*"))
     assert not any(p.suffix in {".bin", ".pt", ".pkl", ".pickle"} for p in bundle.rglob("*"))
@@ -150,9 +150,45 @@ def test_bundle_holds_only_the_allowed_files(bundle: Path, adapters: dict[str, P
     assert [p.name for p in bundle.parent.iterdir()] == [bundle.name]
 
 
-def test_system_yaml_is_the_system_unchanged(bundle: Path, system: SystemSpec) -> None:
-    reloaded = parse_system(yaml.safe_load((bundle / "system.yaml").read_text()))
-    assert reloaded.model_dump() == system.model_dump()
+def test_system_yaml_is_the_system_with_its_corpus_in_the_bundle(
+    bundle: Path, system: SystemSpec
+) -> None:
+    reloaded = load_system(bundle / "system.yaml")
+    search = reloaded.component("search")
+    assert search.args["corpus"] == "corpora/search.jsonl"
+    assert reloaded.resolve_path(search.args["corpus"]).read_bytes() == (
+        system.resolve_path(system.component("search").args["corpus"]).read_bytes()
+    )
+    # Everything else is the system unchanged.
+    original = system.model_dump()
+    original["components"][1]["args"]["corpus"] = "corpora/search.jsonl"
+    assert reloaded.model_dump() == original
+    assert json.loads((bundle / "manifest.json").read_text())["corpora"] == {
+        "search": "corpora/search.jsonl"
+    }
+
+
+def test_build_takes_a_given_corpus_and_refuses_an_uploaded_one_without_it(
+    system: SystemSpec, adapters: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Over HTTP a job's corpus is a file id: the API gives its local copy (``corpora``)."""
+    data = system.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    data["components"][1]["args"]["corpus"] = "file-abc123"
+    uploaded = parse_system(data)
+    models = {"tiny": str(tiny_model_dir)}
+    with pytest.raises(BundleError, match="'search': corpus 'file-abc123' is an uploaded file"):
+        build_bundle(uploaded, {"query": adapters["query"]}, tmp_path / "a", base_models=models,
+                     job_name="j")  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    copy = tmp_path / "file-abc123.jsonl"
+    copy.write_text('{"id": "1", "text": "sami is teal"}\n')
+    built = build_bundle(uploaded, {"query": adapters["query"]}, tmp_path / "b",
+                         base_models=models, job_name="j", corpora={"search": copy})  # fmt: skip
+    assert (built / "corpora" / "search.jsonl").read_bytes() == copy.read_bytes()
+    assert load_system(built / "system.yaml").component("search").args["corpus"] == (
+        "corpora/search.jsonl"
+    )
+    assert verify_bundle(built) == []
 
 
 def test_manifest_records_models_libraries_and_every_file(bundle: Path) -> None:
