@@ -37,7 +37,6 @@ from cotune.serving import (
     export_feedback,
 )
 from cotune.settings import Settings
-from cotune.spec.job import DataSplits
 
 CLI = [sys.executable, "-m", "cotune.cli"]
 FEEDBACK_KEYS = {"id", "inputs", "output", "feedback", "spans"}
@@ -248,10 +247,8 @@ def test_serve_rate_export(finished_job: FinishedJob, served: Served, tmp_path: 
 
     # The export: exactly the rated traces, line by line in the pinned format.
     path = feedback_export_for_next_job(served, tmp_path)
-    # The last step needs the job side of data.feedback (branch `feedback`); it ran
-    # and passed on this branch merged with main (2026-12-03). LEAD: drop this guard once merged.
-    if "feedback" in DataSplits.model_fields:
-        second_job_trains_on(finished_job, path, tmp_path)
+    # The loop closed: a second job trains on the export (data.feedback, no train split).
+    second_job_trains_on(finished_job, path, tmp_path)
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [row["id"] for row in lines] == [r["id"] for r in runs[:3]]  # oldest first
     for row in lines:
