@@ -127,7 +127,10 @@ class JobContext:
 
     def runtime(self, adapter_keys: dict[str, str] | None = None) -> Runtime:
         adapters = {c: str(self.adapter_path(k)) for c, k in (adapter_keys or {}).items()}
-        tools = self.tools or ToolContext.for_system(self.job.system)
+        # A job's runs reach only what the deployment allows (COTUNE_HTTP_SEARCH_*).
+        tools = self.tools or ToolContext.from_settings(
+            self.job.system, self.settings or get_settings()
+        )
         if self.engines is not None:
             return Runtime(self.job.system, self.engines, tools, adapters)
         return open_runtime(

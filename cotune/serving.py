@@ -459,11 +459,7 @@ def open_bundle(
             "max_lora_rank": _vllm_rank(max(ranks, default=1), "bundle"),
             "max_loras": max(len(adapters), 1),
         }
-    tools = ToolContext.for_system(
-        system,
-        allowed_hosts=set(settings.http_search_allowed_hosts),
-        private_hosts=set(settings.http_search_private_hosts),
-    )
+    tools = ToolContext.from_settings(system, settings)
     runtime = open_runtime(
         system, engine=engine, adapters=adapters, tools=tools, engine_options=options
     )

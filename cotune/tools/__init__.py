@@ -18,6 +18,7 @@ from cotune.errors import ToolError
 from cotune.spec.tools import DEFAULT_K, ToolArgError, check_tool_args
 
 if TYPE_CHECKING:
+    from cotune.settings import Settings
     from cotune.spec.system import Component, SystemSpec
 
 
@@ -39,6 +40,17 @@ class ToolContext:
     @classmethod
     def for_system(cls, system: SystemSpec, **kwargs: Any) -> ToolContext:
         return cls(base_dir=system.base_dir, **kwargs)
+
+    @classmethod
+    def from_settings(cls, system: SystemSpec, settings: Settings, **kwargs: Any) -> ToolContext:
+        """The system's tools under the deployment's http_search allow-list: what a job's
+        runs (every runner) and the served system may reach."""
+        return cls.for_system(
+            system,
+            allowed_hosts=set(settings.http_search_allowed_hosts),
+            private_hosts=set(settings.http_search_private_hosts),
+            **kwargs,
+        )
 
     def corpus_path(self, corpus: str) -> Path:
         if self.resolve_corpus is not None:

@@ -120,3 +120,34 @@ def test_the_engine_options_split_the_share_among_the_jobs_engines(
     options = context.local_engine_options()
     assert options["release_on_cpu"] is True
     assert options["gpu_memory_utilization"] == pytest.approx(0.8 / job.local_model_count())
+
+
+def test_a_jobs_runs_reach_the_deployments_http_search_allow_list(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Every runner builds its JobContext without tools: the runtime must still take the
+    settings' allow-list, or an http_search job the API accepted is refused when it runs."""
+    from cotune.runtime import Runtime
+
+    folder = write_tiny_example(tmp_path, model_path=str(tiny_model_dir))
+    job = parse_job(
+        {"system": "system.yaml", "data": {"train": "train.jsonl", "val": "val.jsonl"}},
+        base_dir=folder,
+    )
+    settings = Settings(
+        http_search_allowed_hosts=["search.example.com", "intranet"],
+        http_search_private_hosts=["intranet"],
+    )
+    context = JobContext(
+        job_id="j",
+        job=job,
+        store=None,
+        artifacts=None,
+        settings=settings,
+        engines={},  # type: ignore[arg-type]
+    )
+    runtime = context.runtime()
+    assert isinstance(runtime, Runtime)
+    assert runtime.tools.allowed_hosts == {"search.example.com", "intranet"}
+    assert runtime.tools.private_hosts == {"intranet"}
+    assert runtime.tools.base_dir == folder
