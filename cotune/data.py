@@ -193,9 +193,7 @@ def parse_examples(
                     f"({sorted(written)}) to their ideal values, got {targets!r}",
                     "targets",
                 )
-        examples.append(
-            Example(id=example_id, inputs=inputs, expected=expected, targets=targets)
-        )
+        examples.append(Example(id=example_id, inputs=inputs, expected=expected, targets=targets))
     if not examples:
         raise DataError("no rows", path=source)
     return examples
