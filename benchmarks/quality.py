@@ -124,9 +124,8 @@ def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
         from cotune.tiny import write_tiny_example
 
         model = args.model_path or prepare_model("tiny", progress=None)
-        folder = write_tiny_example(
-            runs / "tiny-kb" / "example", model_path=str(model), targets=True
-        )
+        folder = write_tiny_example(runs / "tiny-kb" / "example", model_path=str(model))
+        add_tiny_targets(folder)
         job = {"system": read_mapping(folder / "system.yaml"), **json.loads(json.dumps(TINY_JOB))}
         sources = {s: folder / f"{s}.jsonl" for s in ("train", "val", "test")}
     else:
@@ -161,6 +160,23 @@ def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
         loop["rollout_batch"] = min(int(loop.get("rollout_batch", 36)), args.train)
         loop["samples_per_component"] = min(int(loop.get("samples_per_component", 100)), args.train)
     return Task(name=name, folder=folder, job=job, metrics=TASK_METRICS.get(name, ["exact_match"]))
+
+
+def add_tiny_targets(folder: Path) -> None:
+    """The tiny-kb task's ideal targets, added to its rows: the query the tiny world names for
+    the question's key, and that key's fact as the one retrieved passage (the oracle's only)."""
+    from cotune.tiny import make_world
+
+    world = make_world()  # write_tiny_example's world (its default seed)
+    key_of = {world.question(key): key for key in world.facts}
+    fact_of = dict(zip(world.facts, (row["text"] for row in world.corpus), strict=True))
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            key = key_of[row["question"]]
+            row["targets"] = {"query": world.query(key), "passages": [fact_of[key]]}
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def _subset(source: Path, target: Path, limit: int | None) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,18 +93,8 @@ class TinyWorld:
         # Starting with a fixed word keeps the key's token the same as in the question.
         return f"color of {key}"
 
-    def fact(self, key: str) -> str:
-        return f"the color of {key} is {self.facts[key]}."
-
-    def example(self, key: str, index: int, targets: bool = False) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "id": f"q{index}",
-            "question": self.question(key),
-            "expected": self.facts[key],
-        }
-        if targets:  # the ideal query and retrieval (``train.rows: targets``, an oracle's)
-            row["targets"] = {"query": self.query(key), "passages": [self.fact(key)]}
-        return row
+    def example(self, key: str, index: int) -> dict[str, Any]:
+        return {"id": f"q{index}", "question": self.question(key), "expected": self.facts[key]}
 
 
 def make_world(n_facts: int = 240, seed: int = 0) -> TinyWorld:
@@ -112,9 +103,11 @@ def make_world(n_facts: int = 240, seed: int = 0) -> TinyWorld:
     while len(keys) < n_facts:
         keys.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))))
     facts = {key: rng.choice(COLORS) for key in sorted(keys)}
-    world = TinyWorld(corpus=[], facts=facts)
-    world.corpus = [{"id": f"d{i}", "text": world.fact(key)} for i, key in enumerate(facts)]
-    return world
+    corpus = [
+        {"id": f"d{i}", "text": f"the color of {key} is {code}."}
+        for i, (key, code) in enumerate(facts.items())
+    ]
+    return TinyWorld(corpus=corpus, facts=facts)
 
 
 def write_tiny_example(
@@ -122,17 +115,15 @@ def write_tiny_example(
     seed: int = 0,
     splits: tuple[int, int, int] = (48, 24, 24),
     model_path: str | None = None,
-    targets: bool = False,
 ) -> Path:
-    """Write system.yaml, corpus.jsonl and train/val/test JSONL for the tiny task; with
-    ``targets``, each row also holds the ideal query and passage (``TinyWorld.example``)."""
+    """Write system.yaml, corpus.jsonl and train/val/test JSONL for the tiny task."""
     import yaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     world = make_world(seed=seed)
     _write_jsonl(folder / "corpus.jsonl", world.corpus)
-    for split, rows in split_examples(world, seed, splits, targets=targets).items():
+    for split, rows in split_examples(world, seed, splits).items():
         _write_jsonl(folder / f"{split}.jsonl", rows)
     system = json.loads(json.dumps(TINY_SYSTEM))
     if model_path is not None:
@@ -141,19 +132,33 @@ def write_tiny_example(
     return folder
 
 
+# The example's files and the upload purpose of each, as the tests and scripts send them.
+TINY_UPLOADS: tuple[tuple[str, str], ...] = (
+    ("train", "data"),
+    ("val", "data"),
+    ("test", "data"),
+    ("corpus", "corpus"),
+)
+
+
+def upload_tiny_example(folder: Path, upload: Callable[[str, bytes, str], str]) -> dict[str, str]:
+    """Upload a written example's files with ``upload(filename, content, purpose) -> file
+    id``; returns name (train, val, test, corpus) -> file id."""
+    return {
+        name: upload(f"{name}.jsonl", (folder / f"{name}.jsonl").read_bytes(), purpose)
+        for name, purpose in TINY_UPLOADS
+    }
+
+
 def split_examples(
-    world: TinyWorld,
-    seed: int = 0,
-    splits: tuple[int, int, int] = (48, 24, 24),
-    targets: bool = False,
+    world: TinyWorld, seed: int = 0, splits: tuple[int, int, int] = (48, 24, 24)
 ) -> dict[str, list[dict[str, Any]]]:
     """The train/val/test rows of the tiny task: disjoint keys, a seeded order."""
     keys = sorted(world.facts)
     random.Random(seed + 1).shuffle(keys)
     out, start = {}, 0
     for split, size in zip(("train", "val", "test"), splits, strict=True):
-        chosen = keys[start : start + size]
-        out[split] = [world.example(k, start + i, targets) for i, k in enumerate(chosen)]
+        out[split] = [world.example(k, start + i) for i, k in enumerate(keys[start : start + size])]
         start += size
     return out
 
@@ -203,7 +208,7 @@ def answer_prompt(world: TinyWorld, key: str, rng: random.Random) -> str:
     from cotune.prompts import render_value
 
     others = rng.sample([k for k in world.facts if k != key], 2)
-    passages = [world.fact(k) for k in [key, *others]]
+    passages = [f"the color of {k} is {world.facts[k]}." for k in [key, *others]]
     return ANSWER_PROMPT.format(passages=render_value(passages), question=world.question(key))
 
 

@@ -3,11 +3,12 @@ quality benchmark's oracle), on the tiny world's data."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from cotune.data import load_examples
+from cotune.data import Example, load_examples, parse_examples
 from cotune.errors import SpecError
 from cotune.prompts import render_messages
 from cotune.spec import load_system
@@ -16,20 +17,37 @@ from cotune.synthesis import target_rows
 from cotune.tiny import make_world, write_tiny_example
 
 
-def test_each_component_learns_its_ideal_output_from_ideal_inputs(tmp_path: Path) -> None:
-    folder = write_tiny_example(tmp_path, splits=(6, 2, 2), targets=True)
+def with_targets(folder: Path) -> list[Example]:
+    """The tiny train rows, each with its ideal query and the one fact it needs retrieved."""
+    world = make_world()
+    fact = dict(zip(world.facts, (row["text"] for row in world.corpus), strict=True))
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        key = key_of(row["question"])
+        row["targets"] = {"query": world.query(key), "passages": [fact[key]]}
     system = load_system(folder / "system.yaml")
-    examples = load_examples(folder / "train.jsonl", system)
+    return parse_examples(enumerate(rows, start=1), system)
+
+
+def key_of(question: str) -> str:
+    return question.removeprefix("what is the color of ").rstrip("?")
+
+
+def test_each_component_learns_its_ideal_output_from_ideal_inputs(tmp_path: Path) -> None:
+    folder = write_tiny_example(tmp_path, splits=(6, 2, 2))
+    system = load_system(folder / "system.yaml")
+    examples = with_targets(folder)
     world = make_world()
     buffer = target_rows(system, examples)
     assert {c: n.samples for c, n in buffer.counts().items()} == {"query": 6, "answer": 6}
     for example, query, answer in zip(
         examples, buffer.sft["query"], buffer.sft["answer"], strict=True
     ):
-        key = example.inputs["question"].removeprefix("what is the color of ").rstrip("?")
+        key = key_of(example.inputs["question"])
         assert query.completion == world.query(key) and query.source == "target"
         # the writer's prompt holds the ideal passage, never a real upstream output
-        values = {"question": example.inputs["question"], "passages": [world.fact(key)]}
+        fact = f"the color of {key} is {world.facts[key]}."
+        values = {"question": example.inputs["question"], "passages": [fact]}
         assert answer.messages == render_messages(system.component("answer"), values)
         assert example.expected and answer.completion == example.expected[0] == world.facts[key]
 
