@@ -94,6 +94,14 @@ MEMBERS: dict[str, tuple[str, str]] = {
         "0e5dbba357356e5bf4d0a27dd80c8af76646979159f8f5b1918c6f1d03e54b5a",
     ),
 }
+# The chain task's rejected candidates (``--candidates``; benchmarks/results/chain-selection.md):
+# extracted and built only on request, never by a benchmark run.
+CANDIDATE_MEMBERS: dict[str, tuple[str, str]] = {
+    "tracking_shuffled_objects_three.json": (
+        f"{TASKS_DIR}/tracking_shuffled_objects/three_objects/task.json",
+        "74b74d3c8827c0387a3f24ee9efa7edd90b2d53af3daacb9961341af66f750a0",
+    ),
+}
 # the files each task's folder holds once built
 BUILT: dict[str, tuple[str, ...]] = {
     "squad-rag": ("corpus", "train", "val", "test"),
@@ -376,6 +384,60 @@ def build_colored_objects(
     return _split(rows, sizes)
 
 
+_SWAP = re.compile(r"(?:First|Then|Finally), (\w+) and (\w+) ")
+
+
+def holdings_of(question: str, items: Sequence[str]) -> str:
+    """A tracking_shuffled_objects question's ideal tracker output: who holds what after the
+    stated swaps, one ``name: item`` per line. ``items`` are the choices, which BIG-bench lists
+    in the order the three players start with them."""
+    found = re.match(r"^(\w+), (\w+), and (\w+) ", question)
+    if found is None:
+        raise ValueError(f"not a story of three players: {question[:60]!r}")
+    names = list(found.groups())
+    holds = dict(zip(names, items, strict=True))
+    for a, b in _SWAP.findall(question):
+        holds[a], holds[b] = holds[b], holds[a]
+    return "\n".join(f"{name}: {holds[name]}" for name in names)
+
+
+def build_tracking(
+    task: Mapping[str, Any], *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
+) -> dict[str, list[dict[str, Any]]]:
+    """Seeded splits of BIG-bench tracking_shuffled_objects/three_objects (a rejected chain
+    candidate). Rows: ``{id, question, expected, targets: {holdings}}``."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, example in enumerate(task["examples"]):
+        question = " ".join(str(example["input"]).split())
+        scores = example["target_scores"]
+        if question in seen:
+            continue
+        seen.add(question)
+        items = [str(k).rstrip(".") for k in scores]
+        best = max(scores.values())
+        rows.append(
+            {
+                "id": f"ts-{index:04d}",
+                "question": question,
+                "expected": [str(k).rstrip(".") for k, v in scores.items() if v == best],
+                "targets": {"holdings": holdings_of(question, items)},
+            }
+        )
+    random.Random(seed).shuffle(rows)
+    return _split(rows, sizes)
+
+
+def build_candidates(out: Path = DATA, cache: Path | None = None, say: Any = print) -> None:
+    """Extract and build the rejected chain candidates into ``out/<candidate>/``."""
+    raw = out / "raw"
+    if not all(_checked(raw / name, sha) for name, (_, sha) in CANDIDATE_MEMBERS.items()):
+        extract_members(download_sdist(cache or default_cache(), say=say), raw, CANDIDATE_MEMBERS)
+    task = json.loads((raw / "tracking_shuffled_objects_three.json").read_text("utf-8"))
+    for name, rows in build_tracking(task).items():
+        write_jsonl(out / "tracking-three" / f"{name}.jsonl", rows)
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -439,7 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DATA, help="where the data goes")
     parser.add_argument("--force", action="store_true", help="rebuild the splits")
+    parser.add_argument(
+        "--candidates", action="store_true", help="also build the rejected chain candidates"
+    )
     args = parser.parse_args(argv)
+    if args.candidates:
+        build_candidates(args.out, args.cache)
     if args.force:
         (args.out / "manifest.json").unlink(missing_ok=True)
     manifest = ensure(args.out, args.cache)

@@ -77,6 +77,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TASKS = ("squad-rag", "object-count", "colored-objects")
+# The chain task's rejected candidates: --tasks takes them too (data: data.py --candidates).
+CANDIDATES = ROOT / "benchmarks" / "candidates"
 VARIANTS: dict[str, str] = {
     "base": "the untrained system",
     "bootstrap": "SFT on spans of passing traces only (BootstrapFinetune), same budget",
@@ -130,6 +132,8 @@ def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
         sources = {s: folder / f"{s}.jsonl" for s in ("train", "val", "test")}
     else:
         folder = ROOT / "examples" / name
+        if name not in TASKS:  # a rejected chain candidate (benchmarks/results/chain-selection.md)
+            folder = CANDIDATES / name
         job = read_mapping(folder / "job.yaml")
         job["system"] = read_mapping(folder / str(job["system"]))
         sources = {s: (folder / str(p)).resolve() for s, p in job["data"].items()}
@@ -702,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = ["tiny-kb"] if args.tiny else [t for t in args.tasks.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS] + [
-        t for t in tasks if t not in (*TASKS, "tiny-kb")
+        t for t in tasks if t not in (*TASKS, "tiny-kb") and not (CANDIDATES / t).is_dir()
     ]
     if unknown:
         parser.error(f"unknown task or variant {unknown}; tasks {TASKS}, variants {list(VARIANTS)}")

@@ -167,6 +167,24 @@ def test_colored_objects_rows_hold_every_best_answer_and_the_ideal_object_list()
     assert bench_data.objects_of("No scene here. What?") is None
 
 
+def test_a_rejected_candidate_tracks_the_swaps() -> None:
+    story = (
+        "Alice, Bob, and Claire are playing a game. At the start of the game, they are each "
+        "holding a ball: Alice has a red ball, Bob has a green ball, and Claire has a pink ball. "
+        "As the game progresses, pairs of players trade balls. First, Alice and Claire swap "
+        "balls. Then, Bob and Claire swap balls. Finally, Alice and Bob swap balls. At the end "
+        "of the game, Bob has the"
+    )
+    items = ["red ball", "green ball", "pink ball"]
+    assert bench_data.holdings_of(story, items) == (
+        "Alice: red ball\nBob: pink ball\nClaire: green ball"
+    )
+    scores = {"red ball.": 0, "green ball.": 0, "pink ball.": 1}
+    task = {"examples": [{"input": story, "target_scores": scores}] * 2}
+    rows = bench_data.build_tracking(task, sizes={"train": 1, "val": 0, "test": 0})["train"]
+    assert rows[0]["expected"] == ["pink ball"] and rows[0]["targets"]["holdings"].count("\n") == 2
+
+
 def test_the_oracle_targets_of_the_other_tasks() -> None:
     _, squad = bench_data.build_squad(fake_squad(), seed=0, sizes=SIZES)
     row = squad["train"][0]
