@@ -101,6 +101,10 @@ CANDIDATE_MEMBERS: dict[str, tuple[str, str]] = {
         f"{TASKS_DIR}/tracking_shuffled_objects/three_objects/task.json",
         "74b74d3c8827c0387a3f24ee9efa7edd90b2d53af3daacb9961341af66f750a0",
     ),
+    "temporal_sequences.json": (
+        f"{TASKS_DIR}/temporal_sequences/task.json",
+        "da53bcab63687c146f175644dbc400e3b5e095e644dc6ad7eb942006d8810808",
+    ),
 }
 # the files each task's folder holds once built
 BUILT: dict[str, tuple[str, ...]] = {
@@ -428,6 +432,45 @@ def build_tracking(
     return _split(rows, sizes)
 
 
+_TIME = r"\d{1,2}(?:am|pm)"
+
+
+def timeline_of(question: str) -> str:
+    """A temporal_sequences question's ideal extraction: the day's known times in order, one per
+    line: when the person woke up, each interval someone saw them busy, when the place closed."""
+    woke = re.search(rf"woke up at ({_TIME})", question)
+    closed = re.search(rf"was closed after ({_TIME})", question)
+    if woke is None or closed is None:
+        raise ValueError(f"not a temporal_sequences story: {question[:60]!r}")
+    busy = re.findall(rf"from ({_TIME}) to ({_TIME})", question)
+    lines = [f"woke up at {woke.group(1)}", *(f"busy from {a} to {b}" for a, b in busy)]
+    return "\n".join([*lines, f"closed after {closed.group(1)}"])
+
+
+def build_temporal(
+    task: Mapping[str, Any], *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
+) -> dict[str, list[dict[str, Any]]]:
+    """Seeded splits of BIG-bench temporal_sequences (a chain candidate). Rows: ``{id,
+    question, expected, targets: {timeline}}``."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, example in enumerate(task["examples"]):
+        question = "\n".join(line.strip() for line in str(example["input"]).splitlines())
+        if question in seen:
+            continue
+        seen.add(question)
+        rows.append(
+            {
+                "id": f"tq-{index:04d}",
+                "question": question,
+                "expected": [str(example["target"])],
+                "targets": {"timeline": timeline_of(question)},
+            }
+        )
+    random.Random(seed).shuffle(rows)
+    return _split(rows, sizes)
+
+
 def build_candidates(out: Path = DATA, cache: Path | None = None, say: Any = print) -> None:
     """Extract and build the rejected chain candidates into ``out/<candidate>/``."""
     raw = out / "raw"
@@ -436,6 +479,9 @@ def build_candidates(out: Path = DATA, cache: Path | None = None, say: Any = pri
     task = json.loads((raw / "tracking_shuffled_objects_three.json").read_text("utf-8"))
     for name, rows in build_tracking(task).items():
         write_jsonl(out / "tracking-three" / f"{name}.jsonl", rows)
+    task = json.loads((raw / "temporal_sequences.json").read_text("utf-8"))
+    for name, rows in build_temporal(task).items():
+        write_jsonl(out / "temporal-sequences" / f"{name}.jsonl", rows)
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:

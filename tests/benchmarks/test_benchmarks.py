@@ -185,6 +185,20 @@ def test_a_rejected_candidate_tracks_the_swaps() -> None:
     assert rows[0]["expected"] == ["pink ball"] and rows[0]["targets"]["holdings"].count("\n") == 2
 
 
+def test_a_temporal_candidate_lists_the_known_times() -> None:
+    story = (
+        "Today, Tom went to the park. Between what times could they have gone?\nWe know that: "
+        "\nTom woke up at 7am.\nAnna saw Tom reading from 7am to 1pm.\nBen saw Tom at the "
+        "deli from 3pm to 5pm.\nThe park was closed after 5pm.\nBetween what times?"
+    )
+    assert bench_data.timeline_of(story) == (
+        "woke up at 7am\nbusy from 7am to 1pm\nbusy from 3pm to 5pm\nclosed after 5pm"
+    )
+    task = {"examples": [{"input": story, "target": "1pm to 3pm"}]}
+    row = bench_data.build_temporal(task, sizes={"train": 1, "val": 0, "test": 0})["train"][0]
+    assert row["expected"] == ["1pm to 3pm"] and "We know that:\nTom" in row["question"]
+
+
 def test_the_oracle_targets_of_the_other_tasks() -> None:
     _, squad = bench_data.build_squad(fake_squad(), seed=0, sizes=SIZES)
     row = squad["train"][0]
