@@ -8,9 +8,11 @@ fixed, seeded splits for the benchmark systems in ``examples/``::
 
     benchmarks/data/raw/squaddev_v1.1.json           benchmarks/data/raw/object_counting.json
     benchmarks/data/raw/reasoning_about_colored_objects.json
+    benchmarks/data/raw/tracking_shuffled_objects_three.json
     benchmarks/data/squad-rag/{corpus,train,val,test}.jsonl
     benchmarks/data/object-count/{train,val,test}.jsonl
-    benchmarks/data/colored-objects/{train,val,test}.jsonl
+    benchmarks/data/tracking-three/{train,val,test}.jsonl       (the chain task)
+    benchmarks/data/colored-objects/{train,val,test}.jsonl      (a rejected chain candidate)
     benchmarks/data/manifest.json                    (sha256 of everything, sizes, seed)
 
 BIG-bench ``word_sorting`` is deliberately not extracted: it is kept aside as a held-out check
@@ -24,21 +26,26 @@ Splits (train 100, val 50, test 300, seed 0):
   distinct gold spans.
 - ``object-count``: the 1,000 examples (duplicates of an input dropped) are shuffled with the
   seed; ``question`` is BIG-bench's ``input`` and ``expected`` the count as digits ("7").
-- ``colored-objects`` (the chain task): BIG-bench ``reasoning_about_colored_objects``, 2,000
-  examples (duplicates of an input dropped), shuffled with the seed; ``question`` is the input,
-  ``expected`` every best-scored choice of ``target_scores`` ("3", "three").
+- ``tracking-three`` (the chain task): BIG-bench ``tracking_shuffled_objects/three_objects``,
+  750 examples (duplicates of an input dropped), shuffled with the seed; ``question`` is the
+  input (whitespace collapsed), ``expected`` the best-scored choice without its final period.
+- ``colored-objects`` (a rejected chain candidate, built for the record): BIG-bench
+  ``reasoning_about_colored_objects``, 2,000 examples, likewise; ``expected`` every best-scored
+  choice of ``target_scores`` ("3", "three"). ``--candidates`` also builds ``temporal-sequences``
+  (BIG-bench ``temporal_sequences``, the third candidate, not measured to the end).
 
 Ideal per-component outputs (``targets``, read only by the oracle variant of
-``benchmarks/quality.py``, through ``train.rows: targets``): ``colored-objects`` gives the
-extractor's ``objects``, the objects of the input's list one per line, numbered in the order
-stated (``objects_of``: a regular expression over BIG-bench's one input template), and the
-writer's is the gold answer; ``object-count`` gives ``items`` = "<count> <kind>" (BIG-bench
-names no items, so the ideal extraction is the gold count itself, which ``count_items`` passes
-through); ``squad-rag`` gives ``passages`` = the gold paragraph as BM25 renders it (the answer
-writer's ideal input, its target the gold span) and nothing for ``query`` (no query is named by
-the data; the oracle leaves the query writer untrained).
+``benchmarks/quality.py``, through ``train.rows: targets``): ``tracking-three`` gives the tracker's
+``holdings``, who holds what after the stated swaps, one ``name: thing`` per line (``holdings_of``:
+the choices in the order the players start with them, then each "X and Y swap" applied), and the
+writer's is the gold answer; ``colored-objects`` gives the extractor's ``objects``, the input's list
+one per line, numbered (``objects_of``, a regular expression); ``object-count`` gives ``items`` =
+"<count> <kind>" (BIG-bench names no items, so the ideal extraction is the gold count itself, which
+``count_items`` passes through); ``squad-rag`` gives ``passages`` = the gold paragraph as BM25
+renders it (the answer writer's ideal input, its target the gold span) and nothing for ``query`` (no
+query is named by the data; the oracle leaves the query writer untrained).
 
-The chain task was chosen by a rule fixed before any trained run (``examples/colored-objects/
+The chain task was chosen by a rule fixed before any trained run (``examples/tracking-three/
 README.md``; the measurements, rejected candidates included, are in
 ``benchmarks/results/chain-selection.md``): candidates are BIG-bench 1.0.0 tasks other than
 ``word_sorting`` (held out) and ``object_counting`` (a benchmark already) with at least 450
@@ -81,6 +88,10 @@ SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
 TASKS_DIR = f"{PACKAGE}-{VERSION}/bigbench/benchmark_tasks"
 # name in benchmarks/data/raw/ -> (member of the archive, sha256)
 MEMBERS: dict[str, tuple[str, str]] = {
+    "tracking_shuffled_objects_three.json": (
+        f"{TASKS_DIR}/tracking_shuffled_objects/three_objects/task.json",
+        "74b74d3c8827c0387a3f24ee9efa7edd90b2d53af3daacb9961341af66f750a0",
+    ),
     "squaddev_v1.1.json": (
         f"{TASKS_DIR}/squad_shifts/squaddev_v1.1.json",
         "45089eff3cf52004b1dca6814cde5c57082fdb09872f18c79a5d944d45be523a",
@@ -94,7 +105,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
         "0e5dbba357356e5bf4d0a27dd80c8af76646979159f8f5b1918c6f1d03e54b5a",
     ),
 }
-# The chain task's rejected candidates (``--candidates``; benchmarks/results/chain-selection.md):
+# The chain task's third candidate (``--candidates``; benchmarks/results/chain-selection.md):
 # extracted and built only on request, never by a benchmark run.
 CANDIDATE_MEMBERS: dict[str, tuple[str, str]] = {
     "tracking_shuffled_objects_three.json": (
@@ -110,6 +121,7 @@ CANDIDATE_MEMBERS: dict[str, tuple[str, str]] = {
 BUILT: dict[str, tuple[str, ...]] = {
     "squad-rag": ("corpus", "train", "val", "test"),
     "object-count": ("train", "val", "test"),
+    "tracking-three": ("train", "val", "test"),
     "colored-objects": ("train", "val", "test"),
 }
 HELD_OUT = ("word_sorting",)  # never extracted, never used by a benchmark
@@ -408,8 +420,8 @@ def holdings_of(question: str, items: Sequence[str]) -> str:
 def build_tracking(
     task: Mapping[str, Any], *, seed: int = SEED, sizes: Mapping[str, int] = SIZES
 ) -> dict[str, list[dict[str, Any]]]:
-    """Seeded splits of BIG-bench tracking_shuffled_objects/three_objects (a rejected chain
-    candidate). Rows: ``{id, question, expected, targets: {holdings}}``."""
+    """Seeded splits of BIG-bench tracking_shuffled_objects/three_objects (the chain task).
+    Rows: ``{id, question, expected, targets: {holdings}}``."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for index, example in enumerate(task["examples"]):
@@ -472,13 +484,10 @@ def build_temporal(
 
 
 def build_candidates(out: Path = DATA, cache: Path | None = None, say: Any = print) -> None:
-    """Extract and build the rejected chain candidates into ``out/<candidate>/``."""
+    """Extract and build the chain task's third candidate into ``out/temporal-sequences/``."""
     raw = out / "raw"
     if not all(_checked(raw / name, sha) for name, (_, sha) in CANDIDATE_MEMBERS.items()):
         extract_members(download_sdist(cache or default_cache(), say=say), raw, CANDIDATE_MEMBERS)
-    task = json.loads((raw / "tracking_shuffled_objects_three.json").read_text("utf-8"))
-    for name, rows in build_tracking(task).items():
-        write_jsonl(out / "tracking-three" / f"{name}.jsonl", rows)
     task = json.loads((raw / "temporal_sequences.json").read_text("utf-8"))
     for name, rows in build_temporal(task).items():
         write_jsonl(out / "temporal-sequences" / f"{name}.jsonl", rows)
@@ -514,6 +523,11 @@ def build_all(
     for name, rows in chain.items():
         write_jsonl(out / "colored-objects" / f"{name}.jsonl", rows)
     manifest["colored-objects"] = {k: len(v) for k, v in chain.items()}
+    tracking = json.loads((raw / "tracking_shuffled_objects_three.json").read_text("utf-8"))
+    swaps = build_tracking(tracking, seed=seed, sizes=sizes)
+    for name, rows in swaps.items():
+        write_jsonl(out / "tracking-three" / f"{name}.jsonl", rows)
+    manifest["tracking-three"] = {k: len(v) for k, v in swaps.items()}
     manifest["files"] = {
         str(p.relative_to(out)): sha256_file(p)
         for p in sorted(out.glob("*/*.json*"))
@@ -548,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DATA, help="where the data goes")
     parser.add_argument("--force", action="store_true", help="rebuild the splits")
     parser.add_argument(
-        "--candidates", action="store_true", help="also build the rejected chain candidates"
+        "--candidates", action="store_true", help="also build the chain task's third candidate"
     )
     args = parser.parse_args(argv)
     if args.candidates:

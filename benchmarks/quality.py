@@ -29,12 +29,12 @@ oracle         an upper reference no real job has: each trainable component SFT-
                ``keep: last`` (its score is the trained system's, even below base)
 ============== ==================================================================================
 
-Ideal targets per task (``benchmarks/data.py`` writes them): colored-objects, the extractor's
-numbered object list parsed from the input and the writer's gold answer; object-count, the
-extractor's "<count> <kind>" (BIG-bench names no items: the gold count itself, which the tool
-passes through); squad-rag, the answer writer's gold span given the gold paragraph as its
-passages, and no target for the query writer (the data names no ideal query; it stays the base
-model); tiny-kb, the ideal query and passage of the tiny world.
+Ideal targets per task (``benchmarks/data.py`` writes them): tracking-three, the tracker's "name:
+thing" holdings after simulating the stated swaps and the writer's gold answer; object-count, the
+extractor's "<count> <kind>" (BIG-bench names no items: the gold count itself, which the tool passes
+through); squad-rag, the answer writer's gold span given the gold paragraph as its passages, and no
+target for the query writer (the data names no ideal query; it stays the base model); tiny-kb, the
+ideal query and passage of the tiny world.
 
 Each variant runs in-process (``cotune.embedded.run_embedded``) into
 ``<out>/runs/<task>/<variant>/`` and is skipped when its ``metrics.json`` exists (the spec it
@@ -76,8 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TASKS = ("squad-rag", "object-count", "colored-objects")
-# The chain task's rejected candidates: --tasks takes them too (data: data.py --candidates).
+TASKS = ("squad-rag", "object-count", "tracking-three")
+# The chain task's other candidates: --tasks takes them too (benchmarks/results/chain-selection.md).
 CANDIDATES = ROOT / "benchmarks" / "candidates"
 VARIANTS: dict[str, str] = {
     "base": "the untrained system",
@@ -93,6 +93,7 @@ VARIANTS: dict[str, str] = {
 TASK_METRICS: dict[str, list[str]] = {
     "squad-rag": ["exact_match", "f1"],
     "object-count": ["exact_match"],
+    "tracking-three": ["exact_match"],
     "colored-objects": ["exact_match"],
     "tiny-kb": ["exact_match"],
 }
@@ -626,8 +627,8 @@ def write_report(
         "Every component is the same base model with one LoRA adapter each; the judge is that "
         "same small model (no larger judge on a CPU). Data: `python benchmarks/data.py` "
         "(BIG-bench 1.0.0's SQuAD v1.1 dev, object_counting and "
-        "reasoning_about_colored_objects, seeded splits; BIG-bench word_sorting is held out "
-        "and never used here).",
+        "tracking_shuffled_objects/three_objects, seeded splits; BIG-bench word_sorting is "
+        "held out and never used here).",
         "",
         "Variants: "
         + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())

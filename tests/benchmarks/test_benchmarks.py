@@ -167,14 +167,25 @@ def test_colored_objects_rows_hold_every_best_answer_and_the_ideal_object_list()
     assert bench_data.objects_of("No scene here. What?") is None
 
 
-def test_a_rejected_candidate_tracks_the_swaps() -> None:
-    story = (
-        "Alice, Bob, and Claire are playing a game. At the start of the game, they are each "
-        "holding a ball: Alice has a red ball, Bob has a green ball, and Claire has a pink ball. "
-        "As the game progresses, pairs of players trade balls. First, Alice and Claire swap "
-        "balls. Then, Bob and Claire swap balls. Finally, Alice and Bob swap balls. At the end "
-        "of the game, Bob has the"
-    )
+STORY = (
+    "Alice, Bob, and Claire are playing a game. At the start of the game, they are each "
+    "holding a ball: Alice has a red ball, Bob has a green ball, and Claire has a pink ball. "
+    "As the game progresses, pairs of players trade balls. First, Alice and Claire swap "
+    "balls. Then, Bob and Claire swap balls. Finally, Alice and Bob swap balls. At the end "
+    "of the game, Bob has the"
+)
+
+
+def fake_story(i: int) -> dict[str, Any]:
+    """tracking_shuffled_objects' shape: the choices in the players' starting order."""
+    return {
+        "input": STORY + f" {i}",
+        "target_scores": {"red ball.": 0, "green ball.": 0, "pink ball.": 1},
+    }
+
+
+def test_the_chain_task_tracks_the_swaps() -> None:
+    story = STORY
     items = ["red ball", "green ball", "pink ball"]
     assert bench_data.holdings_of(story, items) == (
         "Alice: red ball\nBob: pink ball\nClaire: green ball"
@@ -223,6 +234,7 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
     squad = json.dumps(fake_squad()).encode()
     counting = json.dumps(fake_object_counting()).encode()
     colored = json.dumps(fake_colored_objects()).encode()
+    tracking = json.dumps({"examples": [fake_story(i) for i in range(12)]}).encode()
     tasks = bench_data.TASKS_DIR
     sdist = tmp_path / "bigbench.tar.gz"
     _tar_with(
@@ -232,6 +244,7 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
             f"{tasks}/word_sorting/task.json": b'{"held": "out"}',
             f"{tasks}/object_counting/task.json": counting,
             f"{tasks}/reasoning_about_colored_objects/task.json": colored,
+            f"{tasks}/tracking_shuffled_objects/three_objects/task.json": tracking,
             "../escape.txt": b"never written",
         },
     )
@@ -244,6 +257,11 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
                 "reasoning_about_colored_objects.json",
                 f"{tasks}/reasoning_about_colored_objects/task.json",
                 colored,
+            ),
+            (
+                "tracking_shuffled_objects_three.json",
+                f"{tasks}/tracking_shuffled_objects/three_objects/task.json",
+                tracking,
             ),
         ]
     }
@@ -258,7 +276,7 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
     manifest = bench_data.build_all(raw, tmp_path / "data", seed=0, sizes=SIZES)
     assert manifest["squad-rag"] == {"corpus": 16, **SIZES}
     assert manifest["object-count"] == manifest["colored-objects"] == SIZES
-    assert "colored-objects/val.jsonl" in manifest["files"]
+    assert manifest["tracking-three"] == SIZES and "tracking-three/val.jsonl" in manifest["files"]
     assert bench_data.is_built(tmp_path / "data")
     assert (
         "squad-rag/test.jsonl" in manifest["files"]
@@ -278,9 +296,12 @@ def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> 
 
     squad = load_job(REPO / "examples" / "squad-rag" / "job.yaml")
     assert [c.name for c in squad.system.trainable_components] == ["query", "answer"]
-    chain = load_job(REPO / "examples" / "colored-objects" / "job.yaml")
-    assert [c.name for c in chain.system.trainable_components] == ["extract", "answer"]
-    assert chain.system.component("answer").reads == ["objects", "question"]
+    chain = load_job(REPO / "examples" / "tracking-three" / "job.yaml")
+    assert [c.name for c in chain.system.trainable_components] == ["track", "answer"]
+    assert chain.system.component("answer").reads == ["holdings", "question"]
+    for candidate in ("colored-objects", "temporal-sequences"):
+        job = load_job(REPO / "benchmarks" / "candidates" / candidate / "job.yaml")
+        assert len(job.system.trainable_components) == 2
     counting = load_job(REPO / "examples" / "object-count" / "job.yaml")
     assert counting.system.component("count").args == {"function": "count_items"}
     count = get_python_tool("count_items")
