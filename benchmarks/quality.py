@@ -21,7 +21,20 @@ binary-verify  full with ``loop.graded_verification: false``: only corrections t
 no-judge       ``judge: null``, ``gold_candidates: false``: candidates come only from re-sampling,
                still verified by replay
 sft-only       full with ``method: sft`` (no DPO)
+oracle         an upper reference no real job has: each trainable component SFT-trained on its
+               ideal outputs (``train.rows: targets``: every train row's ``targets``, teacher-
+               forced, the final writer's being the gold answer) on the same train rows with the
+               same training settings (``method: sft``); ``judge: null``, no candidates, one loop
+               epoch (the rows are the same every epoch and SFT restarts from the base) and
+               ``keep: last`` (its score is the trained system's, even below base)
 ============== ==================================================================================
+
+Ideal targets per task (``benchmarks/data.py`` writes them): tracking-three, the tracker's "name:
+thing" holdings after simulating the stated swaps and the writer's gold answer; object-count, the
+extractor's "<count> <kind>" (BIG-bench names no items: the gold count itself, which the tool passes
+through); squad-rag, the answer writer's gold span given the gold paragraph as its passages, and no
+target for the query writer (the data names no ideal query; it stays the base model); tiny-kb, the
+ideal query and passage of the tiny world.
 
 Each variant runs in-process (``cotune.embedded.run_embedded``) into
 ``<out>/runs/<task>/<variant>/`` and is skipped when its ``metrics.json`` exists (the spec it
@@ -34,7 +47,7 @@ A run of some tasks rewrites only their sections of ``quality.md`` and keeps the
 were (each section says when and by which command it was made).
 
     python benchmarks/data.py                       # once: fetch the data, build the splits
-    python benchmarks/quality.py                    # both tasks, every variant (hours on CPU)
+    python benchmarks/quality.py                    # every task, every variant (hours on CPU)
     python benchmarks/quality.py --quick            # 36 train / 20 val / 60 test, one epoch
     python benchmarks/quality.py --tasks object-count --variants base,bootstrap,full
     python benchmarks/quality.py --tiny --model-path DIR --train 8 --val 6 --test 8  # tests
@@ -63,7 +76,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TASKS = ("squad-rag", "object-count")
+TASKS = ("squad-rag", "object-count", "tracking-three")
+# The chain task's other candidates: --tasks takes them too (benchmarks/results/chain-selection.md).
+CANDIDATES = ROOT / "benchmarks" / "candidates"
 VARIANTS: dict[str, str] = {
     "base": "the untrained system",
     "bootstrap": "SFT on spans of passing traces only (BootstrapFinetune), same budget",
@@ -73,11 +88,14 @@ VARIANTS: dict[str, str] = {
     "no-joint": "full with single-span candidates only (no joint candidates, no downstream first)",
     "no-judge": "no judge: re-sampled candidates only, verified by replay",
     "sft-only": "full without DPO",
+    "oracle": "SFT on each component's ideal targets, same rows and settings (upper reference)",
 }
 # Per-item metrics reported for each task (McNemar's test goes with exact_match).
 TASK_METRICS: dict[str, list[str]] = {
     "squad-rag": ["exact_match", "f1"],
     "object-count": ["exact_match"],
+    "tracking-three": ["exact_match"],
+    "colored-objects": ["exact_match"],
     "tiny-kb": ["exact_match"],
 }
 QUICK = {"train": 36, "val": 20, "test": 60, "epochs": 1}  # and one training epoch
@@ -111,10 +129,13 @@ def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
 
         model = args.model_path or prepare_model("tiny", progress=None)
         folder = write_tiny_example(runs / "tiny-kb" / "example", model_path=str(model))
+        add_tiny_targets(folder)
         job = {"system": read_mapping(folder / "system.yaml"), **json.loads(json.dumps(TINY_JOB))}
         sources = {s: folder / f"{s}.jsonl" for s in ("train", "val", "test")}
     else:
         folder = ROOT / "examples" / name
+        if name not in TASKS:  # a rejected chain candidate (benchmarks/results/chain-selection.md)
+            folder = CANDIDATES / name
         job = read_mapping(folder / "job.yaml")
         job["system"] = read_mapping(folder / str(job["system"]))
         sources = {s: (folder / str(p)).resolve() for s, p in job["data"].items()}
@@ -145,6 +166,23 @@ def load_task(name: str, args: argparse.Namespace, runs: Path) -> Task:
         loop["rollout_batch"] = min(int(loop.get("rollout_batch", 36)), args.train)
         loop["samples_per_component"] = min(int(loop.get("samples_per_component", 100)), args.train)
     return Task(name=name, folder=folder, job=job, metrics=TASK_METRICS.get(name, ["exact_match"]))
+
+
+def add_tiny_targets(folder: Path) -> None:
+    """The tiny-kb task's ideal targets, added to its rows: the query the tiny world names for
+    the question's key, and that key's fact as the one retrieved passage (the oracle's only)."""
+    from cotune.tiny import make_world
+
+    world = make_world()  # write_tiny_example's world (its default seed)
+    key_of = {world.question(key): key for key in world.facts}
+    fact_of = dict(zip(world.facts, (row["text"] for row in world.corpus), strict=True))
+    for split in ("train", "val", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            key = key_of[row["question"]]
+            row["targets"] = {"query": world.query(key), "passages": [fact_of[key]]}
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def _subset(source: Path, target: Path, limit: int | None) -> Path:
@@ -178,6 +216,11 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
         loop["graded_verification"] = False
     elif variant == "no-joint":
         loop["joint_candidates"] = False
+    elif variant == "oracle":
+        job["judge"] = None
+        loop.update(epochs=1, keep="last", resample_candidates=0, augment_rollouts=0)
+        _no_gold_candidates(loop)
+        train.update(method="sft", rows="targets")
     elif variant not in ("base", "full"):
         raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
     return job
@@ -586,8 +629,9 @@ def write_report(
         "",
         "Every component is the same base model with one LoRA adapter each; the judge is that "
         "same small model (no larger judge on a CPU). Data: `python benchmarks/data.py` "
-        "(BIG-bench 1.0.0's SQuAD v1.1 dev and object_counting, seeded splits; BIG-bench "
-        "word_sorting is held out and never used here).",
+        "(BIG-bench 1.0.0's SQuAD v1.1 dev, object_counting and "
+        "tracking_shuffled_objects/three_objects, seeded splits; BIG-bench word_sorting is "
+        "held out and never used here).",
         "",
         "Variants: "
         + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())
@@ -666,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = ["tiny-kb"] if args.tiny else [t for t in args.tasks.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS] + [
-        t for t in tasks if t not in (*TASKS, "tiny-kb")
+        t for t in tasks if t not in (*TASKS, "tiny-kb") and not (CANDIDATES / t).is_dir()
     ]
     if unknown:
         parser.error(f"unknown task or variant {unknown}; tasks {TASKS}, variants {list(VARIANTS)}")

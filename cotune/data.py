@@ -33,6 +33,9 @@ class Example(BaseModel):
     inputs: dict[str, Any]
     expected: list[str] | None = None
     rejected: str | None = None  # a dispreferred output (OpenAI's preference rows)
+    # The ideal value of fields the system's components write, by field (a row's ``targets``):
+    # read only by ``train.rows: targets`` (teacher-forced SFT rows: an oracle), never by the loop
+    targets: dict[str, Any] | None = None
 
 
 # -- readers ----------------------------------------------------------------------------------
@@ -181,7 +184,16 @@ def parse_examples(
         if example_id in seen:
             raise fail(f"id {example_id!r} is also used on line {seen[example_id]}", "id")
         seen[example_id] = line_no
-        examples.append(Example(id=example_id, inputs=inputs, expected=expected))
+        targets = row.get("targets")
+        if targets is not None:
+            written = {c.writes for c in system.components}
+            if not isinstance(targets, dict) or not set(targets) <= written:
+                raise fail(
+                    "field 'targets' must map fields the system's components write "
+                    f"({sorted(written)}) to their ideal values, got {targets!r}",
+                    "targets",
+                )
+        examples.append(Example(id=example_id, inputs=inputs, expected=expected, targets=targets))
     if not examples:
         raise DataError("no rows", path=source)
     return examples

@@ -43,7 +43,14 @@ from cotune.runner import (
 )
 from cotune.runtime import Runtime, Trace, mean_score
 from cotune.scoring import Scorer
-from cotune.synthesis import Buffer, add_bootstrap, add_corrections, check_sources, given_rows
+from cotune.synthesis import (
+    Buffer,
+    add_bootstrap,
+    add_corrections,
+    check_sources,
+    given_rows,
+    target_rows,
+)
 
 if TYPE_CHECKING:
     from cotune.verify import JointProposal, Proposal
@@ -315,11 +322,13 @@ def synthesize(
     traces get gold and re-sampled candidates, verified like the verify stage's
     (``replay_candidates``, joints included) and kept as ``augment-`` rows."""
     system, loop = ctx.job.system, ctx.job.loop
-    if ctx.job.train.rows == "given":
-        buffer = given_rows(system, ctx.split("train"))
+    if ctx.job.train.rows != "synthesized":  # the train split's own outputs or targets
+        make_rows = given_rows if ctx.job.train.rows == "given" else target_rows
+        buffer = make_rows(system, ctx.split("train"))
         counts = buffer.counts()
         shown = {name: count.model_dump() for name, count in counts.items()}
-        ctx.event(f"epoch {epoch}: buffer {shown} (the train split's own outputs)")
+        what = "own outputs" if ctx.job.train.rows == "given" else "targets (teacher forcing)"
+        ctx.event(f"epoch {epoch}: buffer {shown} (the train split's {what})")
         return SynthesizeOut(buffer=buffer.rows(), counts=counts)
     previous = stored_output(ctx, epoch - 1, Stage.synthesize, SynthesizeOut)
     buffer = Buffer.from_rows(previous.buffer) if previous else Buffer()

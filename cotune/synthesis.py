@@ -216,3 +216,26 @@ def given_rows(system: SystemSpec, examples: Iterable[Example]) -> Buffer:
         if example.rejected is not None and example.rejected.strip() != chosen.strip():
             buffer.add_pair(component.name, DPOPair(messages, chosen, example.rejected))
     return buffer
+
+
+def target_rows(system: SystemSpec, examples: Iterable[Example]) -> Buffer:
+    """``train.rows: targets``: teacher forcing on the data's ideal values. Per example, the
+    ideal values are its ``targets`` (by field) and, for the system's output field, its first
+    gold answer; every trainable component whose written field has one gets an SFT row whose
+    prompt is rendered from the example's inputs and the ideal values of the fields it reads
+    (never from a component's real output). A component reading a field without an ideal
+    value gets no row from that example. These prompts hold what no real job knows, so the
+    rows are an oracle's (an upper reference), exempt from ``leaks_gold`` by design."""
+    buffer = Buffer()
+    for example in examples:
+        ideal = dict(example.targets or {})
+        if system.output not in ideal and example.expected:
+            ideal[system.output] = example.expected[0]
+        values = {**ideal, **example.inputs}
+        for component in system.trainable_components:
+            if component.writes not in ideal or any(f not in values for f in component.reads):
+                continue
+            messages = [dict(m) for m in render_messages(component, values)]
+            row = SFTRow(messages, as_completion(ideal[component.writes]), "target")
+            buffer.add_sft(component.name, row)
+    return buffer

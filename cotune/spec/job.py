@@ -168,12 +168,16 @@ class TrainConfig(_Strict):
         "with memory to spare trains faster with more",
     )
     qlora: bool = Field(default=False, description="4-bit base (bitsandbytes; GPU only)")
-    rows: Literal["synthesized", "given"] = Field(
+    rows: Literal["synthesized", "given", "targets"] = Field(
         default="synthesized",
         description="synthesized: the loop makes the rows (passing traces, verified "
         "corrections); given: the train split's gold outputs are the SFT rows of the system's "
         "one component, its rejected outputs the DPO pairs (supervised and dpo jobs in OpenAI's "
-        "shape: no judge, no replay)",
+        "shape: no judge, no replay); targets: teacher forcing on each train row's 'targets' "
+        "(the ideal value of fields the components write; the output field's is the gold "
+        "answer): every trainable component whose field has one gets an SFT row, its prompt "
+        "rendered from the inputs and the ideal values it reads (an oracle for benchmarks: "
+        "its prompts hold ideal upstream outputs no real job has)",
     )
 
 

@@ -18,7 +18,7 @@ class SFTRow:
 
     messages: list[dict[str, str]]  # the rendered prompt messages (system?/user)
     completion: str  # the target output
-    source: str = ""  # "bootstrap" | "correction" | "downstream" | "augment" | "given"
+    source: str = ""  # "bootstrap" | "correction" | "downstream" | "augment" | "given" | "target"
 
 
 @dataclass

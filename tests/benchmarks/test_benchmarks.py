@@ -72,6 +72,26 @@ def fake_object_counting() -> dict[str, Any]:
     return {"name": "object_counting", "examples": examples}
 
 
+def fake_colored_objects() -> dict[str, Any]:
+    """BIG-bench reasoning_about_colored_objects' shape: one input template, target_scores."""
+    colors = ["red", "blue", "teal", "grey", "pink", "gold"]
+    examples: list[dict[str, Any]] = []
+    for i in range(12):
+        a, b, c = colors[i % 6], colors[(i + 1) % 6], colors[(i + 2) % 6]
+        opener = ["you see", "I see", "there is", "you see several things arranged in a row:"]
+        examples.append(
+            {
+                "input": f"On the desk, {opener[i % 4]} a {a} mug, two {b} pens, and a {c} "
+                f"pair of sunglasses. What is the colour of item {i}?",
+                "target_scores": {a: 1, b: 0, "three": 1 if i % 2 else 0},
+                "comment": "what_color",
+            }
+        )
+    examples.append(dict(examples[0]))  # a duplicate input: dropped
+    examples.append({"input": "Not of the template. What?", "target_scores": {"red": 1}})
+    return {"name": "reasoning_about_colored_objects", "examples": examples}
+
+
 # -- the data builder -------------------------------------------------------------------------
 
 
@@ -119,6 +139,90 @@ def test_object_count_splits_take_the_number_as_digits_and_drop_duplicates() -> 
     assert bench_data.count_of({"target": "none"}) is None
 
 
+def test_colored_objects_rows_hold_every_best_answer_and_the_ideal_object_list() -> None:
+    task = fake_colored_objects()
+    splits = bench_data.build_colored_objects(task, seed=0, sizes=SIZES)
+    rows = [r for split in splits.values() for r in split]
+    assert {k: len(v) for k, v in splits.items()} == SIZES
+    every = bench_data.build_colored_objects(task, seed=0, sizes={"train": 12, "val": 0, "test": 0})
+    assert len(every["train"]) == 12, "the duplicate and the input off the template are dropped"
+    by_id = {r["id"]: r for r in every["train"]}
+    first, second = by_id["co-0000"], by_id["co-0001"]
+    assert first["expected"] == ["red"] and second["expected"] == ["blue", "three"]
+    assert first["targets"] == {
+        "objects": "1. a red mug\n2. two blue pens\n3. a teal pair of sunglasses"
+    }
+    assert by_id["co-0003"]["targets"]["objects"].startswith("1. a grey mug\n")  # "in a row:"
+    assert first["kind"] == "what_color" and set(first) == {
+        "id",
+        "question",
+        "expected",
+        "targets",
+        "kind",
+    }
+    assert bench_data.build_colored_objects(task, seed=0, sizes=SIZES) == splits
+    assert {r["id"] for r in rows} == set(by_id)
+    assert bench_data.objects_of("On the floor, there are three red cups and a pen. How many?") == (
+        "1. three red cups\n2. a pen"
+    )
+    assert bench_data.objects_of("No scene here. What?") is None
+
+
+STORY = (
+    "Alice, Bob, and Claire are playing a game. At the start of the game, they are each "
+    "holding a ball: Alice has a red ball, Bob has a green ball, and Claire has a pink ball. "
+    "As the game progresses, pairs of players trade balls. First, Alice and Claire swap "
+    "balls. Then, Bob and Claire swap balls. Finally, Alice and Bob swap balls. At the end "
+    "of the game, Bob has the"
+)
+
+
+def fake_story(i: int) -> dict[str, Any]:
+    """tracking_shuffled_objects' shape: the choices in the players' starting order."""
+    return {
+        "input": STORY + f" {i}",
+        "target_scores": {"red ball.": 0, "green ball.": 0, "pink ball.": 1},
+    }
+
+
+def test_the_chain_task_tracks_the_swaps() -> None:
+    story = STORY
+    items = ["red ball", "green ball", "pink ball"]
+    assert bench_data.holdings_of(story, items) == (
+        "Alice: red ball\nBob: pink ball\nClaire: green ball"
+    )
+    scores = {"red ball.": 0, "green ball.": 0, "pink ball.": 1}
+    task = {"examples": [{"input": story, "target_scores": scores}] * 2}
+    rows = bench_data.build_tracking(task, sizes={"train": 1, "val": 0, "test": 0})["train"]
+    assert rows[0]["expected"] == ["pink ball"] and rows[0]["targets"]["holdings"].count("\n") == 2
+
+
+def test_a_temporal_candidate_lists_the_known_times() -> None:
+    story = (
+        "Today, Tom went to the park. Between what times could they have gone?\nWe know that: "
+        "\nTom woke up at 7am.\nAnna saw Tom reading from 7am to 1pm.\nBen saw Tom at the "
+        "deli from 3pm to 5pm.\nThe park was closed after 5pm.\nBetween what times?"
+    )
+    assert bench_data.timeline_of(story) == (
+        "woke up at 7am\nbusy from 7am to 1pm\nbusy from 3pm to 5pm\nclosed after 5pm"
+    )
+    task = {"examples": [{"input": story, "target": "1pm to 3pm"}]}
+    row = bench_data.build_temporal(task, sizes={"train": 1, "val": 0, "test": 0})["train"][0]
+    assert row["expected"] == ["1pm to 3pm"] and "We know that:\nTom" in row["question"]
+
+
+def test_the_oracle_targets_of_the_other_tasks() -> None:
+    _, squad = bench_data.build_squad(fake_squad(), seed=0, sizes=SIZES)
+    row = squad["train"][0]
+    title, index = row["paragraph"].split("#")
+    assert row["targets"] == {
+        "passages": [f"{title.replace('_', ' ')}: Paragraph {index} of article {title[-1]}."]
+    }
+    counting = bench_data.build_object_count(fake_object_counting(), seed=0, sizes=SIZES)
+    for row in counting["train"]:
+        assert row["targets"] == {"items": f"{row['expected'][0]} {row['kind']}"}
+
+
 def _tar_with(path: Path, files: dict[str, bytes]) -> None:
     with tarfile.open(path, "w:gz") as archive:
         for name, content in files.items():
@@ -130,6 +234,8 @@ def _tar_with(path: Path, files: dict[str, bytes]) -> None:
 def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: Path) -> None:
     squad = json.dumps(fake_squad()).encode()
     counting = json.dumps(fake_object_counting()).encode()
+    colored = json.dumps(fake_colored_objects()).encode()
+    tracking = json.dumps({"examples": [fake_story(i) for i in range(12)]}).encode()
     tasks = bench_data.TASKS_DIR
     sdist = tmp_path / "bigbench.tar.gz"
     _tar_with(
@@ -138,6 +244,8 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
             f"{tasks}/squad_shifts/squaddev_v1.1.json": squad,
             f"{tasks}/word_sorting/task.json": b'{"held": "out"}',
             f"{tasks}/object_counting/task.json": counting,
+            f"{tasks}/reasoning_about_colored_objects/task.json": colored,
+            f"{tasks}/tracking_shuffled_objects/three_objects/task.json": tracking,
             "../escape.txt": b"never written",
         },
     )
@@ -146,16 +254,30 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
         for name, member, content in [
             ("squaddev_v1.1.json", f"{tasks}/squad_shifts/squaddev_v1.1.json", squad),
             ("object_counting.json", f"{tasks}/object_counting/task.json", counting),
+            (
+                "reasoning_about_colored_objects.json",
+                f"{tasks}/reasoning_about_colored_objects/task.json",
+                colored,
+            ),
+            (
+                "tracking_shuffled_objects_three.json",
+                f"{tasks}/tracking_shuffled_objects/three_objects/task.json",
+                tracking,
+            ),
         ]
     }
+    assert set(members) == set(bench_data.MEMBERS)
+    assert all(member == bench_data.MEMBERS[n][0] for n, (member, _) in members.items())
+    assert not any("word_sorting" in m for m, _ in bench_data.MEMBERS.values())
     raw = tmp_path / "data" / "raw"
     bench_data.extract_members(sdist, raw, members)
-    assert sorted(p.name for p in raw.iterdir()) == ["object_counting.json", "squaddev_v1.1.json"]
+    assert sorted(p.name for p in raw.iterdir()) == sorted(members)
     assert not (tmp_path / "escape.txt").exists()
 
     manifest = bench_data.build_all(raw, tmp_path / "data", seed=0, sizes=SIZES)
     assert manifest["squad-rag"] == {"corpus": 16, **SIZES}
-    assert manifest["object-count"] == SIZES
+    assert manifest["object-count"] == manifest["colored-objects"] == SIZES
+    assert manifest["tracking-three"] == SIZES and "tracking-three/val.jsonl" in manifest["files"]
     assert bench_data.is_built(tmp_path / "data")
     assert (
         "squad-rag/test.jsonl" in manifest["files"]
@@ -175,6 +297,12 @@ def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> 
 
     squad = load_job(REPO / "examples" / "squad-rag" / "job.yaml")
     assert [c.name for c in squad.system.trainable_components] == ["query", "answer"]
+    chain = load_job(REPO / "examples" / "tracking-three" / "job.yaml")
+    assert [c.name for c in chain.system.trainable_components] == ["track", "answer"]
+    assert chain.system.component("answer").reads == ["holdings", "question"]
+    for candidate in ("colored-objects", "temporal-sequences"):
+        job = load_job(REPO / "benchmarks" / "candidates" / candidate / "job.yaml")
+        assert len(job.system.trainable_components) == 2
     counting = load_job(REPO / "examples" / "object-count" / "job.yaml")
     assert counting.system.component("count").args == {"function": "count_items"}
     count = get_python_tool("count_items")
@@ -215,6 +343,15 @@ def test_variants_are_loop_settings() -> None:
     assert jobs["bootstrap"].train.method == jobs["sft-only"].train.method == "sft"
     assert jobs["no-judge"].judge is None and jobs["no-judge"].loop.resample_candidates >= 1
     assert jobs["full"].judge is not None and jobs["full"].train.method == "sft+dpo"
+    oracle = jobs["oracle"]
+    assert oracle.train.rows == "targets" and oracle.train.method == "sft"
+    assert all(j.train.rows == "synthesized" for v, j in jobs.items() if v != "oracle")
+    assert oracle.judge is None and not oracle.loop.gold_candidates
+    assert oracle.loop.resample_candidates == oracle.loop.augment_rollouts == 0
+    assert oracle.loop.epochs == 1 and oracle.loop.keep == "last"
+    same = ("lora_r", "lora_alpha", "learning_rate", "epochs", "batch_size", "max_length")
+    assert all(getattr(oracle.train, k) == getattr(jobs["full"].train, k) for k in same)
+    assert oracle.data == jobs["full"].data
 
 
 # -- the benchmark, end to end ----------------------------------------------------------------
@@ -228,7 +365,7 @@ def test_quality_benchmark_runs_on_the_tiny_model(
         "--model-path",
         str(tiny_model_dir),
         "--variants",
-        "base,full",
+        "base,full,oracle",
         "--train",
         "8",
         "--val",
@@ -264,7 +401,7 @@ def test_quality_benchmark_runs_on_the_tiny_model(
             break
         cells = line.split(" | ")
         scores[cells[0][2:]] = cells
-    assert list(scores) == ["base", "full"]
+    assert list(scores) == ["base", "full", "oracle"]
     full = scores["full"]
     assert 0.0 <= float(full[1]) <= 1.0
     assert full[2].count("[") == 1 and full[2].count(",") == 1  # Δ vs base [95 % CI]
@@ -278,6 +415,14 @@ def test_quality_benchmark_runs_on_the_tiny_model(
     full_metrics = json.loads((runs / "full" / "metrics.json").read_text())
     base_metrics = json.loads((runs / "base" / "metrics.json").read_text())
     assert full_metrics["base_test_score"] == base_metrics["test_score"]
+
+    # The oracle trained each component on its ideal targets only, through the loop's own
+    # training stage: teacher-forced rows, no judge, no candidates, one epoch, kept.
+    oracle = json.loads((runs / "oracle" / "metrics.json").read_text())
+    assert oracle["best_epoch"] == 1 and oracle["base_test_score"] == base_metrics["test_score"]
+    stages = {s["stage"]: s for s in oracle["stages"]}
+    assert stages["train"]["trained_tokens"] > 0 and stages["credit"]["judge_calls"] == 0
+    assert "| oracle | SFT on each component's ideal targets" in text
 
     # Finished variants are cached, not rerun.
     stamp = (runs / "full" / "metrics.json").stat().st_mtime_ns

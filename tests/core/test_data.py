@@ -248,3 +248,13 @@ def test_corpus_empty_or_not_jsonl(tmp_path: Path) -> None:
     (tmp_path / "kb.csv").write_text("id,text\nd,t\n")
     with pytest.raises(DataError, match=r"kb.csv: a corpus must be a \.jsonl file"):
         load_corpus(tmp_path / "kb.csv")
+
+
+def test_targets_are_ideal_values_of_written_fields(tmp_path: Path) -> None:
+    ideal = {"query": "color of zorpa", "passages": ["the color of zorpa is teal."]}
+    path = jsonl(tmp_path, {"question": "q?", "expected": "teal", "targets": ideal})
+    assert load_examples(path, system())[0].targets == ideal
+    for bad in ({"question": "an input, not a written field"}, {"nope": "x"}, ["query"]):
+        path = jsonl(tmp_path, {"question": "q?", "expected": "teal", "targets": bad})
+        error = refused(path)
+        assert error.field == "targets" and error.line == 1
