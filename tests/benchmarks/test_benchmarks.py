@@ -626,6 +626,10 @@ def test_the_gold_hidden_variants_run_on_the_tiny_model(
     text = (tmp_path / "quality-tiny.md").read_text()
     assert "### Three-way: gold path, judge-scored, simulated feedback" in text
     three_way = text.split("### Three-way")[1].splitlines()
-    rows = {line.split(" | ")[0][2:]: line for line in three_way if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in three_way
+        if line.startswith("| ") and not line.startswith("| ---")
+    }
     assert set(rows) == {"variant", "judge-scored", "feedback"}  # no full run: no share
     assert rows["feedback"].count("[") == 1 and rows["feedback"].endswith("| - | - | - |")
