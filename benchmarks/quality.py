@@ -27,6 +27,11 @@ oracle         an upper reference no real job has: each trainable component SFT-
                same training settings (``method: sft``); ``judge: null``, no candidates, one loop
                epoch (the rows are the same every epoch and SFT restarts from the base) and
                ``keep: last`` (its score is the trained system's, even below base)
+judge-scored   full with gold hidden from the loop: ``metric: judge`` under the task's rubric,
+               no ``expected`` in any split the job reads (``benchmarks/gold_hidden.py``)
+feedback       simulated human feedback (``benchmarks/simulate_feedback.py``): ratings and coarse
+               comments on base runs of the train inputs as ``data.feedback``, no train split,
+               ``metric: judge``, no gold in val or test
 ============== ==================================================================================
 
 Ideal targets per task (``benchmarks/data.py`` writes them): tracking-three, the tracker's "name:
@@ -35,6 +40,11 @@ extractor's "<count> <kind>" (BIG-bench names no items: the gold count itself, w
 through); squad-rag, the answer writer's gold span given the gold paragraph as its passages, and no
 target for the query writer (the data names no ideal query; it stays the base model); tiny-kb, the
 ideal query and passage of the tiny world.
+
+judge-scored and feedback are tested against gold all the same: their test traces are
+re-scored by the task's metric against the gold test rows, so they pair with base and full;
+the report gives their intervals against base and against full and the share of the gold
+path's gain each keeps.
 
 Each variant runs in-process (``cotune.embedded.run_embedded``) into
 ``<out>/runs/<task>/<variant>/`` and is skipped when its ``metrics.json`` exists (the spec it
@@ -72,6 +82,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gold_hidden
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -89,6 +101,7 @@ VARIANTS: dict[str, str] = {
     "no-judge": "no judge: re-sampled candidates only, verified by replay",
     "sft-only": "full without DPO",
     "oracle": "SFT on each component's ideal targets, same rows and settings (upper reference)",
+    **gold_hidden.VARIANTS,  # judge-scored, feedback: the loop never sees gold
 }
 # Per-item metrics reported for each task (McNemar's test goes with exact_match).
 TASK_METRICS: dict[str, list[str]] = {
@@ -221,6 +234,8 @@ def variant_job(task: Task, variant: str) -> dict[str, Any]:
         loop.update(epochs=1, keep="last", resample_candidates=0, augment_rollouts=0)
         _no_gold_candidates(loop)
         train.update(method="sft", rows="targets")
+    elif variant in gold_hidden.VARIANTS:
+        job = gold_hidden.variant_job(task.name, job, variant)
     elif variant not in ("base", "full"):
         raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
     return job
@@ -318,34 +333,21 @@ def evaluate_base(job: Any, out: Path) -> Any:
     whose one stage is the test evaluation) and traces/test.jsonl."""
     from cotune.data import load_examples
     from cotune.records import JobReport, Stage, StageRecord
-    from cotune.runtime import mean_score, open_runtime, score_traces
+    from cotune.runtime import mean_score
 
     test = job.data_path("test")
     if test is None:
         raise SystemExit("the job has no test split")
-    examples = load_examples(test, job.system, split="test")
-    options: dict[str, Any] = {}
-    if job.engine == "vllm":  # the engine is shared with the trained variants: same limits
-        options = {
-            "max_lora_rank": max(job.train.lora_r, 16),
-            "max_loras": max(len(job.system.trainable_components), 1),
-        }
-    runtime = open_runtime(job.system, engine=job.engine, engine_options=options)
-    before, started = _counters(runtime), time.perf_counter()
-    traces = []
-    for start in range(0, len(examples), 64):
-        chunk = runtime.run(examples[start : start + 64])
-        score_traces(job.system, chunk)
-        traces.extend(chunk)
-    after = _counters(runtime)
+    started = time.perf_counter()
+    traces, spent = base_traces(job, load_examples(test, job.system, split="test"))
     score = mean_score(traces)
     record = StageRecord(
         epoch=0,
         stage=Stage.test,
         seconds=round(time.perf_counter() - started, 3),
-        engine_calls=after["calls"] - before["calls"],
-        prompt_tokens=after["prompt_tokens"] - before["prompt_tokens"],
-        completion_tokens=after["completion_tokens"] - before["completion_tokens"],
+        engine_calls=spent["calls"],
+        prompt_tokens=spent["prompt_tokens"],
+        completion_tokens=spent["completion_tokens"],
     )
     report = JobReport(
         job_name=job.system.name,
@@ -362,6 +364,29 @@ def evaluate_base(job: Any, out: Path) -> Any:
     return report
 
 
+def base_traces(job: Any, examples: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    """The untrained system's traces of ``examples``, scored by the task metric against their
+    gold, and the engine calls and tokens they took (base on test; simulate_feedback.py on
+    train)."""
+    from cotune.runtime import open_runtime, score_traces
+
+    options: dict[str, Any] = {}
+    if job.engine == "vllm":  # the engine is shared with the trained variants: same limits
+        options = {
+            "max_lora_rank": max(job.train.lora_r, 16),
+            "max_loras": max(len(job.system.trainable_components), 1),
+        }
+    runtime = open_runtime(job.system, engine=job.engine, engine_options=options)
+    before = _counters(runtime)
+    traces = []
+    for start in range(0, len(examples), 64):
+        chunk = runtime.run(examples[start : start + 64])
+        score_traces(job.system, chunk)
+        traces.extend(chunk)
+    after = _counters(runtime)
+    return traces, {key: after[key] - before[key] for key in after}
+
+
 def _counters(runtime: Any) -> dict[str, int]:
     engines = {id(e): e for e in runtime.engines.values()}
     return {
@@ -373,8 +398,12 @@ def _counters(runtime: Any) -> dict[str, int]:
 # -- statistics -------------------------------------------------------------------------------
 
 
-def item_scores(trace_file: Path, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per test example id, each metric's score of the system's output against the gold."""
+def item_scores(
+    trace_file: Path, metrics: Sequence[str], gold: dict[str, list[str]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per test example id, each metric's score of the system's output against the gold: the
+    trace's own ``expected``, or ``gold`` (example id -> answers) where given (the test traces
+    of a variant whose job held no gold are re-scored against the benchmark's gold rows)."""
     from cotune.metrics import score
 
     scores: dict[str, dict[str, float]] = {}
@@ -382,7 +411,7 @@ def item_scores(trace_file: Path, metrics: Sequence[str]) -> dict[str, dict[str,
         if not line.strip():
             continue
         trace = json.loads(line)
-        expected = trace.get("expected") or []
+        expected = (trace.get("expected") or []) if gold is None else gold[str(trace["example_id"])]
         scores[str(trace["example_id"])] = {
             m: score(m, trace.get("output"), expected) if expected else 0.0 for m in metrics
         }
@@ -440,7 +469,9 @@ class VariantResult:
     wall_seconds: float | None
 
 
-def load_result(folder: Path, variant: str, metrics: Sequence[str]) -> VariantResult | None:
+def load_result(
+    folder: Path, variant: str, metrics: Sequence[str], gold: dict[str, list[str]] | None = None
+) -> VariantResult | None:
     from cotune.records import JobReport
 
     metrics_file, traces = folder / "metrics.json", folder / "traces" / "test.jsonl"
@@ -449,7 +480,7 @@ def load_result(folder: Path, variant: str, metrics: Sequence[str]) -> VariantRe
     wall = folder / "wall.json"
     return VariantResult(
         variant=variant,
-        scores=item_scores(traces, metrics),
+        scores=item_scores(traces, metrics, gold),
         report=JobReport.model_validate_json(metrics_file.read_text()),
         wall_seconds=json.loads(wall.read_text())["seconds"] if wall.exists() else None,
     )
@@ -584,7 +615,9 @@ def task_section(
         rerun = {
             v: r.report.base_test_score
             for v, r in results.items()
-            if v != "base" and r.report.base_test_score is not None
+            if v != "base"
+            and v not in gold_hidden.VARIANTS  # their job's test is judge-scored
+            and r.report.base_test_score is not None
         }
         if rerun:
             same = all(abs(s - (base.report.test_score or 0.0)) < 1e-9 for s in rerun.values())
@@ -594,7 +627,51 @@ def task_section(
                 + ", ".join(f"{v} {s:.3f}" for v, s in rerun.items())
                 + (" — equal to base." if same else " — NOT equal to base: check determinism."),
             ]
+    lines += three_way_lines(task, results)
     return [*lines, "", f"![{task.name}: test scores per variant]({plot_name})", ""]
+
+
+def three_way_lines(task: Task, results: dict[str, VariantResult]) -> list[str]:
+    """The gold path against the variants whose loop never saw gold (judge-scored, feedback):
+    their test scores re-scored by the task metric, paired against base and against full,
+    and the share of the gold path's gain each keeps."""
+    hidden = [v for v in gold_hidden.VARIANTS if v in results]
+    base, full = results.get("base"), results.get("full")
+    if not hidden:
+        return []
+    metric = task.job["system"].get("metric", "exact_match")
+    full_gain = compare(base, full, [metric]).get(metric, {}) if base and full else {}
+    lines = [
+        "",
+        f"### Three-way: gold path, judge-scored, simulated feedback (test `{metric}` against "
+        "gold for every variant; the judge-scored loops never saw it)",
+        "",
+        f"Rubric: {gold_hidden.rubric(task.name, task.job['system'])}",
+        "",
+        f"| variant | {metric} | Δ vs base | Δ vs full | McNemar p vs full | "
+        "share of the gold-path gain kept |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant in ["full", *hidden]:
+        result = results.get(variant)
+        if result is None:
+            continue
+        vs_base = compare(base, result, [metric]).get(metric, {}) if base else {}
+        vs_full = (
+            compare(full, result, [metric]).get(metric, {}) if full and result is not full else {}
+        )
+        share = "-" if variant == "full" else gold_hidden.share_of_gain(vs_base, full_gain)
+        lines.append(
+            f"| {variant} | {_mean([s[metric] for s in result.scores.values()]):.3f} | "
+            f"{_delta(vs_base)} | {_delta(vs_full)} | {_p(vs_full)} | {share} |"
+        )
+    lines += [
+        "",
+        "Their val scores above (val base → best) are the judge's, under the rubric, not the "
+        "task metric; their judge calls include scoring every rollout, replay and val output "
+        f"(budget {gold_hidden.JUDGE_BUDGET_FACTOR}× the gold path's).",
+    ]
+    return lines
 
 
 def kept_sections(text: str) -> dict[str, list[str]]:
@@ -727,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task in loaded:
         for variant in variants:
             started = time.perf_counter()
+            if variant in gold_hidden.VARIANTS:  # the stripped splits, the simulated feedback
+                job_map = variant_job(task, variant)
+                gold_hidden.prepare(task.name, variant, task.job, job_map, task.folder)
             what = run_variant(
                 task, variant, runs / task.name / variant, progress=not args.no_progress
             )
@@ -734,10 +814,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{task.name} {variant}: {what} ({time.perf_counter() - started:.0f} s)",
                 file=sys.stderr,
             )
+        gold = gold_hidden.gold_answers(Path(task.job["data"]["test"]), task.job["system"])
         results[task.name] = {
             v: r
             for v in VARIANTS  # every finished variant, in a fixed order
-            if (r := load_result(runs / task.name / v, v, task.metrics)) is not None
+            if (
+                r := load_result(
+                    runs / task.name / v,
+                    v,
+                    task.metrics,
+                    gold if v in gold_hidden.VARIANTS else None,  # re-scored by gold
+                )
+            )
+            is not None
         }
     md = args.out / f"quality{suffix}.md"
     command = list(sys.argv[1:] if argv is None else argv)

@@ -1,5 +1,7 @@
 """The quality benchmark's scripts, so they don't rot: the data builder on small fabricated
-SQuAD- and BIG-bench-shaped files (no network), the paired statistics, the counting tool, and
+SQuAD- and BIG-bench-shaped files (no network), the paired statistics, the counting tool, the
+gold-hidden variants (judge-scored, simulated feedback: no gold where the loop reads, none
+given away by the simulated feedback, the test re-scored by gold), and
 ``benchmarks/quality.py`` end to end on the tiny model (real vLLM, real TRL)."""
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 try:
     import data as bench_data
+    import gold_hidden
     import quality
+    import simulate_feedback
     import speed_judge
 finally:
     sys.path.pop(0)
@@ -470,3 +474,307 @@ def test_the_judge_speed_part_gives_raw_vllm_exactly_the_judges_requests() -> No
     raw = speed_judge.judge_requests(system, traces, 3, 0.7, 200, 4)
     assert len(raw) == 6 and all(r.json_schema for r in raw)
     assert raw == judge.requests  # every reply parsed, so no repair requests were added
+
+
+# -- the gold-hidden variants: judge-scored and simulated feedback -----------------------------
+
+
+class ItemsEngine:
+    """Test double for the object-count extractor: writes ``items[question]`` for the question
+    in the prompt's last ``Sentence:`` line (the engine protocol's ``generate``)."""
+
+    kind = "vllm"
+    model_id = "scripted-items"
+
+    def __init__(self, items: dict[str, str]) -> None:
+        from cotune.engines.base import EngineStats
+
+        self.items = items
+        self.stats = EngineStats()
+
+    def supports_json_schema(self) -> bool:
+        return True
+
+    def release(self) -> None: ...
+
+    def reacquire(self) -> None: ...
+
+    def generate(self, requests: list[Any], adapter: str | None = None) -> list[Any]:
+        from cotune.engines.base import GenerationResult
+
+        results = []
+        for request in requests:
+            question = request.messages[-1]["content"].split("Sentence: ")[-1].split("\n")[0]
+            # no token counts: a count in a span's metadata would read as a number in the row
+            results.append(GenerationResult(self.items[question], 0, 0, "stop"))
+        self.stats.add(results, 0.0)
+        return results
+
+
+# (question, what the extractor writes, gold): the count_items tool makes the output. No wrong
+# run's gold is a number the system's own prompt holds (its one-shot example has "two pears",
+# "three dogs", "one per line"): the rows' spans carry that prompt.
+COUNTING = [
+    # right: 1 + 2
+    ("I have a violin, two flutes, and a carrot. How many musical instruments do I have?",
+     "a violin\ntwo flutes", "3"),
+    # 5, too high: the goat is not an instrument
+    ("I have a piano, three drums, and a goat. How many musical instruments do I have?",
+     "a piano\nthree drums\na goat", "4"),
+    # 1, too low: the dogs were left out
+    ("I have a cat, four dogs, and a yam. How many animals do I have?", "a cat", "5"),
+    # 6, too high: a quantity misread (nothing of another kind, nothing left out)
+    ("I have a plum, four peaches, and a bed. How many fruits do I have?",
+     "two plums\nfour peaches", "5"),
+]  # fmt: skip
+
+
+def _counting_traces(rows: list[tuple[str, str, str]]) -> tuple[Any, list[Any]]:
+    """The object-count system run on ``rows`` with the scripted extractor and the real tool,
+    scored against gold as a base run is."""
+    from cotune.data import Example
+    from cotune.runtime import Runtime, score_traces
+    from cotune.spec import load_system
+    from cotune.tools import ToolContext
+
+    system = load_system(REPO / "examples" / "object-count" / "system.yaml")
+    engine = ItemsEngine({q: items for q, items, _ in rows})
+    runtime = Runtime(system, {"small": engine}, ToolContext.for_system(system))
+    examples = [
+        Example(id=f"oc-{i}", inputs={"question": q}, expected=[gold])
+        for i, (q, _, gold) in enumerate(rows)
+    ]
+    traces = runtime.run(examples)
+    score_traces(system, traces)
+    return system, traces
+
+
+def test_object_count_comments_say_what_is_wrong_never_the_count() -> None:
+    comment = simulate_feedback.object_count_comment
+    question = "I have a cat, two pears, and a drum. How many animals do I have?"
+    assert comment(question, "a cat", "1", "1") == simulate_feedback.COUNT_RIGHT
+    assert comment(question, "a cat", "one cat", "1") == simulate_feedback.NOT_A_NUMBER
+    assert comment(question, "a cat\na drum", "2", "1") == (
+        "the count is too high; an item of another kind was counted"
+    )
+    other = "I have a cat, two dogs, and a drum. How many animals do I have?"
+    assert comment(other, "a cat", "1", "3") == (
+        "the count is too low; an item of the asked kind was left out"
+    )
+    assert comment(other, "two cats\ntwo dogs", "4", "3") == "the count is too high"
+    assert simulate_feedback.things("three heads of broccoli, two mice, a peach") == {
+        ("vegetables", "broccoli"),
+        ("animals", "mouse"),
+        ("fruits", "peach"),
+    }
+    # no comment this script can write names a number, as digits or as a word
+    words = set(bench_data.NUMBER_WORDS)
+    for text in simulate_feedback.COMMENTS:
+        assert not any(ch.isdigit() for ch in text) and not words & set(text.split())
+
+
+def test_simulated_feedback_never_gives_the_gold_away() -> None:
+    """A wrong run's row holds no gold (as digits or word) in any field; a row is the run's own
+    inputs, output and spans plus the rating and comment; and a wrong run's row is the same
+    whatever its gold, as long as the count errs the same way: the gold cannot be read back."""
+    from cotune.feedback import parse_feedback
+    from cotune.runtime import score_traces
+    from cotune.spec import parse_system
+
+    system, traces = _counting_traces(COUNTING)
+    assert [t.output for t in traces] == ["3", "5", "1", "6"]
+    rows, skipped = simulate_feedback.simulate("object-count", traces, system)
+    assert skipped == 0 and len(rows) == len(COUNTING)
+    ratings = [(r["feedback"]["rating"], r["feedback"]["comment"]) for r in rows]
+    assert ratings == [
+        ("up", "the count is right"),
+        ("down", "the count is too high; an item of another kind was counted"),
+        ("down", "the count is too low; an item of the asked kind was left out"),
+        ("down", "the count is too high"),
+    ]
+    for row, trace, (_, _, gold) in zip(rows, traces, COUNTING, strict=True):
+        assert set(row) == {"id", "inputs", "output", "feedback", "spans"}
+        assert row["inputs"] == trace.inputs and row["output"] == trace.output
+        assert row["spans"] == [json.loads(s.model_dump_json()) for s in trace.spans]
+        assert set(row["feedback"]) == {"rating", "comment"}
+        if row["feedback"]["rating"] == "down":
+            assert not simulate_feedback.holds_gold(row, [gold]), row
+            # another gold on the same side of the output: the very same row
+            other = trace.model_copy(deep=True)
+            other.expected = [str(int(gold) + (1 if int(trace.output) < int(gold) else -1))]
+            score_traces(system, [other])
+            assert not other.passed
+            assert simulate_feedback.feedback_row("object-count", other, system) == row
+        else:
+            assert simulate_feedback.holds_gold(row, [gold])  # the right output is the gold
+    # the rows are a valid data.feedback file for the judge-scored system
+    judged = parse_system(
+        gold_hidden.variant_job("object-count", _job(system), "feedback")["system"]
+    )
+    assert len(parse_feedback(enumerate(rows, start=1), judged)) == len(rows)
+    leaky = dict(rows[1], feedback={"rating": "down", "comment": "it is four, not five"})
+    with pytest.raises(ValueError, match="holds the gold"):
+        simulate_feedback.check_no_gold(leaky, ["4"])
+    # other tasks: a generic comment
+    generic = simulate_feedback.comment_for("squad-rag", traces[1], system)
+    assert generic == "the answer is wrong"
+
+
+def _job(system: Any) -> dict[str, Any]:
+    """The object-count job's mapping around its system (what variant_job starts from)."""
+    from cotune.spec import read_mapping
+
+    spec = read_mapping(REPO / "examples" / "object-count" / "system.yaml")
+    return {"system": spec, "data": {"train": "t.jsonl", "val": "v.jsonl", "test": "x.jsonl"}}
+
+
+def _tiny_task(tmp_path: Path, model: Path) -> Any:
+    import argparse
+
+    args = argparse.Namespace(model_path=model, train=8, val=6, test=8, epochs=1, quick=False)
+    return quality.load_task("tiny-kb", args, tmp_path / "runs")
+
+
+def _rows(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_gold_hidden_variants_read_no_gold_and_keep_the_gold_paths_examples(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from doubles import ScriptedEngine
+
+    from cotune.runtime import Runtime, score_traces
+    from cotune.spec.job import parse_job
+    from cotune.tools import ToolContext
+
+    task = _tiny_task(tmp_path, tiny_model_dir)
+    full = parse_job(quality.variant_job(task, "full"), base_dir=task.folder)
+
+    def scripted_base(job: Any, examples: list[Any]) -> tuple[list[Any], dict[str, int]]:
+        engine = ScriptedEngine(answer_wrong=lambda adapter: True)  # every answer wrong
+        runtime = Runtime(job.system, {"tiny": engine}, ToolContext.for_system(job.system))
+        traces = runtime.run(examples)
+        score_traces(job.system, traces)
+        return traces, {}
+
+    monkeypatch.setattr(quality, "base_traces", scripted_base)
+    for variant in gold_hidden.VARIANTS:
+        job_map = quality.variant_job(task, variant)
+        gold_hidden.prepare(task.name, variant, task.job, job_map, task.folder)
+        job = parse_job(job_map, base_dir=task.folder)
+        assert job.system.metric == "judge"
+        assert job.system.rubric == gold_hidden.RUBRICS["tiny-kb"]
+        assert job.loop == full.loop and job.train == full.train and job.judge == full.judge
+        assert job.budget.max_judge_calls == 3 * (full.budget.max_judge_calls or 0)
+        read = {s: job.data_path(s) for s in ("train", "val", "test", "feedback")}
+        for split in ("val", "test"):
+            gold_rows = _rows(task.job["data"][split])
+            assert _rows(read[split]) == [  # the same rows, in order, without their gold
+                {"id": r["id"], "question": r["question"]} for r in gold_rows
+            ]
+        if variant == "judge-scored":
+            assert read["feedback"] is None
+            assert [r["id"] for r in _rows(read["train"])] == [
+                r["id"] for r in _rows(task.job["data"]["train"])
+            ]
+            assert all(set(r) == {"id", "question"} for r in _rows(read["train"]))
+            continue
+        assert read["train"] is None
+        gold = {r["id"]: r["expected"] for r in _rows(task.job["data"]["train"])}
+        rated = _rows(read["feedback"])
+        assert [r["id"] for r in rated] == list(gold)  # a base run of every train input
+        for row in rated:
+            assert row["feedback"] == {"rating": "down", "comment": "the answer is wrong"}
+            assert "expected" not in json.dumps(row) and "corrected_output" not in row["feedback"]
+        from cotune.feedback import load_feedback
+
+        assert len(load_feedback(read["feedback"], job.system)) == len(gold)
+        # made once: a second prepare keeps the file
+        stamp = Path(read["feedback"]).stat().st_mtime_ns
+        gold_hidden.prepare(task.name, variant, task.job, job_map, task.folder)
+        assert Path(read["feedback"]).stat().st_mtime_ns == stamp
+
+
+def test_gold_hidden_test_traces_are_rescored_by_gold_and_the_gain_share(tmp_path: Path) -> None:
+    from cotune.tiny import TINY_SYSTEM
+
+    traces = tmp_path / "test.jsonl"  # a judge-scored job's test traces: no gold in them
+    lines = [
+        {"example_id": "q1", "output": "teal", "expected": None, "score": 0.2},
+        {"example_id": "q2", "output": "red", "score": 0.9},
+    ]
+    traces.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    gold_file = tmp_path / "gold.jsonl"
+    gold_file.write_text(
+        '{"id": "q1", "question": "what is the color of a?", "expected": "teal"}\n'
+        '{"id": "q2", "question": "what is the color of b?", "expected": ["blue"]}\n'
+    )
+    gold = gold_hidden.gold_answers(gold_file, TINY_SYSTEM)
+    assert gold == {"q1": ["teal"], "q2": ["blue"]}
+    assert quality.item_scores(traces, ["exact_match"], gold) == {
+        "q1": {"exact_match": 1.0},
+        "q2": {"exact_match": 0.0},
+    }
+    assert quality.item_scores(traces, ["exact_match"]) == {  # without gold: nothing to match
+        "q1": {"exact_match": 0.0},
+        "q2": {"exact_match": 0.0},
+    }
+    gain = {"diff": 0.2, "low": 0.05, "high": 0.35}
+    assert gold_hidden.share_of_gain({"diff": 0.1}, gain) == "50%"
+    assert gold_hidden.share_of_gain({"diff": -0.05}, gain) == "-25%"
+    no_gain = {"diff": 0.1, "low": -0.02, "high": 0.2}
+    assert gold_hidden.share_of_gain({"diff": 0.1}, no_gain) == "gold path shows no gain"
+
+
+@pytest.mark.slow
+def test_the_gold_hidden_variants_run_on_the_tiny_model(
+    tiny_model_dir: Path, vllm_engine: Any, tmp_path: Path
+) -> None:
+    """judge-scored and feedback end to end on the tiny model (it is its own judge): every
+    stage ran, nothing of gold in what their jobs read, their test re-scored by gold, and the
+    report's three-way table. No score is asserted: the tiny judge's verdicts are noise."""
+    from cotune.metrics import score
+
+    sizes = ["--train", "6", "--val", "4", "--test", "6", "--epochs", "1"]
+    argv = ["--tiny", "--model-path", str(tiny_model_dir), *sizes, "--out", str(tmp_path)]
+    assert quality.main([*argv, "--variants", "base,judge-scored,feedback", "--no-progress"]) == 0
+    runs = tmp_path / "runs-tiny" / "tiny-kb"
+    gold_test = _rows(runs / "data" / "test.jsonl")
+    gold = {r["id"]: [r["expected"]] for r in gold_test}
+    for variant in gold_hidden.VARIANTS:
+        folder = runs / variant
+        report = json.loads((folder / "metrics.json").read_text())
+        assert report["status"] == "succeeded"
+        stages = [s["stage"] for s in report["stages"]]
+        assert stages == ["baseline", "rollout", "credit", "verify", "synthesize", "train",
+                          "evaluate", "test"]  # fmt: skip
+        job = json.loads((folder / "variant.json").read_text())["job"]
+        assert job["system"]["metric"] == "judge"
+        assert ("train" in job["data"]) == (variant == "judge-scored")
+        assert ("feedback" in job["data"]) == (variant == "feedback")
+        for split, path in job["data"].items():
+            for row in _rows(path):
+                assert "expected" not in row and "corrected_output" not in row.get("feedback", {})
+                if split == "feedback":
+                    assert row["feedback"]["comment"] in simulate_feedback.GENERIC.values()
+        traces = _rows(folder / "traces" / "test.jsonl")
+        assert sorted(t["example_id"] for t in traces) == sorted(gold)
+        assert all(t["expected"] is None for t in traces)  # the job's test held no gold
+        rescored = quality.item_scores(folder / "traces" / "test.jsonl", ["exact_match"], gold)
+        assert rescored == {
+            t["example_id"]: {
+                "exact_match": score("exact_match", t["output"], gold[t["example_id"]])
+            }
+            for t in traces
+        }
+    text = (tmp_path / "quality-tiny.md").read_text()
+    assert "### Three-way: gold path, judge-scored, simulated feedback" in text
+    three_way = text.split("### Three-way")[1].splitlines()
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in three_way
+        if line.startswith("| ") and not line.startswith("| ---")
+    }
+    assert set(rows) == {"variant", "judge-scored", "feedback"}  # no full run: no share
+    assert rows["feedback"].count("[") == 1 and rows["feedback"].endswith("| - | - | - |")
