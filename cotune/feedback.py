@@ -29,12 +29,13 @@ a training prompt holds only what the component reads, never text a row put ther
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cotune.data import JSONL_SUFFIXES, Example, Row, iter_rows
 from cotune.errors import DataError
@@ -46,7 +47,55 @@ if TYPE_CHECKING:
     from cotune.spec import SystemSpec
 
 RATINGS = {"up": 1.0, "down": 0.0}
-FEEDBACK_KEYS = ("rating", "comment", "corrected_output")
+COMMENT_MAX = 10_000
+CORRECTED_OUTPUT_MAX = 100_000
+
+
+class GivenFeedback(BaseModel):
+    """What a person said about one output, as given: a feedback row's ``feedback`` and the
+    served system's feedback body (``cotune.serving``), so both check it alike. The rating is
+    kept as written ('up' stays 'up' in an export); ``normalized`` is what a trace holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: float | Literal["up", "down"] = Field(
+        description="0.0 (bad) to 1.0 (good), or 'up' / 'down'"
+    )
+    comment: str | None = Field(
+        default=None,
+        max_length=COMMENT_MAX,
+        description="the person's words: what was wrong or right (the judge reads it)",
+    )
+    corrected_output: str | None = Field(
+        default=None,
+        max_length=CORRECTED_OUTPUT_MAX,
+        description="what the system should have answered (a retraining job takes it as gold)",
+    )
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _rating(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in RATINGS:
+            return value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and 0.0 <= value <= 1.0:
+            return float(value)
+        raise ValueError(f"must be a number from 0 to 1, 'up' or 'down', got {value!r}")
+
+    @field_validator("comment", "corrected_output")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty or blank (leave it out instead)")
+        return value
+
+    def normalized(self) -> Feedback:
+        rating = RATINGS[self.rating] if isinstance(self.rating, str) else self.rating
+        return Feedback(rating=rating, comment=self.comment, corrected_output=self.corrected_output)
+
+    def as_json(self) -> dict[str, Any]:
+        """As the feedback file holds it: the optional parts only where given."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class FeedbackRow(BaseModel):
@@ -161,28 +210,13 @@ def _feedback(raw: Any, fail: Any) -> Feedback:
             f"{raw!r}",
             "feedback",
         )
-    for key in raw:
-        if key not in FEEDBACK_KEYS:
-            raise fail(f"unknown field (feedback takes {list(FEEDBACK_KEYS)})", f"feedback.{key}")
-    rating = raw.get("rating")
-    if isinstance(rating, str) and rating in RATINGS:
-        rating = RATINGS[rating]
-    elif isinstance(rating, bool) or not isinstance(rating, int | float) or not 0 <= rating <= 1:
-        raise fail(
-            f"'feedback.rating' must be a number in [0, 1], 'up' or 'down', got {rating!r}",
-            "feedback.rating",
-        )
-    texts: dict[str, str | None] = {}
-    for key in ("comment", "corrected_output"):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise fail(
-                f"'feedback.{key}' must be a non-empty string, got {value!r}", f"feedback.{key}"
-            )
-        texts[key] = value
-    return Feedback(
-        rating=float(rating), comment=texts["comment"], corrected_output=texts["corrected_output"]
-    )
+    try:
+        return GivenFeedback.model_validate(raw).normalized()
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "feedback." + ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise fail(f"{where!r}: {message}", where) from None
 
 
 def _spans(raw: Any, fail: Any) -> list[Span] | None:

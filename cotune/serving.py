@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from cotune.errors import CotuneError
+from cotune.feedback import GivenFeedback
 from cotune.runtime import Runtime, Span, Trace
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 TRACE_DB = "traces.db"
 DAY_SECONDS = 86_400.0
 PRUNE_INTERVAL_SECONDS = 3600.0
-COMMENT_MAX = 10_000
-CORRECTED_OUTPUT_MAX = 100_000
 
 
 class ServingError(CotuneError, ValueError):
@@ -75,51 +74,10 @@ class TraceNotFound(CotuneError, KeyError):
 # -- feedback -----------------------------------------------------------------------------------
 
 
-class Feedback(BaseModel):
-    """What a person said about one served output."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rating: float | Literal["up", "down"] = Field(
-        description="0.0 (bad) to 1.0 (good), or 'up' / 'down'"
-    )
-    comment: str | None = Field(
-        default=None,
-        max_length=COMMENT_MAX,
-        description="the person's words: what was wrong or right (the judge reads it)",
-    )
-    corrected_output: str | None = Field(
-        default=None,
-        max_length=CORRECTED_OUTPUT_MAX,
-        description="what the system should have answered (a retraining job takes it as gold)",
-    )
-
-    @field_validator("rating", mode="before")
-    @classmethod
-    def _rating(cls, value: Any) -> Any:
-        if isinstance(value, str) and value in ("up", "down"):
-            return value
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and 0.0 <= value <= 1.0:
-            return float(value)
-        raise ValueError(f"must be a number from 0 to 1, 'up' or 'down', got {value!r}")
-
-    @field_validator("comment", "corrected_output")
-    @classmethod
-    def _text(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty or blank (leave it out instead)")
-        return value
-
-    def as_json(self) -> dict[str, Any]:
-        """As the feedback file holds it: the optional parts only where given."""
-        return self.model_dump(mode="json", exclude_none=True)
-
-
-def make_feedback(rating: Any, comment: Any = None, corrected_output: Any = None) -> Feedback:
+def make_feedback(rating: Any, comment: Any = None, corrected_output: Any = None) -> GivenFeedback:
     """A checked ``Feedback``; ``ServingError`` naming the field (``rating``, ``comment``...)."""
     try:
-        return Feedback(rating=rating, comment=comment, corrected_output=corrected_output)
+        return GivenFeedback(rating=rating, comment=comment, corrected_output=corrected_output)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or "feedback"
@@ -133,21 +91,22 @@ class LoggedTrace(BaseModel):
     tenant: str | None = None
     created_at: _dt.datetime
     trace: Trace
-    feedback: Feedback | None = None
+    feedback: GivenFeedback | None = None
     rated_at: _dt.datetime | None = None
 
 
-class FeedbackRow(BaseModel):
-    """One line of an exported feedback file (the pinned format, see the module's doc)."""
+class ExportedRow(BaseModel):
+    """One line of an exported feedback file (the pinned format, see the module's doc; a job
+    reads it back with ``cotune.feedback.parse_feedback``)."""
 
     id: str
     inputs: dict[str, Any]
     output: Any
-    feedback: Feedback
+    feedback: GivenFeedback
     spans: list[Span]
 
     @classmethod
-    def of(cls, logged: LoggedTrace) -> FeedbackRow:
+    def of(cls, logged: LoggedTrace) -> ExportedRow:
         assert logged.feedback is not None
         trace = logged.trace
         return cls(
@@ -308,7 +267,7 @@ def _logged(row: tuple[Any, ...]) -> LoggedTrace:
         tenant=tenant,
         created_at=_stamp(created_at),
         trace=Trace.model_validate_json(trace),
-        feedback=None if feedback is None else Feedback.model_validate_json(feedback),
+        feedback=None if feedback is None else GivenFeedback.model_validate_json(feedback),
         rated_at=None if rated_at is None else _stamp(rated_at),
     )
 
@@ -327,7 +286,7 @@ def export_feedback(
     The file appears whole or not at all; with no such trace nothing is written and
     ``ServingError`` says so."""
     rated = log.rated(since=since, tenant=tenant, corrected_only=corrected_only)
-    rows = [FeedbackRow.of(logged) for logged in rated]
+    rows = [ExportedRow.of(logged) for logged in rated]
     if not rows:
         scope = " with a corrected_output" if corrected_only else ""
         scope += "" if since is None else f" since {since.isoformat()}"

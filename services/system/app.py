@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cotune.errors import EngineError, ToolError
 from cotune.runtime import Trace
-from cotune.serving import Feedback, LoggedTrace, ServingError, SystemServer, TraceNotFound
+from cotune.serving import GivenFeedback, LoggedTrace, ServingError, SystemServer, TraceNotFound
 from cotune.settings import Settings, get_settings
 from cotune.store import JobStore
 from cotune.store.accounts import AccountStore
@@ -93,7 +93,7 @@ class RunObject(BaseModel):
     created_at: _dt.datetime
     output: Any
     trace: Trace
-    feedback: Feedback | None = None
+    feedback: GivenFeedback | None = None
     rated_at: _dt.datetime | None = None
 
     @classmethod
@@ -213,7 +213,7 @@ def create_system_app(server: SystemServer, settings: Settings | None = None) ->
         return RunObject.of(state.server.log.get(run_id, tenant))
 
     @app.post("/v1/runs/{run_id}/feedback", response_model=RunObject, tags=["system"])
-    def feedback(run_id: str, body: Feedback, tenant: Tenant, state: State) -> RunObject:
+    def feedback(run_id: str, body: GivenFeedback, tenant: Tenant, state: State) -> RunObject:
         """Rate a run: ``rating`` 0-1, ``up`` or ``down``; ``comment`` and
         ``corrected_output`` optional. ``cotune feedback export`` turns ratings into data."""
         _checked(body.model_dump(exclude_none=True), "")

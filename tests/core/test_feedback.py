@@ -13,7 +13,13 @@ from doubles import ScriptedEngine
 
 from cotune.data import Example
 from cotune.errors import DataError
-from cotune.feedback import fixed_traces, load_feedback, parse_feedback
+from cotune.feedback import (
+    COMMENT_MAX,
+    GivenFeedback,
+    fixed_traces,
+    load_feedback,
+    parse_feedback,
+)
 from cotune.runtime import Runtime
 from cotune.spec import SystemSpec, load_system, parse_system
 from cotune.tiny import TINY_SYSTEM, make_world, write_tiny_example
@@ -143,6 +149,32 @@ def test_a_bad_row_names_its_line_and_field(bad: dict[str, Any], field: str) -> 
     assert (info.value.line, info.value.field) == (2, field)
     assert info.value.param == f"line 2.{field}"
     assert str(info.value).startswith("fb.jsonl, line 2: ")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"rating": 1.5},
+        {"rating": "meh"},
+        {"rating": True},
+        {"rating": float("nan")},
+        {"rating": 0, "comment": 3},
+        {"rating": 0, "comment": "x" * (COMMENT_MAX + 1)},
+        {"rating": 0, "corrected_output": " "},
+        {"rating": 0, "coment": "x"},
+    ],
+)
+def test_a_file_row_and_the_served_system_refuse_the_same_feedback(given: dict[str, Any]) -> None:
+    """One check (``GivenFeedback``) for a feedback file's rows and the served system's
+    feedback body: what one refuses the other refuses, naming the same field."""
+    from pydantic import ValidationError
+
+    with pytest.raises(DataError) as in_file:
+        parse_feedback(rows(row(feedback=given)), system())
+    with pytest.raises(ValidationError) as served:  # services/system/app.py's body model
+        GivenFeedback.model_validate(given)
+    where = ".".join(str(part) for part in served.value.errors()[0]["loc"])
+    assert in_file.value.field == f"feedback.{where}"
 
 
 def test_a_duplicate_id_names_the_first_line() -> None:

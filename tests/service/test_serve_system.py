@@ -30,7 +30,7 @@ from e2e import PROCESS_ENV, REPO, cli, free_port, start_api, stop, write_job_fo
 from cotune.runtime import Span, Trace
 from cotune.serving import (
     DAY_SECONDS,
-    FeedbackRow,
+    ExportedRow,
     ServingError,
     TraceLog,
     TraceNotFound,
@@ -549,7 +549,7 @@ def test_feedback_is_checked_and_exported_in_the_pinned_format(tmp_path: Path) -
         "spans": [s.model_dump(mode="json") for s in a_trace("t1", "t1?").spans],
     }
     assert rows[1]["feedback"] == {"rating": "down", "comment": "wrong", "corrected_output": "red"}
-    assert FeedbackRow.model_validate(rows[1]).id == "t3"
+    assert ExportedRow.model_validate(rows[1]).id == "t3"
     # Only the rows with a corrected_output: what a job under a gold metric takes.
     assert export_feedback(log, tmp_path / "corrected.jsonl", corrected_only=True) == 1
     corrected = [json.loads(x) for x in (tmp_path / "corrected.jsonl").read_text().splitlines()]
