@@ -201,14 +201,14 @@ def simulate(task: str, traces: Iterable[Any], system: Any) -> tuple[list[dict[s
     return rows, skipped
 
 
-def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    partial.replace(path)
-    return path
+def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """The feedback file, written as ``benchmarks/data.py`` writes its splits (atomically)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from data import write_jsonl
+    finally:
+        sys.path.pop(0)
+    write_jsonl(path, rows)
 
 
 def simulate_from_job(task: str, job: Any, out: Path) -> tuple[int, int]:
