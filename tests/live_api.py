@@ -1,24 +1,27 @@
-"""``live``: one live API for the reliability campaign's request-level tests: PostgreSQL
-migrated to head, two tenants, the tiny-kb files uploaded by each, and a job of each, so that
-generated and bad requests can name real ids. The dispatcher runs nothing
-(``RecordingDispatcher``)."""
+"""Live APIs for tests. ``live``: one for the reliability campaign's request-level tests:
+PostgreSQL migrated to head, two tenants, the tiny-kb files uploaded by each, and a job of each,
+so that generated and bad requests can name real ids; its dispatcher runs nothing
+(``RecordingDispatcher``). ``running_api``: one whose real ``ThreadDispatcher`` runs jobs on
+the real tiny model, for the end-to-end API tests."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import create_pg_database, drop_pg_database, tiny_job_spec
+from conftest import create_pg_database, drop_pg_database, fresh_pg_database, tiny_job_spec
 from doubles import RecordingDispatcher, stub_registry_model
 from fastapi.testclient import TestClient
 
+from cotune.jobs.threads import ThreadDispatcher
 from cotune.settings import Settings
-from cotune.store import JobStatus, JobStore
+from cotune.store import ArtifactStore, JobStatus, JobStore
 from cotune.store.accounts import AccountStore
 from cotune.tiny import upload_tiny_example, write_tiny_example
 from services.api.app import create_app
@@ -102,3 +105,40 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApi]:
         app.state.cotune.store.close()
     drop_pg_database(url)
     shutil.rmtree(artifacts, ignore_errors=True)
+
+
+@dataclass
+class RunningApi:
+    app: Any
+    key: str  # tenant acme's
+    dispatcher: ThreadDispatcher
+    store: JobStore
+    accounts: AccountStore
+
+
+@contextmanager
+def running_api(root: Path, tiny_model_dir: Path, database: str) -> Iterator[RunningApi]:
+    """The API on a fresh migrated PostgreSQL database (``database`` names it) with the real
+    ``ThreadDispatcher``; ``tiny`` in the models cache under ``root`` is the real tiny model.
+    The dispatcher is shut down (waiting for its jobs) and the database dropped after."""
+    (root / "home" / "models").mkdir(parents=True)
+    (root / "home" / "models" / "tiny").symlink_to(tiny_model_dir)
+    with fresh_pg_database(database) as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COTUNE_HOME", str(root / "home"))
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        settings = Settings(
+            database_url=url,
+            artifacts=str(root / "artifacts"),
+            workdir=str(root / "work"),
+            migrate_on_start=False,
+        )
+        store = JobStore(url)
+        accounts = AccountStore(store)
+        dispatcher = ThreadDispatcher(store, accounts, ArtifactStore(settings.artifacts), settings)
+        app = create_app(settings, dispatcher=dispatcher)
+        _, key = app.state.cotune.accounts.create_key("acme", name="tests")
+        try:
+            yield RunningApi(app, key, dispatcher, store, accounts)
+        finally:
+            dispatcher.shutdown(wait=True)
+            store.close()

@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fresh_pg_database, tiny_job_spec
+from conftest import tiny_job_spec
 from doubles import JUDGED_RUBRIC, ScriptedEngine, write_judged_tiny_example
 from fastapi.testclient import TestClient
+from live_api import running_api
 
 from cotune.data import Example
 from cotune.jobs.threads import ThreadDispatcher
 from cotune.runtime import Runtime
-from cotune.settings import Settings
 from cotune.spec import load_system
-from cotune.store import ArtifactStore, JobStatus, JobStore
+from cotune.store import JobStatus, JobStore
 from cotune.store.accounts import AccountStore
 from cotune.tiny import make_world
 from cotune.tools import ToolContext
-from services.api.app import create_app
 
 FACTS = make_world().facts
 COMMENT = "it did not find the colour the question asked for"
@@ -66,33 +65,12 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """The API with the real ``ThreadDispatcher``; ``tiny`` in the models cache is the real
     tiny model; the judge-scored tiny-kb task (no gold anywhere) in ``folder``."""
     root = tmp_path_factory.mktemp("feedback-api")
-    (root / "home" / "models").mkdir(parents=True)
-    (root / "home" / "models" / "tiny").symlink_to(tiny_model_dir)
     folder = write_judged_tiny_example(
         root / "task", model_path=str(tiny_model_dir), splits=(8, 4, 4)
     )
-    with fresh_pg_database("cotune_feedback") as url, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COTUNE_HOME", str(root / "home"))
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings = Settings(
-            database_url=url,
-            artifacts=str(root / "artifacts"),
-            workdir=str(root / "work"),
-            migrate_on_start=False,
-        )
-        store = JobStore(url)
-        accounts = AccountStore(store)
-        dispatcher = ThreadDispatcher(store, accounts, ArtifactStore(settings.artifacts), settings)
-        app = create_app(settings, dispatcher=dispatcher)
-        _, key = app.state.cotune.accounts.create_key("acme", name="tests")
-        try:
-            with TestClient(app) as client:
-                yield Live(
-                    client, {"Authorization": f"Bearer {key}"}, dispatcher, store, accounts, folder
-                )
-        finally:
-            dispatcher.shutdown(wait=True)
-            store.close()
+    with running_api(root, tiny_model_dir, "cotune_feedback") as api, TestClient(api.app) as client:
+        headers = {"Authorization": f"Bearer {api.key}"}
+        yield Live(client, headers, api.dispatcher, api.store, api.accounts, folder)
 
 
 def feedback_rows(folder: Path) -> list[dict[str, Any]]:

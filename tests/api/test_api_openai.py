@@ -18,13 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fresh_pg_database
+from live_api import running_api
 
 from cotune.jobs.threads import ThreadDispatcher
-from cotune.settings import Settings
-from cotune.store import ArtifactStore, JobStore
-from cotune.store.accounts import AccountStore
-from services.api.app import create_app
 
 COLORS = {"sami": "red", "lomi": "blue", "kazu": "green", "reta": "gold"}
 
@@ -73,27 +69,11 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     import uvicorn
 
     root = tmp_path_factory.mktemp("openai-jobs")
-    (root / "home" / "models").mkdir(parents=True)
-    (root / "home" / "models" / "tiny").symlink_to(tiny_model_dir)
-    with fresh_pg_database("cotune_openai") as url, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COTUNE_HOME", str(root / "home"))
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings = Settings(
-            database_url=url,
-            artifacts=str(root / "artifacts"),
-            workdir=str(root / "work"),
-            migrate_on_start=False,
-        )
-        store = JobStore(url)
-        dispatcher = ThreadDispatcher(
-            store, AccountStore(store), ArtifactStore(settings.artifacts), settings
-        )
-        app = create_app(settings, dispatcher=dispatcher)
-        _, key = app.state.cotune.accounts.create_key("acme", name="tests")
+    with running_api(root, tiny_model_dir, "cotune_openai") as api:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -102,12 +82,10 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
         try:
-            yield Live(url=f"http://127.0.0.1:{port}", key=key, dispatcher=dispatcher)
+            yield Live(url=f"http://127.0.0.1:{port}", key=api.key, dispatcher=api.dispatcher)
         finally:
             server.should_exit = True
             thread.join(10)
-            dispatcher.shutdown(wait=True)
-            store.close()
 
 
 def upload(client: Any, name: str, content: bytes) -> str:

@@ -320,7 +320,7 @@ def second_job_trains_on(job: FinishedJob, feedback: Path, root: Path) -> None:
     import shutil
 
     from doubles import JUDGED_RUBRIC
-    from e2e import TRAIN
+    from e2e import JOB
 
     from cotune.client import Client
 
@@ -330,19 +330,14 @@ def second_job_trains_on(job: FinishedJob, feedback: Path, root: Path) -> None:
     system.update(metric="judge", rubric=JUDGED_RUBRIC)
     (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
     shutil.copy(feedback, folder / "feedback.jsonl")
+    # e2e's judged job, with the export as its only training data (no rollout batch: every
+    # rated row is a trace) and room for the judge's verdicts on the tiny model.
+    loop = {k: v for k, v in JOB["loop"].items() if k != "rollout_batch"}
     spec = {
-        "system": "system.yaml",
+        **JOB,
         "data": {"feedback": "feedback.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
         "judge": {"model": "tiny", "max_tokens": 256},
-        "loop": {
-            "epochs": 1,
-            "samples_per_component": 8,
-            "judge_samples": 1,
-            "augment_rollouts": 0,
-            "val_limit": 8,
-            "seed": 0,
-        },
-        "train": TRAIN,
+        "loop": loop,
     }
     (folder / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     server, url = start_api(job.env, root / "second-api.log", "--embedded")
