@@ -32,7 +32,7 @@ Splits (train 100, val 50, test 300, seed 0):
 - ``colored-objects`` (a rejected chain candidate, built for the record): BIG-bench
   ``reasoning_about_colored_objects``, 2,000 examples, likewise; ``expected`` every best-scored
   choice of ``target_scores`` ("3", "three"). ``--candidates`` also builds ``temporal-sequences``
-  (BIG-bench ``temporal_sequences``, the third candidate, not measured to the end).
+  (BIG-bench ``temporal_sequences``, the third candidate, rejected under the quick training).
 
 Ideal per-component outputs (``targets``, read only by the oracle variant of
 ``benchmarks/quality.py``, through ``train.rows: targets``): ``tracking-three`` gives the tracker's

@@ -24,6 +24,7 @@ try:
     import quality
     import simulate_feedback
     import speed_judge
+    import traces_vs_gold
 finally:
     sys.path.pop(0)
 
@@ -778,3 +779,20 @@ def test_the_gold_hidden_variants_run_on_the_tiny_model(
     }
     assert set(rows) == {"variant", "judge-scored", "feedback"}  # no full run: no share
     assert rows["feedback"].count("[") == 1 and rows["feedback"].endswith("| - | - | - |")
+    # The traces against gold: every judged trace counted once, by the judge's pass (or the
+    # rating, for the rated runs) and gold's; the test row matches the re-scored traces.
+    analysis = traces_vs_gold.report(runs)
+    scorer_rows = [r.split(" | ") for r in analysis.splitlines() if r.startswith("| judge-scored")
+                   or r.startswith("| feedback")]  # fmt: skip
+    counts = {(r[0][2:], r[1]): [int(c) for c in r[2:7]] for r in scorer_rows if len(r) == 8}
+    assert counts[("judge-scored", "kept system on test")][:5] != [0] * 5
+    for variant in gold_hidden.VARIANTS:
+        assert sum(counts[(variant, "kept system on test")]) == len(gold)
+        assert sum(counts[(variant, "base on val")]) == 4
+    rated = counts[("feedback", "epoch 1 rated runs (the rating)")]
+    assert rated[1] == rated[2] == rated[4] == 0  # simulated ratings agree with gold
+    right = sum(
+        score("exact_match", t["output"], gold[t["example_id"]]) >= 1.0
+        for t in _rows(runs / "feedback" / "traces" / "test.jsonl")
+    )
+    assert f"| feedback | {right}/{len(gold)} |" in analysis
