@@ -42,6 +42,10 @@ RUBRICS: dict[str, str] = {
         "The answer is the short span of a retrieved passage that answers the question (a "
         "name, a number, a date or a few words), with no explanation and nothing invented."
     ),
+    "colored-objects": (
+        "The answer is one word that correctly answers the question about the objects the scene "
+        "lists (a colour, yes or no, or a number written as a digit or a word), with nothing else."
+    ),
     "tiny-kb": "names the colour of the thing the question asks about, and nothing else",
 }
 JUDGE_BUDGET_FACTOR = 3

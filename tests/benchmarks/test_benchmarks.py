@@ -302,10 +302,10 @@ def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> 
 
     squad = load_job(REPO / "examples" / "squad-rag" / "job.yaml")
     assert [c.name for c in squad.system.trainable_components] == ["query", "answer"]
-    chain = load_job(REPO / "examples" / "tracking-three" / "job.yaml")
-    assert [c.name for c in chain.system.trainable_components] == ["track", "answer"]
-    assert chain.system.component("answer").reads == ["holdings", "question"]
-    for candidate in ("colored-objects", "temporal-sequences"):
+    chain = load_job(REPO / "examples" / "colored-objects" / "job.yaml")
+    assert [c.name for c in chain.system.trainable_components] == ["extract", "answer"]
+    assert chain.system.component("answer").reads == ["objects", "question"]
+    for candidate in ("tracking-three", "temporal-sequences"):
         job = load_job(REPO / "benchmarks" / "candidates" / candidate / "job.yaml")
         assert len(job.system.trainable_components) == 2
     counting = load_job(REPO / "examples" / "object-count" / "job.yaml")
@@ -634,6 +634,36 @@ def _tiny_task(tmp_path: Path, model: Path) -> Any:
 
     args = argparse.Namespace(model_path=model, train=8, val=6, test=8, epochs=1, quick=False)
     return quality.load_task("tiny-kb", args, tmp_path / "runs")
+
+
+def test_quick_runs_the_chain_task_with_its_jobs_own_training(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--quick cuts a task to 36 train rows and one training epoch, except a task in
+    FULL_TRAINING (the chain task: revision 1 of the selection rule), which keeps every train
+    row and its job's training epochs and gets that many val rows; test and loop epochs stay
+    quick's. Shown on the tiny task (no download), entered in FULL_TRAINING for the test."""
+    import argparse
+
+    args = argparse.Namespace(
+        model_path=tiny_model_dir, quick=True, **{**quality.QUICK, "epochs": 1}
+    )
+    quick = quality.load_task("tiny-kb", args, tmp_path / "quick")
+    monkeypatch.setitem(quality.FULL_TRAINING, "tiny-kb", 3)
+    kept = quality.load_task("tiny-kb", args, tmp_path / "kept")
+    assert quick.job["train"]["epochs"] == 1
+    assert kept.job["train"]["epochs"] == quality.TINY_JOB["train"]["epochs"] == 2
+    lines = {
+        (which, split): len(_rows(task.job["data"][split]))
+        for which, task in (("quick", quick), ("kept", kept))
+        for split in ("train", "val", "test")
+    }
+    every = len(_rows(Path(kept.folder) / "train.jsonl"))
+    assert every > quality.QUICK["train"]  # so the cut shows
+    assert lines[("quick", "train")] == quality.QUICK["train"]
+    assert lines[("kept", "train")] == every and lines[("kept", "val")] == 3
+    assert lines[("kept", "test")] == lines[("quick", "test")]
+    assert kept.job["loop"]["epochs"] == quick.job["loop"]["epochs"] == 1
 
 
 def _rows(path: str | Path) -> list[dict[str, Any]]:
