@@ -98,21 +98,14 @@ def scorer_rows(variant: Variant, gold: Gold) -> list[list[str]]:
             sets.append((f"epoch {epoch} rated runs (the rating)", rated))
     sets += [(f"epoch {e} trained on val", out.traces) for e, out in variant.outputs("evaluate")]
     sets += [("kept system on test", out.traces) for _, out in variant.outputs("test")]
+    from cotune.scoring import judge_agreement
+
     rows = []
     for what, traces in sets:
-        cells = dict.fromkeys(CELLS, 0)
-        unscored = 0
-        for trace in traces:
-            right = gold.right(trace.example_id, trace.output)
-            if right is None:
-                continue
-            if trace.passed is None:
-                unscored += 1
-                continue
-            cells[f"{'pass' if trace.passed else 'fail'}, {'right' if right else 'wrong'}"] += 1
-        passed = cells["pass, right"] + cells["pass, wrong"]
-        precision = f"{cells['pass, right'] / passed:.2f}" if passed else "-"
-        rows.append([variant.name, what, *map(str, cells.values()), str(unscored), precision])
+        counts = judge_agreement(traces, gold.gold, metric=gold.metric, threshold=gold.threshold)
+        cells = [counts.pass_right, counts.pass_wrong, counts.fail_right, counts.fail_wrong]
+        precision = "-" if counts.precision is None else f"{counts.precision:.2f}"
+        rows.append([variant.name, what, *map(str, cells), str(counts.unscored), precision])
     return rows
 
 

@@ -74,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, help="only the first N rows")
+    ev.add_argument(
+        "--judge",
+        metavar="MODEL",
+        help="metric judge: score with this judge (a model alias of the system or a registry "
+        "name) under the system's rubric; without it such a system's outputs stay unscored",
+    )
+    ev.add_argument("--judge-samples", type=int, default=1, help="seeded judge samples (mean)")
+    ev.add_argument(
+        "--gold-metric",
+        metavar="METRIC",
+        help="with --judge: hide each row's expected from the judge and count how its passes "
+        "agree with METRIC against expected (is this judge fit to score without gold?)",
+    )
+    ev.add_argument(
+        "--gold-threshold", type=float, default=1.0, help="a METRIC score this high is right"
+    )
     _add_verbose(ev)
     ev.set_defaults(handler=cmd_eval)
 
@@ -270,26 +286,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from cotune.data import load_examples
     from cotune.runtime import find_adapters, mean_score, open_runtime, score_traces
+    from cotune.scoring import judge_agreement
     from cotune.spec import load_system
 
     system = load_system(args.system)
+    _check_judge_args(args, system)
     examples = load_examples(args.data, system, split=args.data.stem)[: args.limit]
     adapters = find_adapters(args.adapters, system) if args.adapters else {}
     if args.adapters and not adapters:
         raise CotuneError(f"--adapters {args.adapters}: no <component>/adapter_config.json there")
+    gold = {e.id: e.expected for e in examples if e.expected} if args.gold_metric else {}
     log = None if args.verbose else (args.out or Path("runs") / system.name) / "eval.log"
     with console.quiet_output(log, announce=True):
         runtime = open_runtime(system, engine=args.engine, adapters=adapters)
+        scorer = _eval_judge(args, system) if args.judge else None
         traces = []
         bar = tqdm(total=len(examples), desc=f"eval {system.name}", unit="ex", file=console.err())
         with bar:
             for start in range(0, len(examples), args.batch_size):
                 batch = runtime.run(examples[start : start + args.batch_size])
-                score_traces(system, batch)
+                if scorer is None:
+                    score_traces(system, batch)
+                else:
+                    for trace in batch:  # the judge sees no gold when it is being checked
+                        trace.expected = None if gold else trace.expected
+                    scorer.score(batch)
+                    for trace in batch:
+                        trace.expected = trace.expected or gold.get(trace.example_id)
                 traces.extend(batch)
                 bar.update(len(batch))
                 bar.set_postfix(score=f"{mean_score(traces):.3f}")
     result = _eval_summary(system.name, system.metric, traces, adapters)
+    if scorer is not None:
+        result["judge"] = {"model": args.judge, "samples": args.judge_samples,
+                           "calls": scorer.calls}  # fmt: skip
+    if args.gold_metric:
+        agreement = judge_agreement(
+            traces, gold, metric=args.gold_metric, threshold=args.gold_threshold
+        )
+        result["judge"]["agreement"] = {
+            **agreement.model_dump(),
+            "precision": agreement.precision,
+            "recall": agreement.recall,
+        }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -299,6 +338,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (args.out / "score.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"traces: {args.out / 'traces.jsonl'}")
     return 0
+
+
+def _check_judge_args(args: argparse.Namespace, system: Any) -> None:
+    from cotune.metrics import JUDGE, known_metrics
+
+    if args.judge and system.metric != JUDGE:
+        raise CotuneError(
+            f"--judge {args.judge}: system {system.name!r} is scored by metric "
+            f"{system.metric!r}; --judge scores a system whose metric is {JUDGE!r}"
+        )
+    if args.gold_metric and not args.judge:
+        raise CotuneError("--gold-metric checks a judge: give --judge MODEL too")
+    if args.gold_metric and (args.gold_metric == JUDGE or args.gold_metric not in known_metrics()):
+        raise CotuneError(
+            f"--gold-metric: unknown metric {args.gold_metric!r}; one of "
+            f"{sorted(known_metrics() - {JUDGE})}"
+        )
+    if args.judge_samples < 1:
+        raise CotuneError(f"--judge-samples must be at least 1, got {args.judge_samples}")
+    if system.metric == JUDGE and not args.judge:
+        print(f"system {system.name!r} is judge-scored: its outputs stay unscored without "
+              "--judge MODEL", file=sys.stderr)  # fmt: skip
+
+
+def _eval_judge(args: argparse.Namespace, system: Any) -> Any:
+    """The judge as a job would build it (``JobContext.judge_engine``/``scorer``), greedy with
+    one sample, seeded samples at the job's default temperature with more."""
+    from cotune.engines import get_engine
+    from cotune.judge.score import SCORE_MAX_TOKENS
+    from cotune.models import resolve_model
+    from cotune.scoring import JudgeScorer
+    from cotune.spec import ModelRef
+    from cotune.spec.job import JudgeSpec
+
+    ref = system.models.get(args.judge) or ModelRef(name=args.judge)
+    path = resolve_model(ref, system.base_dir, param="--judge")
+    return JudgeScorer(
+        get_engine(args.engine, path),
+        system,
+        samples=args.judge_samples,
+        temperature=JudgeSpec(model=args.judge).temperature,
+        max_tokens=SCORE_MAX_TOKENS,
+        seed=0,
+    )
 
 
 def _eval_summary(

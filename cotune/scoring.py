@@ -17,14 +17,19 @@ calls ``scorer.score(traces)``, which sets each trace's ``score`` and ``passed``
 
 ``calls`` is what this scorer spent in judge requests: the stage that used it records them,
 so they count against ``budget.max_judge_calls`` like the credit stage's.
+
+``judge_agreement`` checks a judge against gold where gold exists: how often its passes are
+right by a gold metric (``cotune eval --judge --gold-metric``, ``benchmarks/traces_vs_gold.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from pydantic import BaseModel, Field
 
 from cotune.engines.base import InferenceEngine
 from cotune.runtime import Trace, score_traces
@@ -127,3 +132,52 @@ class JudgeScorer:
                 trace.passed = trace.score >= self.system.pass_threshold
             else:
                 trace.score = trace.passed = None
+
+
+class JudgeAgreement(BaseModel):
+    """A judge's passes against a gold metric's, over the traces that have gold."""
+
+    gold_metric: str = Field(description="the metric that says right or wrong against gold")
+    threshold: float = Field(description="a gold score at least this is right")
+    pass_right: int = Field(0, description="judge passed, gold right")
+    pass_wrong: int = Field(0, description="judge passed, gold wrong")
+    fail_right: int = Field(0, description="judge failed, gold right")
+    fail_wrong: int = Field(0, description="judge failed, gold wrong")
+    unscored: int = Field(0, description="the judge gave no score (every sample failed)")
+
+    @property
+    def precision(self) -> float | None:
+        """Of the outputs the judge passed, the share that are right (None: it passed none)."""
+        passed = self.pass_right + self.pass_wrong
+        return self.pass_right / passed if passed else None
+
+    @property
+    def recall(self) -> float | None:
+        """Of the right outputs, the share the judge passed (None: none was right)."""
+        right = self.pass_right + self.fail_right
+        return self.pass_right / right if right else None
+
+
+def judge_agreement(
+    traces: Sequence[Trace],
+    gold: Mapping[str, Sequence[str]],
+    *,
+    metric: str,
+    threshold: float = 1.0,
+) -> JudgeAgreement:
+    """Count each judged trace whose example has answers in ``gold`` (example id -> answers)
+    by the judge's pass and by ``metric``'s score of its output at ``threshold``."""
+    from cotune.metrics import score
+
+    counts = JudgeAgreement(gold_metric=metric, threshold=threshold)
+    for trace in traces:
+        answers = gold.get(trace.example_id)
+        if not answers:
+            continue
+        if trace.passed is None:
+            counts.unscored += 1
+            continue
+        right = score(metric, trace.output, list(answers)) >= threshold
+        cell = f"{'pass' if trace.passed else 'fail'}_{'right' if right else 'wrong'}"
+        setattr(counts, cell, getattr(counts, cell) + 1)
+    return counts

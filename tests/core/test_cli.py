@@ -168,3 +168,66 @@ def test_models_list_on_a_new_machine_makes_the_default_database_folder(
     names = [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()]
     assert "tiny" in names and "smollm2-135m" in names
     assert (home / "service" / "cotune.db").is_file()
+
+
+def test_eval_checks_a_judge_against_gold_without_showing_it_the_gold(
+    tiny_model_dir: Path,
+    vllm_engine: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``cotune eval --judge MODEL --gold-metric M`` on a judge-scored system whose rows have
+    gold: the real tiny model judges every output with ``expected`` hidden from it, and the
+    summary counts its passes against M on the rows' gold; the traces written keep the gold."""
+    import yaml
+    from doubles import JUDGED_RUBRIC
+
+    from cotune.metrics import score
+    from cotune.scoring import JudgeScorer
+    from cotune.tiny import write_tiny_example
+
+    folder = write_tiny_example(tmp_path / "task", model_path=str(tiny_model_dir), splits=(4, 6, 4))
+    system = yaml.safe_load((folder / "system.yaml").read_text())
+    system.update(metric="judge", rubric=JUDGED_RUBRIC)
+    (folder / "system.yaml").write_text(yaml.safe_dump(system, sort_keys=False))
+    shown: list[Any] = []
+    judge = JudgeScorer.score
+
+    def recording(self: JudgeScorer, traces: Any) -> None:
+        shown.extend(t.expected for t in traces)
+        judge(self, traces)
+
+    monkeypatch.setattr(JudgeScorer, "score", recording)
+    out = tmp_path / "eval"
+    argv = ["eval", str(folder / "system.yaml"), str(folder / "val.jsonl"), "--judge", "tiny",
+            "--gold-metric", "exact_match", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    assert shown == [None] * 6  # the judge saw no gold
+    agreement = summary["judge"]["agreement"]
+    cells = ("pass_right", "pass_wrong", "fail_right", "fail_wrong", "unscored")
+    assert sum(agreement[c] for c in cells) == 6 and agreement["gold_metric"] == "exact_match"
+    assert summary["judge"]["calls"] >= 6
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    gold = {r["id"]: r["expected"] for r in map(json.loads, (folder / "val.jsonl").open())}
+    assert {t["example_id"]: t["expected"] for t in traces} == {k: [v] for k, v in gold.items()}
+    right = sum(score("exact_match", t["output"], gold[t["example_id"]]) == 1.0 for t in traces)
+    counted = agreement["pass_right"] + agreement["fail_right"]
+    assert counted <= right <= counted + agreement["unscored"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--judge", "tiny"], "--judge tiny: system 'tiny-kb' is scored by metric 'exact_match'"),
+        (["--gold-metric", "exact_match"], "--gold-metric checks a judge: give --judge MODEL"),
+    ],
+)
+def test_eval_refuses_judge_options_that_do_not_fit(
+    tiny_example: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", str(tiny_example / "system.yaml"), str(tiny_example / "val.jsonl"), *extra]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err

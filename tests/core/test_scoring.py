@@ -177,3 +177,31 @@ def test_parse_score_takes_the_object_and_refuses_a_score_out_of_range() -> None
     assert parse_score('```json\n{"reason": "ok", "score": 1}\n```').score == 1.0
     with pytest.raises(ValueError, match="score"):
         parse_score(json.dumps({"reason": "too good", "score": 1.5}))
+
+
+def test_judge_agreement_counts_each_judged_trace_with_gold_once() -> None:
+    from cotune.scoring import judge_agreement
+
+    def trace(example_id: str, output: str, passed: bool | None) -> Trace:
+        return Trace(trace_id=example_id, example_id=example_id, inputs={}, output=output,
+                     passed=passed, score=None if passed is None else float(passed))  # fmt: skip
+
+    traces = [
+        trace("a", "red", True),  # right, passed
+        trace("b", "blue", True),  # wrong, passed
+        trace("c", "gold", False),  # right, failed
+        trace("d", "teal", False),  # wrong, failed
+        trace("e", "teal", False),
+        trace("f", "red", None),  # unscored
+        trace("g", "red", True),  # no gold: not counted
+    ]
+    gold = {"a": ["red"], "b": ["red"], "c": ["gold", "golden"], "d": ["red"], "e": ["red"],
+            "f": ["red"]}  # fmt: skip
+    counts = judge_agreement(traces, gold, metric="exact_match")
+    assert (counts.pass_right, counts.pass_wrong, counts.fail_right, counts.fail_wrong) == (
+        1, 1, 1, 2)  # fmt: skip
+    assert counts.unscored == 1 and counts.precision == 0.5 and counts.recall == 0.5
+    partial = judge_agreement(traces, {"b": ["blue sky"]}, metric="f1", threshold=0.5)
+    assert partial.pass_right == 1 and partial.precision == 1.0  # f1 0.667 >= 0.5
+    nothing = judge_agreement(traces, {}, metric="exact_match")
+    assert nothing.precision is None and nothing.recall is None
