@@ -351,11 +351,11 @@ def synthesize(
     runtime = None
     scorer = ctx.scorer(capped=True)
     for round_ in range(loop.augment_rollouts):
-        short = [
-            c.name
+        room = {
+            c.name: loop.samples_per_component - len(buffer.sft.get(c.name, []))
             for c in system.trainable_components
-            if len(buffer.sft.get(c.name, [])) < loop.samples_per_component
-        ]
+        }
+        short = {name: left for name, left in room.items() if left > 0}
         if not short:
             break
         runtime = runtime or ctx.runtime(current)
@@ -369,8 +369,13 @@ def synthesize(
             seed=loop.seed * 31 + epoch * 101 + round_,
         )
         check_sources(extra, sources)
-        augmented += sum(add_bootstrap(buffer, system, extra, source="augment").values())
-        added = _augment_corrections(ctx, epoch, round_, runtime, scorer, buffer, extra)
+        # Rows only for the components still short, up to what each lacks: a component that
+        # has its rows would otherwise grow without bound while another stays short.
+        with buffer.only(short):
+            augmented += sum(add_bootstrap(buffer, system, extra, source="augment").values())
+            added = _augment_corrections(
+                ctx, epoch, round_, runtime, scorer, buffer, extra, set(short)
+            )
         corrected += added
         augmented += added
     counts = buffer.counts()
@@ -396,11 +401,13 @@ def _augment_corrections(
     scorer: Scorer,
     buffer: Buffer,
     extra: list[Trace],
+    short: set[str],
 ) -> int:
     """Rows from the failed traces of one augmentation round: gold (``loop.gold_candidates``)
-    and re-sampled candidates (``loop.resample_candidates`` per trainable span), replayed like
-    the verify stage's; the accepted ones become ``augment-correction`` rows (and the passing
-    replays' downstream spans ``augment-downstream`` rows)."""
+    and re-sampled candidates (``loop.resample_candidates`` per trainable span) of the
+    ``short`` components, replayed like the verify stage's; the accepted ones become
+    ``augment-correction`` rows (and the passing replays' downstream spans
+    ``augment-downstream`` rows)."""
     from cotune.verify import gold_proposals, resample_proposals
 
     system, loop = ctx.job.system, ctx.job.loop
@@ -416,6 +423,7 @@ def _augment_corrections(
         temperature=loop.candidate_temperature,
         seed=seed,
     )
+    proposals = [p for p in proposals if p.span_id in short]  # no replays for rows not taken
     if not proposals:
         return 0
     candidates, replays = replay_candidates(

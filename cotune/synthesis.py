@@ -13,7 +13,8 @@ it was not given.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ class Buffer:
 
     # Keys of the rows already held, so a duplicate is found without re-serialising the buffer.
     _seen: set[tuple[str, str, str]] = field(default_factory=set, repr=False)
+    # While ``only`` is open: how many more new rows ("sft") and pairs ("dpo") each component
+    # may take; a component not named takes none.
+    _room: dict[str, dict[str, int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for component, rows in self.sft.items():
@@ -41,9 +45,28 @@ class Buffer:
         for component, pairs in self.dpo.items():
             self._seen.update(("dpo", component, _pair_key(p)) for p in pairs)
 
+    @contextmanager
+    def only(self, room: Mapping[str, int]) -> Iterator[None]:
+        """While open, new rows go only to the components in ``room``, at most that many rows
+        and that many pairs each: augmentation fills what a component is short of, no more."""
+        self._room = {"sft": dict(room), "dpo": dict(room)}
+        try:
+            yield
+        finally:
+            self._room = None
+
+    def _take_room(self, kind: str, component: str) -> bool:
+        if self._room is None:
+            return True
+        left = self._room[kind].get(component, 0)
+        if left <= 0:
+            return False
+        self._room[kind][component] = left - 1
+        return True
+
     def add_sft(self, component: str, row: SFTRow) -> bool:
         key = ("sft", component, _row_key(row.messages, row.completion))
-        if key in self._seen:
+        if key in self._seen or not self._take_room("sft", component):
             return False
         self._seen.add(key)
         self.sft.setdefault(component, []).append(row)
@@ -51,7 +74,7 @@ class Buffer:
 
     def add_pair(self, component: str, pair: DPOPair) -> bool:
         key = ("dpo", component, _pair_key(pair))
-        if key in self._seen:
+        if key in self._seen or not self._take_room("dpo", component):
             return False
         self._seen.add(key)
         self.dpo.setdefault(component, []).append(pair)

@@ -68,7 +68,11 @@ class LoopConfig(_Strict):
         default=36, ge=1, le=100_000, description="train examples rolled out per epoch"
     )
     samples_per_component: Int = Field(
-        default=100, ge=1, le=1_000_000, description="SFT rows to aim for per component"
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="SFT rows to aim for per component: augmentation adds rows only to a "
+        "component short of it, and only what it lacks",
     )
     judge_samples: Int = Field(default=3, ge=1, le=16, description="K judge samples per trace")
     replays: Int = Field(

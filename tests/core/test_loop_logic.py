@@ -619,6 +619,31 @@ def test_augmentation_fills_up_to_n_from_verified_corrections(
     assert any("verified corrections)" in m for m in run.messages())
 
 
+@pytest.mark.parametrize("n", [6, 12])
+def test_augmentation_adds_rows_only_to_components_short_of_n_and_at_most_what_they_lack(
+    example_dir: Path, harness: Callable[..., Harness], n: int
+) -> None:
+    """The query writer is right and the answer writer wrong (unless a sampled seed names a
+    colour): verify's gold corrections give the answer writer a row per failed rollout and
+    more (9 of 8 rollouts, joints included), the query writer none, so augmentation runs for
+    the query writer. The answer writer takes augmentation rows only while it is short of
+    ``n`` (12: the 3 it lacks), none at 6; before, every round added rows to both whatever
+    their counts (measured with the old code: 16 rows at n = 6)."""
+    loop = {"rollout_batch": 8, "samples_per_component": n, "augment_rollouts": 2}
+    engine = ScriptedEngine(answer_wrong=lambda adapter: True)
+    run = harness(make_job(example_dir, judge=False, loop=loop), engine=engine)
+    run.run()
+
+    out = run.output(1, Stage.synthesize, SynthesizeOut)
+    answer = out.buffer.sft["answer"]
+    verified = [r for r in answer if r.source == "correction"]
+    assert len(verified) >= 8  # every failed rollout's gold answer (and joints'), from verify
+    fresh = [r for r in answer if r.source.startswith("augment")]
+    assert len(fresh) == max(0, n - len(verified))  # n = 12: what it lacked, all found
+    assert len(out.buffer.dpo.get("answer", [])) <= len(verified) + len(fresh)
+    assert any("rows from augmentation" in m for m in run.messages())
+
+
 # -- 4. the best epoch ------------------------------------------------------------------------
 
 
