@@ -367,15 +367,12 @@ def _eval_judge(args: argparse.Namespace, system: Any) -> Any:
     one sample, seeded samples at the job's default temperature with more."""
     from cotune.engines import get_engine
     from cotune.judge.score import SCORE_MAX_TOKENS
-    from cotune.models import resolve_model
+    from cotune.models import resolve_judge
     from cotune.scoring import JudgeScorer
-    from cotune.spec import ModelRef
     from cotune.spec.job import JudgeSpec
 
-    ref = system.models.get(args.judge) or ModelRef(name=args.judge)
-    path = resolve_model(ref, system.base_dir, param="--judge")
     return JudgeScorer(
-        get_engine(args.engine, path),
+        get_engine(args.engine, resolve_judge(system, args.judge, param="--judge")),
         system,
         samples=args.judge_samples,
         temperature=JudgeSpec(model=args.judge).temperature,

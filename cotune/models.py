@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from cotune.model_records import RegisteredModel
-    from cotune.spec import ModelRef
+    from cotune.spec import ModelRef, SystemSpec
 
 Progress = Callable[[str], Any]
 
@@ -254,6 +254,14 @@ def resolve_model(
             param=where,
         )
     return folder
+
+
+def resolve_judge(system: SystemSpec, model: str, *, param: str) -> Path:
+    """A local judge's folder: ``model`` is a model alias of ``system`` or a registry name."""
+    from cotune.spec import ModelRef
+
+    ref = system.models.get(model) or ModelRef(name=model)
+    return resolve_model(ref, system.base_dir, param=param)
 
 
 def check_model_name(

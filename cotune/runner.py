@@ -189,8 +189,7 @@ class JobContext:
         return cache
 
     def judge_engine(self) -> InferenceEngine:
-        from cotune.models import resolve_model
-        from cotune.spec import ModelRef
+        from cotune.models import resolve_judge
 
         judge, system = self.job.judge, self.job.system
         assert judge is not None
@@ -199,8 +198,7 @@ class JobContext:
         if judge.engine == "openai":
             key = os.environ.get(judge.api_key_env) if judge.api_key_env else None
             return get_engine("openai", judge.model, url=judge.url, api_key=key)
-        ref = system.models.get(judge.model) or ModelRef(name=judge.model)
-        path = resolve_model(ref, system.base_dir, param="judge.model")
+        path = resolve_judge(system, judge.model, param="judge.model")
         return get_engine(self.job.engine, path, **self.local_engine_options())
 
     def local_engine_options(self) -> dict[str, Any]:
