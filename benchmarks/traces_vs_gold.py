@@ -60,10 +60,9 @@ class Variant:
 
     def outputs(self, stage: str) -> list[tuple[int, Any]]:
         """(epoch, output) of every stored output of ``stage``, typed, epoch order."""
-        from cotune.records import EvalOut, EvaluateOut, RolloutOut, TestOut, VerifyOut
+        from cotune.records import Stage, stage_output_model
 
-        model = {"baseline": EvalOut, "rollout": RolloutOut, "evaluate": EvaluateOut,
-                 "verify": VerifyOut, "test": TestOut}[stage]  # fmt: skip
+        model = stage_output_model(Stage(stage))
         if self.root is None:
             return []
         found = []
@@ -87,6 +86,8 @@ class Gold:
 
 
 def scorer_rows(variant: Variant, gold: Gold) -> list[list[str]]:
+    from cotune.scoring import judge_agreement
+
     sets: list[tuple[str, list[Any]]] = []
     sets += [("base on val", out.traces) for _, out in variant.outputs("baseline")]
     for epoch, out in variant.outputs("rollout"):
@@ -98,8 +99,6 @@ def scorer_rows(variant: Variant, gold: Gold) -> list[list[str]]:
             sets.append((f"epoch {epoch} rated runs (the rating)", rated))
     sets += [(f"epoch {e} trained on val", out.traces) for e, out in variant.outputs("evaluate")]
     sets += [("kept system on test", out.traces) for _, out in variant.outputs("test")]
-    from cotune.scoring import judge_agreement
-
     rows = []
     for what, traces in sets:
         counts = judge_agreement(traces, gold.gold, metric=gold.metric, threshold=gold.threshold)
@@ -126,7 +125,7 @@ def verification_row(variant: Variant, gold: Gold) -> list[str] | None:
     return [variant.name, *map(str, cells.values())] if found else None
 
 
-def test_row(variant: Variant, folder: Path, gold: Gold) -> list[str] | None:
+def tested_row(variant: Variant, folder: Path, gold: Gold) -> list[str] | None:
     from cotune.runtime import Trace
 
     path = folder / "traces" / "test.jsonl"
@@ -162,7 +161,7 @@ def report(task_dir: Path, names: Sequence[str] | None = None) -> str:
     gold = Gold(read_gold(task_dir), metric, threshold)
     scorer = [row for _, v in variants if v.judged for row in scorer_rows(v, gold)]
     verified = [row for _, v in variants if (row := verification_row(v, gold))]
-    tested = [row for f, v in variants if (row := test_row(v, f, gold))]
+    tested = [row for f, v in variants if (row := tested_row(v, f, gold))]
     parts = [
         f"Traces of `{task_dir}` against gold ({metric}, right at >= {threshold:g}).",
         "",
