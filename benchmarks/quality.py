@@ -720,8 +720,9 @@ def write_report(
         "Every component is the same base model with one LoRA adapter each; the judge is that "
         "same small model (no larger judge on a CPU). Data: `python benchmarks/data.py` "
         "(BIG-bench 1.0.0's SQuAD v1.1 dev, object_counting and "
-        "tracking_shuffled_objects/three_objects, seeded splits; BIG-bench word_sorting is "
-        "held out and never used here).",
+        "reasoning_about_colored_objects, seeded splits; BIG-bench word_sorting is held out "
+        "and never used here). colored-objects, the chain task, runs with its job's own "
+        "training even under --quick (benchmarks/results/chain-selection.md, revision 1).",
         "",
         "Variants: "
         + "; ".join(f"**{v}**: {d}" for v, d in VARIANTS.items())
