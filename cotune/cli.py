@@ -324,11 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         agreement = judge_agreement(
             traces, gold, metric=args.gold_metric, threshold=args.gold_threshold
         )
-        result["judge"]["agreement"] = {
-            **agreement.model_dump(),
-            "precision": agreement.precision,
-            "recall": agreement.recall,
-        }
+        result["judge"]["agreement"] = agreement.model_dump()  # precision, recall included
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

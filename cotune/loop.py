@@ -422,8 +422,9 @@ def _augment_corrections(
         n=loop.resample_candidates,
         temperature=loop.candidate_temperature,
         seed=seed,
+        components=short,
     )
-    proposals = [p for p in proposals if p.span_id in short]  # no replays for rows not taken
+    proposals = [p for p in proposals if p.span_id in short]  # gold: only a short writer's
     if not proposals:
         return 0
     candidates, replays = replay_candidates(

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from cotune.engines.base import InferenceEngine
 from cotune.runtime import Trace, score_traces
@@ -145,12 +145,14 @@ class JudgeAgreement(BaseModel):
     fail_wrong: int = Field(0, description="judge failed, gold wrong")
     unscored: int = Field(0, description="the judge gave no score (every sample failed)")
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def precision(self) -> float | None:
         """Of the outputs the judge passed, the share that are right (None: it passed none)."""
         passed = self.pass_right + self.pass_wrong
         return self.pass_right / passed if passed else None
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def recall(self) -> float | None:
         """Of the right outputs, the share the judge passed (None: none was right)."""

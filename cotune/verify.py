@@ -19,7 +19,7 @@ scorer sets ``graded_score`` (a binary gold metric, ``cotune.metrics.companion_s
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,15 +107,24 @@ def gold_proposals(system: SystemSpec, traces: Sequence[Trace]) -> list[Proposal
 
 
 def resample_proposals(
-    runtime: Runtime, traces: Sequence[Trace], *, n: int, temperature: float, seed: int
+    runtime: Runtime,
+    traces: Sequence[Trace],
+    *,
+    n: int,
+    temperature: float,
+    seed: int,
+    components: Collection[str] | None = None,
 ) -> list[Proposal]:
-    """``n`` sampled outputs per trainable LLM span of each trace: one engine call per
-    component for the whole batch. Outputs equal to the original are dropped."""
+    """``n`` sampled outputs per trainable LLM span of each trace (of ``components`` only,
+    when given): one engine call per component for the whole batch. Outputs equal to the
+    original are dropped."""
     system = runtime.system
     proposals: list[Proposal] = []
     if n <= 0:
         return proposals
     for component in system.trainable_components:
+        if components is not None and component.name not in components:
+            continue  # its seeds do not depend on the others', so skipping changes nothing else
         assert component.model is not None
         work = [(t, t.span(component.name)) for t in traces]
         requests = [
