@@ -2,7 +2,9 @@
 
 ``train``: cotune's own trainer (``cotune.training.train_adapter``) on the tiny model: bf16 SFT,
 SFT then DPO, and 4-bit QLoRA SFT, then SFT and QLoRA SFT of a model with SmolLM2-135M's layer
-sizes (random weights, the tiny tokenizer), each a row of tokens/s and peak GPU memory.
+sizes (random weights, the tiny tokenizer), each a row of tokens/s and peak GPU memory; then the
+same two through ``train_adapter_fsdp`` (``accelerate launch --use_fsdp``, one process per GPU).
+Each adapter is checked: every lora_B trained, the same tensors as the plain run's.
 ``vllm``: CUDA vLLM rollouts through ``cotune.engines.vllm`` (base and the SFT adapter), then
 ``release()`` (sleep level 1) and ``reacquire()`` (wake up), the memory given back and whether
 the outputs stayed the same; "not run" when vLLM does not import.
@@ -127,15 +129,18 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
     dpo = base.model_copy(update={"method": "sft+dpo"})
     qlora = base.model_copy(update={"qlora": True})
     wide = "3-layer stand-in" if cpu else "SmolLM2-135M layer sizes"
+    fsdp = "FSDP (accelerate launch, 1 process per GPU)"
     runs = [
-        (f"{dtype}-sft", f"{dtype} SFT", base, [], False),
-        (f"{dtype}-dpo", f"{dtype} SFT then DPO", dpo, pairs, False),
-        ("qlora-sft", "4-bit QLoRA SFT", qlora, [], False),
-        (f"{dtype}-sft-wide", f"{dtype} SFT, {wide} (random)", base, [], True),
-        ("qlora-sft-wide", f"4-bit QLoRA SFT, {wide} (random)", qlora, [], True),
+        (f"{dtype}-sft", f"{dtype} SFT", base, [], False, False),
+        (f"{dtype}-dpo", f"{dtype} SFT then DPO", dpo, pairs, False, False),
+        ("qlora-sft", "4-bit QLoRA SFT", qlora, [], False, False),
+        (f"{dtype}-sft-wide", f"{dtype} SFT, {wide} (random)", base, [], True, False),
+        ("qlora-sft-wide", f"4-bit QLoRA SFT, {wide} (random)", qlora, [], True, False),
+        ("fsdp-sft-wide", f"bf16 SFT under {fsdp}, {wide}", base, [], True, True),
+        ("fsdp-qlora-wide", f"4-bit QLoRA SFT under {fsdp}, {wide}", qlora, [], True, True),
     ]
     results = []
-    for key, name, config, run_pairs, is_wide in runs:
+    for key, name, config, run_pairs, is_wide, sharded in runs:
         row: dict[str, Any] = {"part": "train", "run": name, "rows": len(rows)}
         if config.qlora and cpu:
             results.append({**row, "status": "not run: QLoRA needs CUDA (bitsandbytes)"})
@@ -148,18 +153,30 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
                 else model
             )
             started = time.perf_counter()
-            result = train_adapter(
-                base_model, rows, run_pairs, config, out / "adapters" / key, seed=0
-            )
+            if sharded:  # the ranks are other processes: their peak memory is not seen here
+                import torch
+
+                from cotune.training.fsdp import train_adapter_fsdp
+
+                result = train_adapter_fsdp(
+                    base_model, rows, run_pairs, config, out / "adapters" / key, seed=0,
+                    gpus=max(1, torch.cuda.device_count()),
+                )  # fmt: skip
+            else:
+                result = train_adapter(
+                    base_model, rows, run_pairs, config, out / "adapters" / key, seed=0
+                )
             seconds = time.perf_counter() - started
+            reference = out / "adapters" / (f"{dtype}-sft-wide" if is_wide else f"{dtype}-sft")
             row.update(
-                status="ok",
+                status=adapter_status(result.adapter_dir, reference),
                 sft_steps=result.sft_steps,
                 dpo_steps=result.dpo_steps,
                 trained_tokens=result.trained_tokens,
                 seconds=round(seconds, 2),
                 tokens_per_second=round(result.trained_tokens / seconds, 1),
-                peak_mib=peak_mib(),
+                sft_loss=[round(result.sft_losses[0], 3), round(result.sft_losses[-1], 3)],
+                peak_mib=None if sharded else peak_mib(),
                 adapter=str(result.adapter_dir),
             )
         except Exception as err:  # one failing run must not hide the others' numbers
@@ -167,6 +184,22 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
             row["status"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
         results.append(row)
     return results
+
+
+def adapter_status(adapter: Path, reference: Path) -> str:
+    """The adapter's row status: "ok" when every lora_B moved off its zero init and the tensor
+    names and shapes are those of the plain bf16/fp32 run's adapter on the same base."""
+    from cotune.training import adapter_weights
+
+    weights = adapter_weights(adapter)
+    untrained = [n for n, t in weights.items() if "lora_B" in n and not bool(t.abs().sum() > 0)]
+    if not weights or untrained:
+        return f"failed: {len(untrained)} of {len(weights)} tensors untrained (lora_B all zero)"
+    if reference != adapter and (reference / "adapter_model.safetensors").is_file():
+        expected = {n: tuple(t.shape) for n, t in adapter_weights(reference).items()}
+        if {n: tuple(t.shape) for n, t in weights.items()} != expected:
+            return f"failed: tensor names or shapes differ from {reference.name}'s"
+    return "ok"
 
 
 def vllm_part(model: Path, out: Path, *, cpu: bool) -> list[dict[str, Any]]:
@@ -238,16 +271,18 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [
         f"GPU check on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
         "",
-        "| run | status | SFT/DPO steps | trained tokens | seconds (load + train) | tokens/s | "
-        "peak GPU MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | status | SFT/DPO steps | SFT loss first, last | trained tokens | "
+        "seconds (load + train) | tokens/s | peak GPU MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if r["part"] == "train":
             steps = f"{r.get('sft_steps', '')}/{r.get('dpo_steps', '')}" if "sft_steps" in r else ""
             peak = r.get("peak_mib")
+            loss = ", ".join(str(x) for x in r.get("sft_loss", []))
             lines.append(
-                f"| {r['run']} | {r['status']} | {steps} | {r.get('trained_tokens', '')} | "
+                f"| {r['run']} | {r['status']} | {steps} | {loss} | "
+                f"{r.get('trained_tokens', '')} | "
                 f"{r.get('seconds', '')} | {r.get('tokens_per_second', '')} | "
                 f"{'' if peak is None else round(peak)} |"
             )
@@ -259,7 +294,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 if "requests" in r
                 else ""
             )
-            lines.append(f"| {r['run']} | {r['status']} | {detail} | | | | |")
+            lines.append(f"| {r['run']} | {r['status']} | {detail} | | | | | |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@
 #       imports there (a CUDA vLLM build is far over what can be carried).
 # Prepare what travels with `bash scripts/gpu_wheels.sh` (the folder .gpu/: wheels/ and
 # tiny-model/), then on the GPU machine, from the repository's root:
-#   bash scripts/gpu_check.sh              # the table on stdout; $OUT/gpu-check.{md,json} too
+#   bash scripts/gpu_check.sh              # the table on stdout; $OUT/gpu-check.{md,json} and logs too
 #   bash scripts/gpu_check.sh --cpu        # the same code at a tiny size on a CPU (the tests)
 # Environment: COTUNE_GPU_CARRY (default .gpu), COTUNE_GPU_CHECK_MODEL (default
 # $COTUNE_GPU_CARRY/tiny-model), PYTHON (default python3: the one with CUDA torch).
@@ -46,5 +46,7 @@ timeout 100 "$python" scripts/gpu_check.py vllm --model "$model" --out "$work/ou
 tail -n 40 "$work/vllm.log" | grep -v '^|' | grep -v '^GPU check' >&2
 
 "$python" scripts/gpu_check.py table --out "$work/out" | tee "$work/out/gpu-check.md"
-if [[ -n "${OUT:-}" ]]; then cp "$work/out/gpu-check.md" "$work/out/gpu-check.json" "$OUT"/; fi
+if [[ -n "${OUT:-}" ]]; then
+    cp "$work/out/gpu-check.md" "$work/out/gpu-check.json" "$work/train.log" "$work/vllm.log" "$OUT"/
+fi
 exit $status

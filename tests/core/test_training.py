@@ -242,6 +242,39 @@ def test_the_fsdp_rank_entry_point_trains_from_its_request(
         torch.testing.assert_close(second[name], first[name], atol=ATOL, rtol=0)
 
 
+def test_the_fsdp_launch_trains_one_rank_and_gathers_its_adapter(
+    sft_adapter: TrainResult, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The real ``accelerate launch --use_fsdp`` (FSDP2, one process, gloo on a CPU; on an H200
+    in README "GPU"): the same adapter tensors as a plain run, trained, from the same start
+    (the first loss is measured before any update; the launch computes in bf16, so close, not
+    equal, and the weights are not compared)."""
+    from cotune.training.fsdp import train_adapter_fsdp
+
+    result = train_adapter_fsdp(tiny_model_dir, ROWS, [], CONFIG, tmp_path / "a", gpus=1)
+    assert result.sft_steps == sft_adapter.sft_steps
+    assert math.isclose(result.sft_losses[0], sft_adapter.sft_losses[0], rel_tol=0.05)
+    weights, plain = adapter_weights(result.adapter_dir), adapter_weights(sft_adapter.adapter_dir)
+    assert {n: t.shape for n, t in weights.items()} == {n: t.shape for n, t in plain.items()}
+    assert all(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)  # moved off 0
+
+
+def test_every_rank_under_the_fsdp_launcher_is_distributed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One rank under ``--use_fsdp`` is wrapped all the same: it gathers its adapter."""
+    from cotune.training.ranks import distributed
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distributed()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed()
+
+
 @pytest.mark.parametrize(
     ("batch_size", "longest", "sequences", "expected"),
     [
