@@ -32,11 +32,16 @@ from cotune.training.rows import DPOPair, Progress, SFTRow, TrainResult
 RESULT_FILE = "result.json"
 
 
-def launch_command(gpus: int, request: Path) -> list[str]:
-    """``accelerate launch`` with FSDP over ``gpus`` processes running :func:`main`."""
+def launch_command(gpus: int, request: Path, port: int) -> list[str]:
+    """``accelerate launch`` with FSDP over ``gpus`` processes running :func:`main`; the ranks
+    meet on ``port`` (a free one: accelerate's fixed default would collide with a second run
+    on the same machine)."""
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(gpus),
+        "--num_machines", "1",
+        "--main_process_port", str(port),
+        "--dynamo_backend", "no",
         "--mixed_precision", "bf16",
         "--use_fsdp",
         # FSDP2, as TRL's own accelerate config: TRL's fused LM head gathers FSDP2's sharded
@@ -68,10 +73,19 @@ def train_adapter_fsdp(
             Path(scratch), base_model, sft_rows, dpo_pairs, config, out_dir, seed=seed
         )
         say(f"training over {gpus} GPUs with accelerate FSDP")
-        done = subprocess.run(launch_command(gpus, request), check=False)
+        done = subprocess.run(launch_command(gpus, request, free_port()), check=False)
         if done.returncode != 0:
             raise CotuneError(f"FSDP training over {gpus} GPUs exited with {done.returncode}")
         return read_result(Path(scratch))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def write_request(
