@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     from cotune.settings import get_settings
 
     settings = settings or get_settings()
-    app = Celery("cotune", include=["workers.tasks"])
+    app = Celery("cotune", include=["workers.tasks", "workers.presence"])
     app.conf.update(
         **message_conf(settings),
         # Tasks report through the job store, not a result backend.

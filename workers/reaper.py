@@ -21,15 +21,14 @@ busy do not start parallel task chains for one job.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cotune.jobs.lifecycle import Lifecycle
+from cotune.jobs.presence import redis_client
 from cotune.jobs.queues import CPU_QUEUE, GPU_QUEUE, broker_url
 from cotune.settings import REAPER_SECOND_LOOK_SECONDS, Settings
 from cotune.store import JobStatus, StageStatus
@@ -112,7 +111,7 @@ class Reaper:
     def _pending(self, job_id: str) -> bool | None:
         """Whether a message for ``job_id`` waits in the gpu or cpu queue or is held
         (unacked) by a worker; None when the broker's queues cannot be read."""
-        client = _redis(broker_url(self.settings))
+        client = redis_client(broker_url(self.settings))
         if client is None:
             return None
         prefix, needle = self.settings.broker_key_prefix, job_id.encode()
@@ -123,7 +122,7 @@ class Reaper:
     def _first_time(self, token: str) -> bool:
         """True the first time ``token`` is seen (within ``visibility_timeout``), via Redis;
         always True with another broker (duplicates are then harmless, only wasteful)."""
-        client = _redis(broker_url(self.settings))
+        client = redis_client(broker_url(self.settings))
         if client is None:
             return True
         ttl = max(int(self.settings.visibility_timeout), 60)
@@ -150,12 +149,3 @@ def mentions(raw: bytes, needle: bytes) -> bool:
         return needle in base64.b64decode(message.get("body", ""))
     except (ValueError, TypeError, AttributeError):
         return False
-
-
-@functools.cache
-def _redis(url: str) -> Any:
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    import redis
-
-    return redis.Redis.from_url(url)

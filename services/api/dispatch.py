@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
-from typing import Any
 
+from cotune.jobs.presence import consumers, redis_client
 from cotune.jobs.queues import (
     CPU_QUEUE,
     GPU_QUEUE,
@@ -42,7 +41,7 @@ class CeleryDispatcher:
         self.app.send_task(VALIDATE_JOB, args=[job_id], queue=CPU_QUEUE)
 
     def queue_depth(self) -> int | None:
-        client = _redis(broker_url(self.settings))
+        client = redis_client(broker_url(self.settings))
         if client is None:
             return None
         try:
@@ -51,33 +50,33 @@ class CeleryDispatcher:
             return None
 
     def consumers(self) -> dict[str, int] | None:
-        """How many workers consume each queue (a broadcast answered within a second; the
-        answer is kept for ``CONSUMERS_TTL`` seconds, so probes do not flood the workers).
-        None when the broker cannot be asked."""
+        """How many workers consume each queue (their presence keys, or a broadcast answered
+        within a second; the answer is kept for ``CONSUMERS_TTL`` seconds, so probes do not
+        flood the broker). None when the broker cannot be asked."""
         with self._lock:
             if self._consumers is not None and time.monotonic() - self._asked < CONSUMERS_TTL:
                 return self._consumers
         try:
-            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+            counts = self._count_consumers()
         except Exception:  # the broker is down: readyz says so under "broker"
             return None
+        with self._lock:
+            self._consumers, self._asked = counts, time.monotonic()
+        return counts
+
+    def _count_consumers(self) -> dict[str, int]:
+        """From the workers' presence keys on a Redis broker (a busy solo-pool worker answers
+        no broadcast: ``cotune.jobs.presence``); else from an ``inspect`` broadcast."""
+        client = redis_client(broker_url(self.settings))
+        if client is not None:
+            return consumers(client, self.settings.broker_key_prefix)
+        replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
         counts = dict.fromkeys(QUEUES, 0)
         for queues in replies.values():
             for queue in queues or []:
                 if queue.get("name") in counts:
                     counts[queue["name"]] += 1
-        with self._lock:
-            self._consumers, self._asked = counts, time.monotonic()
         return counts
 
     def shutdown(self, wait: bool = False) -> None:
         self.app.close()
-
-
-@functools.cache
-def _redis(url: str) -> Any:
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    import redis
-
-    return redis.Redis.from_url(url)

@@ -1065,6 +1065,29 @@ def test_readyz_is_unavailable_while_no_worker_reads_the_queues(settings: Settin
     assert checks["workers"] == "no worker consumes the cpu, gpu queue"
 
 
+def test_readyz_counts_a_busy_worker_by_its_presence_key(settings: Settings) -> None:
+    """A solo-pool GPU worker answers no broadcast while it runs a stage (minutes to hours):
+    /readyz said 503 then and took the API out of its load balancer. Presence keys, beaten by
+    a thread in the worker, count it all the same."""
+    from cotune.jobs.presence import Presence, redis_client
+    from services.api.dispatch import CeleryDispatcher
+
+    prefix = f"cotune-readyz-{uuid.uuid4().hex[:8]}:"
+    busy = settings.model_copy(
+        update={"broker_url": "redis://127.0.0.1:6379/0", "broker_key_prefix": prefix}
+    )
+    worker = Presence(redis_client(busy.broker_url), prefix, "gpu-1@host", ["gpu", "cpu"])
+    worker.start()
+    try:
+        app = create_app(busy, dispatcher=CeleryDispatcher(busy))
+        with TestClient(app) as client:
+            response = client.get("/readyz")
+    finally:
+        worker.stop()
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"]["workers"] == "ok"
+
+
 def test_a_dead_worker_is_recovered_within_a_minute_by_default() -> None:
     """Finding 3: with the old defaults (600 s leases) a killed worker's job waited ~10.5 min.
     The bound is built from the settings themselves, so it holds on any machine."""

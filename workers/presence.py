@@ -1,0 +1,35 @@
+"""The worker's presence key (``cotune.jobs.presence``): set when the worker is ready to
+consume, beaten by a thread while it runs stages, deleted at a warm shutdown. Imported with
+the tasks (``workers.app``'s ``include``), which connects the two signal handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from cotune.jobs.presence import Presence, redis_client
+from cotune.jobs.queues import broker_url
+
+_running: list[Presence] = []
+
+
+@signals.worker_ready.connect
+def announce(sender: Any, **_: Any) -> None:
+    """``sender``: the worker's consumer, which knows its app, hostname and queues."""
+    from workers.app import app_settings
+
+    settings = app_settings(sender.app)
+    client = redis_client(broker_url(settings))
+    if client is None or _running:  # not Redis: the API falls back to a broadcast
+        return
+    queues = sorted({queue.name for queue in sender.task_consumer.queues})
+    presence = Presence(client, settings.broker_key_prefix, sender.hostname, queues)
+    presence.start()
+    _running.append(presence)
+
+
+@signals.worker_shutdown.connect
+def withdraw(**_: Any) -> None:
+    while _running:
+        _running.pop().stop()
