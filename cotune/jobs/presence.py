@@ -83,7 +83,10 @@ class Presence:
                 continue
 
     def start(self) -> None:
-        self.beat()  # counted from the first moment, not a third of the ttl later
+        # Counted from the first moment, not a third of the ttl later; a broker down at start
+        # is tried again by the thread.
+        with contextlib.suppress(Exception):
+            self.beat()
         self._thread.start()
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ worker never answers (the end-to-end case: ``test_workers.py``'s HTTP job, asked
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -55,3 +56,27 @@ def test_a_prefix_is_matched_literally(client: Any) -> None:
 
 def test_no_client_without_a_redis_broker() -> None:
     assert redis_client("memory://") is None
+
+
+def test_a_worker_started_while_redis_is_down_announces_itself_later() -> None:
+    """The first beat failing (the broker is not up yet) must not stop the beating thread."""
+    calls: list[str] = []
+
+    class Flaky:
+        def set(self, key: str, value: str, ex: int) -> None:
+            calls.append(key)
+            if len(calls) == 1:
+                raise ConnectionError("redis is starting")
+
+        def delete(self, key: str) -> None:
+            pass
+
+    presence = Presence(Flaky(), "p:", "w@host", ["gpu"], ttl=0.03)
+    presence.start()
+    try:
+        deadline = time.monotonic() + 10  # a liveness bound, not a speed claim
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        presence.stop()
+    assert len(calls) >= 2, calls
