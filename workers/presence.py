@@ -1,5 +1,5 @@
 """The worker's presence key (``cotune.jobs.presence``): set when the worker is ready to
-consume, beaten by a thread while it runs stages, deleted at a warm shutdown. Imported with
+consume, beaten by a thread while it runs stages, deleted as its shutdown begins. Imported with
 the tasks (``workers.app``'s ``include``), which connects the two signal handlers."""
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def announce(sender: Any, **_: Any) -> None:
     presence = Presence(client, settings.broker_key_prefix, sender.hostname, queues)
     presence.start()
     _running.append(presence)
+
+
+@signals.worker_shutting_down.connect
+def leaving(**_: Any) -> None:
+    """Warm or cold shutdown begins: a draining worker takes no new task, so it stops counting
+    now (sent from the signal handler: only an event is set)."""
+    for presence in _running:
+        presence.request_stop()
 
 
 @signals.worker_shutdown.connect

@@ -155,7 +155,8 @@ def _train(
     )
     if len(dpo.train_dataset) == 0:  # every prompt fills max_length: keep the SFT adapter
         say(f"dpo: skipped, no pair's prompt fits max_length={config.max_length}")
-        sft_dir.rename(final)
+        if is_main_rank():  # the ranks share the folder (FSDP): one moves it
+            sft_dir.rename(final)
     else:
         result.trained_tokens += config.epochs * _dpo_tokens(dpo.train_dataset, config)
         say(
@@ -206,10 +207,26 @@ def _export(trainer: Any, dest: Path, base_name: str | None) -> None:
     if not distributed():
         _export_adapter(model, dest, base_name)
         return
-    state = trainer.accelerator.get_state_dict(trainer.model)
+    state = _gathered_adapter_state(trainer)
     if is_main_rank():
         _export_adapter(model, dest, base_name, state)
     trainer.accelerator.wait_for_everyone()
+
+
+def _gathered_adapter_state(trainer: Any) -> dict[str, Any]:
+    """The trainable (LoRA) tensors, gathered in full on CPU: never the frozen base, which
+    would need ~2 bytes a parameter of host memory on rank 0 just to save the adapter. FSDP2
+    through torch's state-dict API; other wrappers through accelerate's own gather."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = trainer.model
+    if getattr(trainer.accelerator, "is_fsdp2", False):
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        )
+        return dict(get_model_state_dict(model, options=options))
+    state: dict[str, Any] = trainer.accelerator.get_state_dict(model)
+    return state
 
 
 def _export_adapter(

@@ -9,8 +9,9 @@ several GPUs: no sharding across ranks, no gather of a sharded adapter has been 
 ``train_adapter`` itself: the transformers ``Trainer`` picks accelerate's FSDP plugin up from the
 launcher's environment and shards the base model, the LoRA parameters and the optimizer state.
 Under the launcher every rank counts as distributed (``ranks.distributed``, one rank too): the
-adapter's state dict is gathered in full before rank 0 writes it (``adapter._export``); rank 0
-also writes the result file read back here. QLoRA under FSDP stores its 4-bit weights as bf16
+adapter's tensors (the trainable ones only, never the frozen base) are gathered in full on CPU
+before rank 0 writes them (``adapter._export``); rank 0 also writes the result file read back
+here. QLoRA under FSDP stores its 4-bit weights as bf16
 (``bnb_4bit_quant_storage``) so FSDP can shard them (``base_model._load_base``).
 """
 
@@ -84,7 +85,7 @@ def free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))  # the rendezvous listens on every interface
         return int(probe.getsockname()[1])
 
 

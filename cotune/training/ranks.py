@@ -11,7 +11,10 @@ def distributed() -> bool:
     ``accelerate launch --use_fsdp`` the model is wrapped even with one process, so the adapter
     is gathered and QLoRA's 4-bit storage is made shardable all the same)."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
-    return fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # LOCAL_RANK: set by the launcher only; accelerate sets ACCELERATE_USE_FSDP itself when an
+    # FSDP plugin is made in-process, which must not turn a later plain run into a rank.
+    launched = "LOCAL_RANK" in os.environ
+    return (fsdp and launched) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def is_main_rank() -> bool:

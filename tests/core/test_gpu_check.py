@@ -32,7 +32,7 @@ def test_the_gpu_check_dry_run_prints_its_table(tiny_model_dir: Path, tmp_path: 
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,  # above the script's own budgets (360 + 240 + 100 s)
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if "|" in line}

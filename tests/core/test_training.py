@@ -266,9 +266,12 @@ def test_every_rank_under_the_fsdp_launcher_is_distributed(
     from cotune.training.ranks import distributed
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not distributed()
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as accelerate sets it in-process too
+    assert not distributed()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # only the launcher sets this
     assert distributed()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("WORLD_SIZE", "2")
