@@ -24,29 +24,15 @@ def sft_rows_of(traces: list[Any], component: str) -> list[Any]:
 def training_speed(system: Any, traces: list[Any], *, epochs: int = 2) -> list[dict[str, Any]]:
     from cotune.models import resolve_model
     from cotune.spec.job import TrainConfig
-    from cotune.training import train_adapter
 
     component = system.trainable_components[-1]  # the answer writer: the longest prompts
     base = resolve_model(system.models[component.model], system.base_dir)
     rows = sft_rows_of(traces, component.name)
     config = TrainConfig(method="sft", epochs=epochs, batch_size=8, learning_rate=1e-4)
     with tempfile.TemporaryDirectory(prefix="cotune-speed-") as scratch:
-        # Warm-up (imports, first kernels) outside the timings, then each trainer twice in
-        # alternating order; the faster of its two runs counts.
-        train_adapter(base, rows[:8], [], config.model_copy(update={"epochs": 1}),
-                      Path(scratch) / "warm", seed=0)  # fmt: skip
-        cotune_runs, plain_runs = [], []
-        for i in range(2):
-            for which in ("cotune", "plain") if i == 0 else ("plain", "cotune"):
-                out = Path(scratch) / f"{which}-{i}"
-                started = time.perf_counter()
-                if which == "cotune":
-                    result = train_adapter(base, rows, [], config, out, seed=0)
-                    cotune_runs.append((time.perf_counter() - started, result.trained_tokens))
-                else:
-                    plain_runs.append(_plain_trl_sft(base, rows, config, out))
-    cotune_s, cotune_tokens = min(cotune_runs)
-    plain_s, plain_tokens = min(plain_runs)
+        (cotune_s, cotune_tokens), (plain_s, plain_tokens) = compare_sft(
+            base, rows, config, Path(scratch)
+        )
     return [
         {
             "trainer": f"cotune train_adapter (SFT, {component.name})",
@@ -61,6 +47,29 @@ def training_speed(system: Any, traces: list[Any], *, epochs: int = 2) -> list[d
             "tokens": plain_tokens,
         },
     ]
+
+
+def compare_sft(
+    base: Path, rows: list[Any], config: Any, scratch: Path
+) -> tuple[tuple[float, int], tuple[float, int]]:
+    """(seconds, trained tokens) of cotune's ``train_adapter`` and of the plain TRL script on
+    the same rows: a warm-up (imports, first kernels) outside the timings, then each trainer
+    twice in alternating order; the faster of its two runs counts."""
+    from cotune.training import train_adapter
+
+    warm = config.model_copy(update={"epochs": 1})
+    train_adapter(base, rows[:8], [], warm, scratch / "warm", seed=0)
+    cotune_runs, plain_runs = [], []
+    for i in range(2):
+        for which in ("cotune", "plain") if i == 0 else ("plain", "cotune"):
+            out = scratch / f"{which}-{i}"
+            started = time.perf_counter()
+            if which == "cotune":
+                result = train_adapter(base, rows, [], config, out, seed=0)
+                cotune_runs.append((time.perf_counter() - started, result.trained_tokens))
+            else:
+                plain_runs.append(_plain_trl_sft(base, rows, config, out))
+    return min(cotune_runs), min(plain_runs)
 
 
 def _plain_trl_sft(base: Path, rows: list[Any], config: Any, out: Path) -> tuple[float, int]:

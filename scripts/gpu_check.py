@@ -190,14 +190,12 @@ def train_part(model: Path, out: Path, *, cpu: bool, rows_count: int) -> list[di
 
 
 def speed_part(model: Path, out: Path, *, cpu: bool) -> list[dict[str, Any]]:
-    """SFT throughput of ``train_adapter`` against the plain TRL script of
-    ``benchmarks/speed_train.py`` on the SmolLM2-135M-sized model: one warm-up, then each twice
-    in alternating order, the faster run of each counted (as ``benchmarks/speed.py`` does)."""
+    """SFT throughput of ``train_adapter`` against the plain TRL script on the SmolLM2-135M-sized
+    model, by ``benchmarks/speed_train.py``'s own comparison (``compare_sft``)."""
     from cotune.spec.job import TrainConfig
-    from cotune.training import train_adapter
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from speed_train import _plain_trl_sft
+    from speed_train import compare_sft
 
     row: dict[str, Any] = {"part": "speed", "run": "SFT speed: train_adapter vs plain TRL"}
     rows, _ = rows_and_pairs(64)
@@ -205,19 +203,7 @@ def speed_part(model: Path, out: Path, *, cpu: bool) -> list[dict[str, Any]]:
     config = TrainConfig(method="sft", epochs=1, batch_size=8, learning_rate=1e-4)
     try:
         base = random_model(model, out / "wide-model", WIDE_CPU if cpu else WIDE)
-        warm = config.model_copy(update={"epochs": 1})
-        train_adapter(base, rows[:8], [], warm, out / "speed" / "warm", seed=0)
-        cotune, plain = [], []
-        for i, order in enumerate((("cotune", "plain"), ("plain", "cotune"))):
-            for which in order:
-                dest = out / "speed" / f"{which}-{i}"
-                if which == "plain":
-                    plain.append(_plain_trl_sft(base, rows, config, dest))
-                    continue
-                started = time.perf_counter()
-                result = train_adapter(base, rows, [], config, dest, seed=0)
-                cotune.append((time.perf_counter() - started, result.trained_tokens))
-        (c_s, c_tok), (p_s, p_tok) = min(cotune), min(plain)
+        (c_s, c_tok), (p_s, p_tok) = compare_sft(base, rows, config, out / "speed")
         row.update(
             status="ok",
             rows=len(rows),
