@@ -69,6 +69,7 @@ def _raw(llm: Any, requests: list[Any], *, schema: bool) -> dict[str, Any]:
 def _cotune(engine: Any, system: Any, traces: list[Any], samples: int, temperature: float,
             max_tokens: int, seed: int) -> dict[str, Any]:  # fmt: skip
     from cotune.judge import judge_traces
+    from cotune.judge.prompt import NOT_REPAIRED
 
     before = engine.stats.completion_tokens
     started = time.perf_counter()
@@ -81,6 +82,7 @@ def _cotune(engine: Any, system: Any, traces: list[Any], samples: int, temperatu
         "tokens": engine.stats.completion_tokens - before,
         "repairs": calls - samples * len(traces),
         "failures": sum(len(o.failures) for o in outcomes),
+        "loops": sum(NOT_REPAIRED in f for o in outcomes for f in o.failures),
     }
 
 
@@ -142,7 +144,8 @@ def format_judge(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"- cotune's repair pass: {cotune['repairs']} repair request(s); "
-        f"{cotune['failures']} sample(s) still failed",
+        f"{cotune['failures']} sample(s) failed, {cotune.get('loops', 0)} of them cut at "
+        "max_tokens in a loop and not repaired (`cotune.judge.prompt.no_repair_reason`)",
         f"- the long tail (raw, with schema): replies of {min(lengths)}-{max(lengths)} tokens, "
         f"median {statistics.median(lengths):.0f}; {raw['cut']} of {len(lengths)} cut at "
         "max_tokens",

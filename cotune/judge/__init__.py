@@ -5,8 +5,9 @@ have written. Whether a proposal helps is decided later by replaying the system 
 
 Flow for a batch of traces (``judge_traces``): one ``engine.generate`` call for every trace × K
 samples, constrained by ``verdict_schema`` where the engine supports it; every reply is checked
-by ``parse_verdict``; one batched repair call re-asks every reply that failed; whatever is still
-invalid is recorded as a failure of its trace. Bad judge output never raises.
+by ``parse_verdict``; one batched repair call re-asks every reply that failed (except one cut
+at ``max_tokens`` while looping: ``prompt.no_repair_reason``); whatever is still invalid is
+recorded as a failure of its trace. Bad judge output never raises.
 
 Modules: ``schema`` (the verdict models and their JSON schema), ``prompt`` (the system card,
 the judge and repair prompts), ``parse`` (replies as checked verdicts; its docstring lists what

@@ -10,7 +10,7 @@ from cotune.engines.base import GenerationRequest, GenerationResult, InferenceEn
 from cotune.errors import EngineError
 from cotune.judge.outcome import JudgeOutcome
 from cotune.judge.parse import JudgeParseError, parse_verdict
-from cotune.judge.prompt import judge_messages, repair_request
+from cotune.judge.prompt import cut_note, judge_messages, no_repair_reason, repair_request
 from cotune.judge.schema import verdict_schema
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec
@@ -37,9 +37,7 @@ def _try_parse(
     try:
         verdict = parse_verdict(text, system, sample.trace)
     except JudgeParseError as err:
-        if finish_reason == "length":
-            return f"{err.reason} (the reply was cut at max_tokens)"
-        return err.reason
+        return cut_note(err.reason, finish_reason)
     sample.outcome.verdicts.append(verdict)
     return None
 
@@ -71,7 +69,8 @@ def judge_traces(
 
     Requests: one batched ``generate`` for every admitted trace × K (greedy when K == 1,
     otherwise ``temperature`` with seeds ``seed + i``), then at most one batched repair call
-    for the replies that failed to parse. ``max_calls`` caps the requests: a trace is admitted
+    for the replies that failed to parse (not for a reply cut at ``max_tokens`` in a loop:
+    ``no_repair_reason``). ``max_calls`` caps the requests: a trace is admitted
     only if all K of its samples fit (traces past that get ``failures=["budget exhausted"]``);
     what is left of the budget pays for repairs, in order, and a reply that finds none left
     fails without one. Bad replies, and an ``EngineError`` from either call, are recorded as
@@ -115,6 +114,10 @@ def judge_traces(
     for sample, result in zip(batch, results, strict=True):
         reason = _try_parse(sample, result.text, system, result.finish_reason)
         if reason is None:
+            continue
+        hopeless = no_repair_reason(result.text, result.finish_reason)
+        if hopeless is not None:
+            sample.outcome.failures.append(f"sample {sample.index}: {reason}; {hopeless}")
             continue
         if budget <= 0:
             sample.outcome.failures.append(

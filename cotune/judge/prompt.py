@@ -15,6 +15,9 @@ from cotune.spec import Component, SystemSpec
 SPAN_CHARS = 600  # a span's output (and each of its own inputs) in the prompt
 INPUT_CHARS = 600  # each task input and gold value in the prompt
 BAD_REPLY_CHARS = 1500  # a failed reply quoted back in the repair prompt
+LOOP_TAIL = 96  # a reply cut at max_tokens whose last this many chars repeat one unit loops
+LOOP_UNIT = 24  # the longest repeated unit looked for
+NOT_REPAIRED = "not repaired"  # starts no_repair_reason's reason (a failure's last part)
 
 
 def clip(text: str, limit: int) -> str:
@@ -216,6 +219,41 @@ def repair_messages(
             ),
         },
     ]
+
+
+def cut_note(reason: str, finish_reason: str | None) -> str:
+    """A parse failure's reason, saying so when the reply was cut at ``max_tokens``."""
+    return f"{reason} (the reply was cut at max_tokens)" if finish_reason == "length" else reason
+
+
+def repetition_unit(text: str) -> str | None:
+    """The short unit ``text`` ends by repeating (``"1."`` for ``...1.1.1.1.1.``), or None:
+    its last ``LOOP_TAIL`` characters are periodic with a period of at most ``LOOP_UNIT``."""
+    tail = text[-LOOP_TAIL:]
+    if len(tail) < LOOP_TAIL:
+        return None
+    for period in range(1, LOOP_UNIT + 1):
+        if tail[period:] == tail[:-period]:
+            return tail[-period:]
+    return None
+
+
+def no_repair_reason(bad_text: str, finish_reason: str | None) -> str | None:
+    """Why a failed reply is not worth a repair, or None when it is.
+
+    A reply cut at ``max_tokens`` while repeating one short unit (a small judge's degenerate
+    loop, e.g. a critique of ``1.1.1.1...``) is not repaired: the repair prompt quotes the loop
+    back and gets the same budget, and it looped again in every such case measured (12 of 12 in
+    an object-count credit stage, 5 of 5 in ``benchmarks/speed.py``'s judge part, SmolLM2-135M),
+    at about a third of the stage's generated tokens. A reply cut while still saying something
+    different, or one that failed for another reason, is repaired as before.
+    """
+    if finish_reason != "length":
+        return None
+    unit = repetition_unit(bad_text)
+    if unit is None:
+        return None
+    return f"{NOT_REPAIRED}: it was cut at max_tokens while repeating {unit!r}"
 
 
 def repair_request(request: GenerationRequest, bad_text: str, reason: str) -> GenerationRequest:

@@ -19,7 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cotune.engines.base import GenerationRequest, InferenceEngine, Message
 from cotune.judge.batch import generate_or_error
 from cotune.judge.parse import JudgeParseError, extract_json, pydantic_reason
-from cotune.judge.prompt import INPUT_CHARS, SPAN_CHARS, clip, render_text, repair_request
+from cotune.judge.prompt import (
+    INPUT_CHARS,
+    SPAN_CHARS,
+    clip,
+    cut_note,
+    no_repair_reason,
+    render_text,
+    repair_request,
+)
 from cotune.judge.schema import MAX_TEXT
 from cotune.runtime import Trace
 from cotune.spec import SystemSpec
@@ -109,8 +117,7 @@ class _Sample:
         try:
             parsed = parse_score(text)
         except JudgeParseError as err:
-            cut = " (the reply was cut at max_tokens)" if finish_reason == "length" else ""
-            return err.reason + cut
+            return cut_note(err.reason, finish_reason)
         self.outcome.scores.append(parsed.score)
         self.outcome.reasons.append(parsed.reason)
         return None
@@ -127,7 +134,8 @@ def judge_scores(
     seed: int,
 ) -> list[ScoreOutcome]:
     """One outcome per trace, in order: one batched call for every trace × K samples, then at
-    most one batched repair call for the replies that failed to parse. The caller budgets:
+    most one batched repair call for the replies that failed to parse (not for one cut at
+    ``max_tokens`` in a loop: ``no_repair_reason``). The caller budgets:
     a batch costs at most ``2 * samples * len(traces)`` requests."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -160,7 +168,12 @@ def judge_scores(
     to_repair = []
     for sample, result in zip(batch, results, strict=True):
         reason = sample.take(result.text, result.finish_reason)
-        if reason is not None:
+        if reason is None:
+            continue
+        hopeless = no_repair_reason(result.text, result.finish_reason)
+        if hopeless is not None:
+            sample.outcome.failures.append(f"sample {sample.index}: {reason}; {hopeless}")
+        else:
             to_repair.append((sample, reason))
     if not to_repair:
         return outcomes

@@ -7,6 +7,7 @@ canned replies; the last one runs the real tiny model on vLLM under the verdict 
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from cotune.judge import (
     system_card,
     verdict_schema,
 )
+from cotune.judge.prompt import LOOP_UNIT, repetition_unit
+from cotune.judge.score import judge_scores
 from cotune.runtime import Span, Trace
 from cotune.spec import SystemSpec, parse_system
 
@@ -71,14 +74,16 @@ class ScriptedJudgeEngine:
     """Test double for an inference engine: returns canned replies in order, records requests.
 
     Each ``generate`` call takes the next ``len(requests)`` replies from ``replies`` (an
-    exception among them is raised instead); every batch of requests it was given is kept in
-    ``calls``.
+    exception among them is raised instead, a ``GenerationResult`` returned as it is); every
+    batch of requests it was given is kept in ``calls``.
     """
 
     kind = "vllm"
     model_id = "scripted-judge"
 
-    def __init__(self, replies: Sequence[str | Exception], *, json_schema: bool = True) -> None:
+    def __init__(
+        self, replies: Sequence[str | GenerationResult | Exception], *, json_schema: bool = True
+    ) -> None:
         self.replies = list(replies)
         self.calls: list[list[GenerationRequest]] = []
         self.stats = EngineStats()
@@ -98,7 +103,10 @@ class ScriptedJudgeEngine:
             if isinstance(text, Exception):
                 raise text
         results = [
-            GenerationResult(text=str(t), prompt_tokens=10, completion_tokens=5) for t in texts
+            t
+            if isinstance(t, GenerationResult)
+            else GenerationResult(text=str(t), prompt_tokens=10, completion_tokens=5)
+            for t in texts
         ]
         self.stats.add(results, 0.0)
         return results
@@ -306,6 +314,66 @@ def test_garbage_twice_is_a_failure_and_the_batch_goes_on(system: SystemSpec) ->
     assert bad.raw == ["I think the answer is wrong.", "still no json"]
     assert len(good.verdicts) == 1 and good.calls == 1 and good.failures == []
     assert late.decisive_span() == "query" and late.calls == 2
+
+
+def cut(text: str) -> GenerationResult:
+    """A reply the engine stopped at ``max_tokens``."""
+    return GenerationResult(
+        text=text, prompt_tokens=10, completion_tokens=384, finish_reason="length"
+    )
+
+
+LOOPING = '{"system_correct": true, "failure_summary": "19", "components": [{"critique": "1.0.' + (
+    "1." * 200
+)
+
+
+def test_a_reply_cut_inside_a_loop_is_not_repaired(system: SystemSpec) -> None:
+    long_prose = '{"system_correct": false, "failure_summary": "' + " ".join(
+        f"the search step returned passage {i} about a different colour" for i in range(20)
+    )
+    engine = ScriptedJudgeEngine([cut(LOOPING), cut(long_prose), verdict_json()])
+    looping, cut_short = judge(engine, system, [make_trace("a"), make_trace("b")])
+    assert [len(call) for call in engine.calls] == [2, 1]  # only the second is repaired
+    assert engine.requests[2].messages[-2]["content"].startswith(long_prose[:100])
+    assert looping.verdicts == [] and looping.calls == 1
+    [failure] = looping.failures
+    assert (
+        failure.startswith("sample 0: invalid JSON")
+        and "(the reply was cut at max_tokens)" in failure
+    )
+    assert failure.endswith("; not repaired: it was cut at max_tokens while repeating '1.'")
+    assert len(cut_short.verdicts) == 1 and cut_short.calls == 2
+
+
+def test_a_loop_is_repaired_when_the_reply_was_not_cut(system: SystemSpec) -> None:
+    engine = ScriptedJudgeEngine([LOOPING, verdict_json()])  # ended by itself: worth a repair
+    [outcome] = judge(engine, system, [make_trace()])
+    assert len(outcome.verdicts) == 1 and [len(call) for call in engine.calls] == [1, 1]
+
+
+def test_repetition_unit() -> None:
+    assert repetition_unit("x" * 95) is None  # too short to call a loop
+    assert repetition_unit("prefix " + "ab" * 60) == "ab"
+    assert repetition_unit("prefix " + " " * 100) == " "
+    assert repetition_unit("prefix " + "the cat sat. " * 10) == "the cat sat. "
+    prose = "The search step returned the passage about zorpa, but the answer named a colour "
+    assert repetition_unit(prose + "that the passage never mentions at all.") is None
+    unit = string.ascii_letters[:30]  # a unit longer than LOOP_UNIT: not taken for a loop
+    assert len(unit) > LOOP_UNIT and repetition_unit(unit * 5) is None
+
+
+def test_score_replies_cut_inside_a_loop_are_not_repaired(system: SystemSpec) -> None:
+    engine = ScriptedJudgeEngine(
+        [cut('{"reason": "' + "ok " * 60), "no json", '{"reason": "fine", "score": 1}']
+    )
+    looping, bad = judge_scores(
+        engine, system, [make_trace("a"), make_trace("b")], samples=1, temperature=0.7,
+        max_tokens=160, seed=0,
+    )  # fmt: skip
+    assert [len(call) for call in engine.calls] == [2, 1]
+    assert looping.scores == [] and looping.failures[0].endswith("while repeating 'ok '")
+    assert bad.scores == [1.0] and bad.failures == []
 
 
 def test_unknown_span_id_is_a_failure(system: SystemSpec) -> None:
