@@ -78,7 +78,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +86,7 @@ from pathlib import Path
 from typing import Any
 
 import gold_hidden
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -710,8 +710,8 @@ def write_report(
     import torch
 
     produced = (
-        f"Run {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}, by "
+        f"Run {datetime.date.today()} on {machine.describe()}, "
+        f"torch threads {torch.get_num_threads()}, by "
         f"`{' '.join(['python benchmarks/quality.py', *command])}`."
     )
     header = [

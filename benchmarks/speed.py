@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed_train beside this file
@@ -257,8 +258,7 @@ def format_table(rows: list[dict[str, Any]], system: str, n: int, rounds: int) -
     lines = [
         f"Rollout speed, {system}, {n} examples, greedy, cotune and raw vLLM taking turns "
         f"(median of {rounds} runs each), HF once; "
-        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
-        f"python {sys.version.split()[0]}",
+        f"{datetime.date.today()}, {machine.describe()}",
         "",
         "| engine | seconds | completion tokens | tokens/s | vs faster raw engine |",
         "| --- | --- | --- | --- | --- |",

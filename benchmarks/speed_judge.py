@@ -12,12 +12,11 @@ lasts as long as its longest reply).
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 from typing import Any
+
+import machine
 
 
 def judge_requests(system: Any, traces: list[Any], samples: int, temperature: float,
@@ -130,7 +129,7 @@ def format_judge(result: dict[str, Any]) -> str:
         f"Judge speed, {result['system']}: {result['traces']} traces x K={result['samples']} "
         f"samples, max_tokens {result['max_tokens']}, cotune and raw vLLM taking turns (median "
         f"of {result['rounds']} runs each) on one engine; {datetime.date.today()}, "
-        f"{platform.machine()} {os.cpu_count()} cores, python {sys.version.split()[0]}",
+        f"{machine.describe()}",
         "",
         "| judge | seconds | completion tokens | tokens/s | vs raw (same schema) |",
         "| --- | --- | --- | --- | --- |",

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 from typing import Any
+
+import machine
 
 # (in, out) of each LoRA'd projection of one SmolLM2-135M layer
 PROJECTIONS = {
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(os.cpu_count() or 2, 16))
     lines = [
         f"LoRA ops per SmolLM2-135M layer (7 projections, shrink + expand, one adapter), "
-        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}",
+        f"{datetime.date.today()}, {machine.describe()}, torch threads {torch.get_num_threads()}",
         "",
         "| prefill tokens | vLLM torch ops (ms) | cotune grouped ops (ms) | speed-up | "
         "max abs diff |",

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 try:
     import data as bench_data
     import gold_hidden
+    import machine
     import quality
     import simulate_feedback
     import speed_judge
@@ -320,6 +321,21 @@ def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> 
 # -- statistics -------------------------------------------------------------------------------
 
 
+def test_the_machine_line_names_the_cpu_and_the_flags_kernels_choose_by() -> None:
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Intel(R)  Xeon(R) Processor\n"
+        "flags\t\t: fpu sse2 avx2 fma amx_tile avx512f avx512bw\n\n"
+        "processor\t: 1\nmodel name\t: another\nflags\t\t: avx512_vnni\n"
+    )
+    assert machine.parse_cpuinfo(cpuinfo) == (
+        "Intel(R) Xeon(R) Processor",
+        ["avx2", "avx512f", "amx_tile"],
+    )
+    assert machine.parse_cpuinfo("") == ("unknown CPU", [])
+    name, flags = machine.cpu()
+    assert set(flags) <= set(machine.FLAGS) and name in machine.describe()
+
+
 def test_paired_statistics() -> None:
     assert quality.mcnemar_exact([False] * 5, [True] * 5) == (0, 5, 0.0625)
     assert quality.mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
@@ -392,6 +408,7 @@ def test_quality_benchmark_runs_on_the_tiny_model(
     assert "## object-count\n\nRun 2026-01-01 by `an earlier command`." in text
     assert "# old header" not in text
     assert "by `python benchmarks/quality.py --tiny" in text
+    assert f"on {machine.describe()}, torch threads" in text  # the CPU and its flags
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| variant | exact"))
     header = lines[start].split(" | ")
