@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import machine
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or default_model()
     modes = ["sleep"] if gpu else ["stay", "release"]
     rows = [measure(model, mode, args.cycles, gpu) for mode in modes]
-    device = torch.cuda.get_device_name(0) if gpu else f"CPU, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name(0) if gpu else machine.describe()
     lines = [
-        f"Engine switch on {model.name}, {datetime.date.today()}, {platform.machine()} {device}, "
+        f"Engine switch on {model.name}, {datetime.date.today()}, {device}, "
         f"median of {args.cycles} cycles",
         "",
         "| mode | engine start (s) | release (s) | reacquire (s) | first generate after (s) | "

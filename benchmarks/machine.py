@@ -36,7 +36,10 @@ def cpu() -> tuple[str, list[str]]:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return platform.processor() or "unknown CPU", []
-    return parse_cpuinfo(text)
+    name, flags = parse_cpuinfo(text)
+    if name == "unknown CPU":  # e.g. aarch64's cpuinfo names no model
+        name = platform.processor() or name
+    return name, flags
 
 
 def describe() -> str:

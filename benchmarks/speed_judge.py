@@ -81,7 +81,7 @@ def _cotune(engine: Any, system: Any, traces: list[Any], samples: int, temperatu
         "tokens": engine.stats.completion_tokens - before,
         "repairs": calls - samples * len(traces),
         "failures": sum(len(o.failures) for o in outcomes),
-        "loops": sum(NOT_REPAIRED in f for o in outcomes for f in o.failures),
+        "loops": sum(f"; {NOT_REPAIRED}: " in f for o in outcomes for f in o.failures),
     }
 
 

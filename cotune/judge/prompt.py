@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cotune.engines.base import GenerationRequest, Message
+from cotune.judge.parse import JudgeParseError, extract_json
 from cotune.judge.schema import ERROR_TYPES
 from cotune.prompts import render_value
 from cotune.runtime import Span, Trace
@@ -16,7 +17,7 @@ SPAN_CHARS = 600  # a span's output (and each of its own inputs) in the prompt
 INPUT_CHARS = 600  # each task input and gold value in the prompt
 BAD_REPLY_CHARS = 1500  # a failed reply quoted back in the repair prompt
 LOOP_TAIL = 96  # a reply cut at max_tokens whose last this many chars repeat one unit loops
-LOOP_UNIT = 24  # the longest repeated unit looked for
+LOOP_UNIT = 12  # the longest repeated unit looked for: at least 8 repeats in LOOP_TAIL
 NOT_REPAIRED = "not repaired"  # starts no_repair_reason's reason (a failure's last part)
 
 
@@ -241,19 +242,24 @@ def repetition_unit(text: str) -> str | None:
 def no_repair_reason(bad_text: str, finish_reason: str | None) -> str | None:
     """Why a failed reply is not worth a repair, or None when it is.
 
-    A reply cut at ``max_tokens`` while repeating one short unit (a small judge's degenerate
-    loop, e.g. a critique of ``1.1.1.1...``) is not repaired: the repair prompt quotes the loop
-    back and gets the same budget, and it looped again in every such case measured (12 of 12 in
+    A reply cut at ``max_tokens`` before its JSON object closed, while repeating one short unit
+    (a small judge's degenerate loop, e.g. a critique of ``1.1.1.1...``, or a run of
+    whitespace), is not repaired: the repair asks the same model, primed with the start of that
+    reply, under the same budget, and it looped again in every such case measured (12 of 12 in
     an object-count credit stage with SmolLM2-135M as the judge, at 4.6k of the stage's 14.6k
-    generated tokens). A reply cut while still saying something
-    different, or one that failed for another reason, is repaired as before.
+    generated tokens). A reply whose object is complete (it failed only validation), one cut
+    while still saying something new, or one that failed for another reason is repaired.
     """
     if finish_reason != "length":
         return None
     unit = repetition_unit(bad_text)
     if unit is None:
         return None
-    return f"{NOT_REPAIRED}: it was cut at max_tokens while repeating {unit!r}"
+    try:
+        extract_json(bad_text)
+    except JudgeParseError:
+        return f"{NOT_REPAIRED}: it loops on {unit!r}"
+    return None  # a complete object, then a loop: the repair may fix its fields
 
 
 def repair_request(request: GenerationRequest, bad_text: str, reason: str) -> GenerationRequest:

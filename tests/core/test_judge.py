@@ -342,8 +342,27 @@ def test_a_reply_cut_inside_a_loop_is_not_repaired(system: SystemSpec) -> None:
         failure.startswith("sample 0: invalid JSON")
         and "(the reply was cut at max_tokens)" in failure
     )
-    assert failure.endswith("; not repaired: it was cut at max_tokens while repeating '1.'")
+    assert failure.endswith("; not repaired: it loops on '1.'")
     assert len(cut_short.verdicts) == 1 and cut_short.calls == 2
+
+
+def test_a_complete_object_then_a_loop_is_repaired(system: SystemSpec) -> None:
+    # Without a schema (an HF engine) the object may close before the loop: only a field is
+    # wrong, which the repair can fix.
+    wrong = verdict_json(components=[critique("planner")]) + " 1." * 60
+    engine = ScriptedJudgeEngine([cut(wrong), verdict_json()])
+    [outcome] = judge(engine, system, [make_trace()])
+    assert len(outcome.verdicts) == 1 and [len(call) for call in engine.calls] == [1, 1]
+
+
+def test_an_unrepaired_loop_leaves_its_repair_budget_to_the_next_reply(
+    system: SystemSpec,
+) -> None:
+    engine = ScriptedJudgeEngine([cut(LOOPING), "oops", verdict_json()])
+    looping, bad = judge(engine, system, [make_trace("a"), make_trace("b")], max_calls=3)
+    assert [len(call) for call in engine.calls] == [2, 1]  # the one repair left went to "oops"
+    assert looping.failures[0].endswith("it loops on '1.'") and looping.calls == 1
+    assert len(bad.verdicts) == 1 and bad.calls == 2
 
 
 def test_a_loop_is_repaired_when_the_reply_was_not_cut(system: SystemSpec) -> None:
@@ -356,7 +375,10 @@ def test_repetition_unit() -> None:
     assert repetition_unit("x" * 95) is None  # too short to call a loop
     assert repetition_unit("prefix " + "ab" * 60) == "ab"
     assert repetition_unit("prefix " + " " * 100) == " "
-    assert repetition_unit("prefix " + "the cat sat. " * 10) == "the cat sat. "
+    assert repetition_unit("prefix " + "cat sat. " * 12) == "cat sat. "
+    assert repetition_unit("x" * 96) == "x"  # exactly LOOP_TAIL characters
+    assert repetition_unit("prefix" + "abcdefghijkl" * 8) == "abcdefghijkl"  # LOOP_UNIT long
+    assert repetition_unit("prefix" + "abcdefghijklm" * 8) is None  # one longer: not a loop
     prose = "The search step returned the passage about zorpa, but the answer named a colour "
     assert repetition_unit(prose + "that the passage never mentions at all.") is None
     unit = string.ascii_letters[:30]  # a unit longer than LOOP_UNIT: not taken for a loop
@@ -372,7 +394,7 @@ def test_score_replies_cut_inside_a_loop_are_not_repaired(system: SystemSpec) ->
         max_tokens=160, seed=0,
     )  # fmt: skip
     assert [len(call) for call in engine.calls] == [2, 1]
-    assert looping.scores == [] and looping.failures[0].endswith("while repeating 'ok '")
+    assert looping.scores == [] and looping.failures[0].endswith("it loops on 'ok '")
     assert bad.scores == [1.0] and bad.failures == []
 
 
