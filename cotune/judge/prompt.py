@@ -16,7 +16,7 @@ from cotune.spec import Component, SystemSpec
 SPAN_CHARS = 600  # a span's output (and each of its own inputs) in the prompt
 INPUT_CHARS = 600  # each task input and gold value in the prompt
 BAD_REPLY_CHARS = 1500  # a failed reply quoted back in the repair prompt
-LOOP_TAIL = 96  # a reply cut at max_tokens whose last this many chars repeat one unit loops
+LOOP_TAIL = 96  # a reply cut at max_tokens with this many chars repeating one unit loops
 LOOP_UNIT = 12  # the longest repeated unit looked for: at least 8 repeats in LOOP_TAIL
 NOT_REPAIRED = "not repaired"  # starts no_repair_reason's reason (a failure's last part)
 
@@ -228,27 +228,30 @@ def cut_note(reason: str, finish_reason: str | None) -> str:
 
 
 def repetition_unit(text: str) -> str | None:
-    """The short unit ``text`` ends by repeating (``"1."`` for ``...1.1.1.1.1.``), or None:
-    its last ``LOOP_TAIL`` characters are periodic with a period of at most ``LOOP_UNIT``."""
-    tail = text[-LOOP_TAIL:]
-    if len(tail) < LOOP_TAIL:
-        return None
+    """The short unit ``text`` repeats somewhere (``"1."`` for ``...1.1.1.1.1.``), or None:
+    the first run of ``LOOP_TAIL`` characters that is periodic with a period of at most
+    ``LOOP_UNIT`` (the smallest such period; the unit is the run's first period)."""
     for period in range(1, LOOP_UNIT + 1):
-        if tail[period:] == tail[:-period]:
-            return tail[-period:]
+        run = 0  # how many characters in a row equal the one a period before
+        for i in range(period, len(text)):
+            run = run + 1 if text[i] == text[i - period] else 0
+            if run == LOOP_TAIL - period:
+                start = i - LOOP_TAIL + 1
+                return text[start : start + period]
     return None
 
 
 def no_repair_reason(bad_text: str, finish_reason: str | None) -> str | None:
     """Why a failed reply is not worth a repair, or None when it is.
 
-    A reply cut at ``max_tokens`` before its JSON object closed, while repeating one short unit
-    (a small judge's degenerate loop, e.g. a critique of ``1.1.1.1...``, or a run of
-    whitespace), is not repaired: the repair asks the same model, primed with the start of that
+    A reply cut at ``max_tokens`` before its JSON object closed that fell into a loop somewhere
+    (a run repeating one short unit: a small judge's degenerate critique of ``1.1.1.1...``, or
+    a run of whitespace) is not repaired: the repair asks the same model, primed with the start of that
     reply, under the same budget, and it looped again in every such case measured (12 of 12 in
     an object-count credit stage with SmolLM2-135M as the judge, at 4.6k of the stage's 14.6k
-    generated tokens). A reply whose object is complete (it failed only validation), one cut
-    while still saying something new, or one that failed for another reason is repaired.
+    generated tokens; each looped in a field the schema's ``maxLength`` closed, then was cut
+    in the next one). A reply whose object is complete (it failed only validation), a long one
+    that never loops, or one that failed for another reason is repaired.
     """
     if finish_reason != "length":
         return None

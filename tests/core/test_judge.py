@@ -323,8 +323,13 @@ def cut(text: str) -> GenerationResult:
     )
 
 
-LOOPING = '{"system_correct": true, "failure_summary": "19", "components": [{"critique": "1.0.' + (
-    "1." * 200
+# What SmolLM2-135M wrote as a judge (object-count): a critique looping until the schema's
+# maxLength closed it, then the next field cut at max_tokens.
+LOOPING = (
+    '{"system_correct": true, "failure_summary": "19", "components": [{"span_id": "search", '
+    '"component": "search", "error_type": "wrong_content", "critique": "1.0.0.0.'
+    + "1." * 130
+    + '", "should_have_output": "1.0.0.0.1.1.1'
 )
 
 
@@ -342,7 +347,7 @@ def test_a_reply_cut_inside_a_loop_is_not_repaired(system: SystemSpec) -> None:
         failure.startswith("sample 0: invalid JSON")
         and "(the reply was cut at max_tokens)" in failure
     )
-    assert failure.endswith("; not repaired: it loops on '1.'")
+    assert failure.endswith("; not repaired: it loops on '.1'")
     assert len(cut_short.verdicts) == 1 and cut_short.calls == 2
 
 
@@ -361,7 +366,7 @@ def test_an_unrepaired_loop_leaves_its_repair_budget_to_the_next_reply(
     engine = ScriptedJudgeEngine([cut(LOOPING), "oops", verdict_json()])
     looping, bad = judge(engine, system, [make_trace("a"), make_trace("b")], max_calls=3)
     assert [len(call) for call in engine.calls] == [2, 1]  # the one repair left went to "oops"
-    assert looping.failures[0].endswith("it loops on '1.'") and looping.calls == 1
+    assert looping.failures[0].endswith("it loops on '.1'") and looping.calls == 1
     assert len(bad.verdicts) == 1 and bad.calls == 2
 
 
@@ -375,7 +380,8 @@ def test_repetition_unit() -> None:
     assert repetition_unit("x" * 95) is None  # too short to call a loop
     assert repetition_unit("prefix " + "ab" * 60) == "ab"
     assert repetition_unit("prefix " + " " * 100) == " "
-    assert repetition_unit("prefix " + "cat sat. " * 12) == "cat sat. "
+    assert repetition_unit("ab" * 60 + ' and the rest of the reply"}') == "ab"  # not at the end
+    assert repetition_unit("prefix: " + "cat sat. " * 12) == " cat sat."  # where the run starts
     assert repetition_unit("x" * 96) == "x"  # exactly LOOP_TAIL characters
     assert repetition_unit("prefix" + "abcdefghijkl" * 8) == "abcdefghijkl"  # LOOP_UNIT long
     assert repetition_unit("prefix" + "abcdefghijklm" * 8) is None  # one longer: not a loop
