@@ -494,6 +494,26 @@ def test_the_judge_speed_part_gives_raw_vllm_exactly_the_judges_requests() -> No
     assert raw == judge.requests  # every reply parsed, so no repair requests were added
 
 
+def test_the_judge_speed_part_times_the_first_pass_and_the_repairs_apart() -> None:
+    from doubles import ScriptedJudge, critique
+
+    from cotune.spec import parse_system
+    from cotune.tiny import TINY_SYSTEM
+
+    system = parse_system(TINY_SYSTEM)
+    traces = [_failed_tiny_trace("zorpa"), _failed_tiny_trace("kalo")]
+    judge = ScriptedJudge(lambda key, gold, index: [critique("answer", gold, "wrong colour")])
+    run = speed_judge._cotune(judge, system, traces, 3, 0.7, 200, 4)
+    assert run["repairs"] == 0 and run["repair_seconds"] == 0.0 and run["failures"] == 0
+    assert run["first_pass"]["tokens"] == run["tokens"] > 0  # one call: the first pass
+    raw = {"seconds": 1.0, "tokens": run["tokens"], "lengths": [10, 20], "cut": 0}
+    result = {"system": "tiny-kb", "traces": 2, "samples": 3, "max_tokens": 200, "rounds": 1,
+              "cotune": run, "raw": raw, "raw_no_schema": raw}  # fmt: skip
+    table = speed_judge.format_judge(result)
+    assert "| cotune judge_traces, its first pass only |" in table
+    assert "0 repair request(s) in 0.00 s" in table
+
+
 # -- the gold-hidden variants: judge-scored and simulated feedback -----------------------------
 
 
