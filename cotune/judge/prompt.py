@@ -246,12 +246,12 @@ def no_repair_reason(bad_text: str, finish_reason: str | None) -> str | None:
 
     A reply cut at ``max_tokens`` before its JSON object closed that fell into a loop somewhere
     (a run repeating one short unit: a small judge's degenerate critique of ``1.1.1.1...``, or
-    a run of whitespace) is not repaired: the repair asks the same model, primed with the start of that
-    reply, under the same budget, and it looped again in every such case measured (12 of 12 in
-    an object-count credit stage with SmolLM2-135M as the judge, at 4.6k of the stage's 14.6k
-    generated tokens; each looped in a field the schema's ``maxLength`` closed, then was cut
-    in the next one). A reply whose object is complete (it failed only validation), a long one
-    that never loops, or one that failed for another reason is repaired.
+    a run of whitespace) is not repaired: the repair asks the same model, primed with the start
+    of that reply, under the same budget, and it looped again in every such case measured (12
+    of 12 in an object-count credit stage with SmolLM2-135M as the judge, at 4.6k of the
+    stage's 14.6k generated tokens; each looped in a field the schema's ``maxLength`` closed,
+    then was cut in the next one). A reply whose object is complete (it failed only validation),
+    a long one that never loops, or one that failed for another reason is repaired.
     """
     if finish_reason != "length":
         return None
