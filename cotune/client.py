@@ -41,7 +41,9 @@ from cotune.store.status import TERMINAL
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({502, 503, 504})
 # Downloads stream: no limit on the whole, but a server silent for this long is given up on.
-DOWNLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0)
+# (connect, read, write, pool) as a plain tuple: a client passed in may be another httpx
+# flavour (Starlette's TestClient on httpx2 >= 2.17 refuses an httpx.Timeout object).
+DOWNLOAD_TIMEOUT = (60.0, 600.0, 60.0, 60.0)
 
 Job = dict[str, Any]
 Progress = Callable[[dict[str, Any]], None]

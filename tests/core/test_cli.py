@@ -109,9 +109,11 @@ def test_speed_benchmark_prints_its_table(
     table = out.read_text()
     assert "cotune runtime" in table and "raw vllm.LLM.chat" in table and "raw HF generate" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "x |" in line]
-    # three engines, the judge's three rows, the adapter's two op sets, cotune's trainer, TRL's
-    assert len(rows) == 10
-    assert "cotune judge_traces" in table and "no schema" in table
+    # three engines, the judge's four rows (whole stage, first pass, raw, raw without schema),
+    # the adapter's two op sets, cotune's trainer, TRL's
+    assert len(rows) == 11
+    assert "cotune judge_traces" in table and "its first pass only" in table
+    assert "no schema" in table
     grouped = next(line for line in rows if "cotune grouped ops" in line)
     same, total = grouped.split("|")[-2].strip().split(" of ")
     assert int(total) == 8 * 2  # 8 examples, two LLM components
