@@ -65,6 +65,10 @@ its first measurement) trains each oracle with its job's own training (``--val 5
 
     python benchmarks/data.py                 # download once (~360 MB, cached), build splits
     python benchmarks/data.py --cache DIR     # where the archive is kept (default: see --help)
+    python benchmarks/data.py --bigbench DIR  # take the files from a BIG-bench 1.0.0 checkout
+
+PyPI itself lists only ``bigbench`` 0.0.1 (no task data; seen 2026-12-04): where the registry has
+no 1.0.0, put its archive in the cache folder or pass ``--bigbench`` (``OTHER_SOURCES``).
 """
 
 from __future__ import annotations
@@ -182,11 +186,40 @@ def download_sdist(cache: Path, say: Any = print) -> Path:
             raise SystemExit(f"could not download pip {FALLBACK_PIP}: {_tail(got)}")
         result = _pip_download([sys.executable, str(wheels[0] / "pip")], cache)
     if result.returncode != 0 or not target.exists():
-        raise SystemExit(f"could not download {PACKAGE}=={VERSION} with pip: {_tail(result)}")
+        raise SystemExit(
+            f"could not download {PACKAGE}=={VERSION} with pip: {_tail(result)}\n{OTHER_SOURCES}"
+        )
     digest = sha256_file(target)
     if digest != SDIST_SHA256:
         raise SystemExit(f"{target}: sha256 {digest}, expected {SDIST_SHA256}")
     return target
+
+
+# What to do when the registry has no bigbench 1.0.0 (PyPI lists only 0.0.1, which holds no data;
+# seen 2026-12-04): the archive or a BIG-bench checkout from elsewhere, checked file by file.
+OTHER_SOURCES = (
+    f"Either put {SDIST} (sha256 {SDIST_SHA256}) in the --cache folder, or pass --bigbench DIR: "
+    "a BIG-bench 1.0.0 checkout or unpacked archive (the folder that holds bigbench/), whose "
+    "files are checked against their sha256 in MEMBERS."
+)
+
+
+def copy_members(checkout: Path, dest: Path, members: Mapping[str, tuple[str, str]]) -> None:
+    """Copy ``members`` from a BIG-bench checkout (the folder holding ``bigbench/``: the
+    archive's paths without their top folder) into ``dest/<name>``, checking each sha256."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, (member, sha256) in members.items():
+        if _checked(dest / name, sha256):
+            continue
+        source = checkout / member.split("/", 1)[1]
+        if not source.is_file():
+            raise SystemExit(f"--bigbench {checkout}: no {source.relative_to(checkout)}")
+        digest = sha256_file(source)
+        if digest != sha256:
+            raise SystemExit(f"{source}: sha256 {digest}, expected {sha256} (BIG-bench 1.0.0)")
+        partial = dest / f"{name}.partial"
+        partial.write_bytes(source.read_bytes())
+        partial.replace(dest / name)
 
 
 def _pip_download(pip: list[str], dest: Path) -> subprocess.CompletedProcess[str]:
@@ -486,11 +519,33 @@ def build_temporal(
     return _split(rows, sizes)
 
 
-def build_candidates(out: Path = DATA, cache: Path | None = None, say: Any = print) -> None:
+def fetch_raw(
+    raw: Path,
+    members: Mapping[str, tuple[str, str]],
+    *,
+    cache: Path | None = None,
+    checkout: Path | None = None,
+    say: Any = print,
+) -> None:
+    """``members`` into ``raw``, checked: from a BIG-bench ``checkout`` when given, else out of
+    the archive (downloaded once into ``cache``). Files already there and right are kept."""
+    if all(_checked(raw / name, sha) for name, (_, sha) in members.items()):
+        return
+    if checkout is not None:
+        say(f"copying {sorted(members)} from {checkout}")
+        copy_members(checkout, raw, members)
+        return
+    sdist = download_sdist(cache or default_cache(), say=say)
+    say(f"extracting {sorted(members)} from {sdist.name}")
+    extract_members(sdist, raw, members)
+
+
+def build_candidates(
+    out: Path = DATA, cache: Path | None = None, say: Any = print, checkout: Path | None = None
+) -> None:
     """Extract and build the chain task's third candidate into ``out/temporal-sequences/``."""
     raw = out / "raw"
-    if not all(_checked(raw / name, sha) for name, (_, sha) in CANDIDATE_MEMBERS.items()):
-        extract_members(download_sdist(cache or default_cache(), say=say), raw, CANDIDATE_MEMBERS)
+    fetch_raw(raw, CANDIDATE_MEMBERS, cache=cache, checkout=checkout, say=say)
     task = json.loads((raw / "temporal_sequences.json").read_text("utf-8"))
     for name, rows in build_temporal(task).items():
         write_jsonl(out / "temporal-sequences" / f"{name}.jsonl", rows)
@@ -544,16 +599,15 @@ def is_built(out: Path = DATA) -> bool:
     return all((out / task / f"{n}.jsonl").exists() for task, ns in BUILT.items() for n in ns)
 
 
-def ensure(out: Path = DATA, cache: Path | None = None, say: Any = print) -> dict[str, Any]:
+def ensure(
+    out: Path = DATA, cache: Path | None = None, say: Any = print, checkout: Path | None = None
+) -> dict[str, Any]:
     """Download (once), extract and build, unless the splits are already there."""
     manifest = out / "manifest.json"
     if is_built(out) and manifest.exists():
         return dict(json.loads(manifest.read_text()))
     raw = out / "raw"
-    if not all(_checked(raw / name, sha) for name, (_, sha) in MEMBERS.items()):
-        sdist = download_sdist(cache or default_cache(), say=say)
-        say(f"extracting {sorted(MEMBERS)} from {sdist.name}")
-        extract_members(sdist, raw, MEMBERS)
+    fetch_raw(raw, MEMBERS, cache=cache, checkout=checkout, say=say)
     return build_all(raw, out)
 
 
@@ -563,16 +617,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache", type=Path, default=None, help=f"where the archive is kept ({default_cache()})"
     )
     parser.add_argument("--out", type=Path, default=DATA, help="where the data goes")
+    parser.add_argument(
+        "--bigbench",
+        type=Path,
+        default=None,
+        help="a BIG-bench 1.0.0 checkout (the folder holding bigbench/) to take the files from "
+        "instead of the registry's archive; each file is checked against its sha256",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild the splits")
     parser.add_argument(
         "--candidates", action="store_true", help="also build the chain task's third candidate"
     )
     args = parser.parse_args(argv)
     if args.candidates:
-        build_candidates(args.out, args.cache)
+        build_candidates(args.out, args.cache, checkout=args.bigbench)
     if args.force:
         (args.out / "manifest.json").unlink(missing_ok=True)
-    manifest = ensure(args.out, args.cache)
+    manifest = ensure(args.out, args.cache, checkout=args.bigbench)
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
     print(f"data: {args.out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ BAD_REPLY_CHARS = 1500  # a failed reply quoted back in the repair prompt
 LOOP_TAIL = 96  # a reply cut at max_tokens with this many chars repeating one unit loops
 LOOP_UNIT = 12  # the longest repeated unit looked for: at least 8 repeats in LOOP_TAIL
 NOT_REPAIRED = "not repaired"  # starts no_repair_reason's reason (a failure's last part)
+_NUMBER = re.compile(r"\d+")  # masked as "#" to see a loop that counts on: "No.1, No.2, ..."
 
 
 def clip(text: str, limit: int) -> str:
@@ -230,7 +232,13 @@ def cut_note(reason: str, finish_reason: str | None) -> str:
 def repetition_unit(text: str) -> str | None:
     """The short unit ``text`` repeats somewhere (``"1."`` for ``...1.1.1.1.1.``), or None:
     the first run of ``LOOP_TAIL`` characters that is periodic with a period of at most
-    ``LOOP_UNIT`` (the smallest such period; the unit is the run's first period)."""
+    ``LOOP_UNIT`` (the smallest such period; the unit is the run's first period). A loop that
+    counts on (``No.0, No.1, ... No.47``, ``13; 14; 15; ...``) is found with every number
+    written ``#``, and its unit is given so (``" No.#,"``)."""
+    return _periodic_run(text) or _periodic_run(_NUMBER.sub("#", text))
+
+
+def _periodic_run(text: str) -> str | None:
     for period in range(1, LOOP_UNIT + 1):
         run = 0  # how many characters in a row equal the one a period before
         for i in range(period, len(text)):
@@ -250,8 +258,10 @@ def no_repair_reason(bad_text: str, finish_reason: str | None) -> str | None:
     of that reply, under the same budget, and it looped again in every such case measured (12
     of 12 in an object-count credit stage with SmolLM2-135M as the judge, at 4.6k of the
     stage's 14.6k generated tokens; each looped in a field the schema's ``maxLength`` closed,
-    then was cut in the next one). A reply whose object is complete (it failed only validation),
-    a long one that never loops, or one that failed for another reason is repaired.
+    then was cut in the next one). So is one that counts on until cut (``No.0, No.1, ...``):
+    2 of kb-qa's 3 repairs in the speed benchmark, each copied and cut again. A reply whose
+    object is complete (it failed only validation), a long one that never loops, or one that
+    failed for another reason is repaired.
     """
     if finish_reason != "length":
         return None

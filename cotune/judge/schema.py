@@ -23,6 +23,16 @@ ERROR_TYPES: tuple[str, ...] = (
 )
 MAX_TEXT = 300  # maxLength of the schema's free-text fields
 MAX_OUTPUT_TEXT = 2000  # the most a proposed output may be (schema), for long-output components
+# a critique's fields in the order the schema asks a model to write them
+CRITIQUE_FIELDS = (
+    "span_id",
+    "component",
+    "error_type",
+    "critique",
+    "should_have_output",
+    "blame",
+    "confidence",
+)
 
 
 class ComponentCritique(BaseModel):
@@ -72,46 +82,47 @@ def verdict_schema(system: SystemSpec, trace: Trace) -> dict[str, Any]:
 
     Properties are listed in the order a model should write them (vLLM's grammars keep that
     order): the critique before the numbers, the per-span analysis before the decisive span.
-    Any span may be blamed; whether ``should_have_output`` suits the span (LLM spans only) is
-    checked by ``parse_verdict``, which keeps the schema small.
+    Each critique is one of the trace's spans: its ``span_id`` picks the branch and the branch
+    allows only that span's ``component`` (with separate enums SmolLM2-135M paired span
+    'answer' with component 'query', a reply refused, repaired into the same pairing). Any span
+    may be blamed; whether ``should_have_output`` suits the span (LLM spans only) is checked by
+    ``parse_verdict``, which keeps the schema small.
     """
     span_ids = _unique([s.span_id for s in trace.spans])
-    components = _unique([s.component for s in trace.spans])
+    owner = {s.span_id: s.component for s in reversed(trace.spans)}  # a span id's first span
     text = {"type": "string", "maxLength": MAX_TEXT}
     unit = {"type": "number", "minimum": 0, "maximum": 1}
-    critique = {
-        "type": "object",
-        "properties": {
-            "span_id": {"type": "string", "enum": span_ids},
-            "component": {"type": "string", "enum": components},
-            "error_type": {"type": "string", "enum": list(ERROR_TYPES)},
-            "critique": text,
-            "should_have_output": {
-                "anyOf": [
-                    {"type": "string", "maxLength": _output_chars(system, trace)},
-                    {"type": "null"},
-                ]
-            },
-            "blame": unit,
-            "confidence": unit,
-        },
-        "required": [
-            "span_id",
-            "component",
-            "error_type",
-            "critique",
-            "should_have_output",
-            "blame",
-            "confidence",
-        ],
-        "additionalProperties": False,
+    output = {
+        "anyOf": [
+            {"type": "string", "maxLength": _output_chars(system, trace)},
+            {"type": "null"},
+        ]
     }
+
+    def critique(span_id: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {
+                "span_id": {"type": "string", "enum": [span_id]},
+                "component": {"type": "string", "enum": [owner[span_id]]},
+                "error_type": {"type": "string", "enum": list(ERROR_TYPES)},
+                "critique": text,
+                "should_have_output": output,
+                "blame": unit,
+                "confidence": unit,
+            },
+            "required": [*CRITIQUE_FIELDS],
+            "additionalProperties": False,
+        }
+
+    branches = [critique(span_id) for span_id in span_ids]
+    items = branches[0] if len(branches) == 1 else {"anyOf": branches}
     return {
         "type": "object",
         "properties": {
             "system_correct": {"type": "boolean"},
             "failure_summary": text,
-            "components": {"type": "array", "items": critique, "maxItems": max(len(span_ids), 1)},
+            "components": {"type": "array", "items": items, "maxItems": max(len(span_ids), 1)},
             "decisive_span_id": {"anyOf": [{"type": "string", "enum": span_ids}, {"type": "null"}]},
         },
         "required": ["system_correct", "failure_summary", "components", "decisive_span_id"],

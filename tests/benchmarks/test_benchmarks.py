@@ -297,6 +297,45 @@ def test_extract_takes_only_the_named_members_then_builds_every_file(tmp_path: P
         bench_data.extract_members(sdist, tmp_path / "other", wrong)
 
 
+def test_a_bigbench_checkout_stands_in_for_the_archive_file_by_checked_file(
+    tmp_path: Path,
+) -> None:
+    # The registry may lack bigbench 1.0.0 (PyPI lists only 0.0.1): --bigbench DIR takes the
+    # same files from a checkout, each checked against its sha256, and never asks pip.
+    checkout = tmp_path / "BIG-bench"
+    members = {}
+    for name, (member, _) in bench_data.MEMBERS.items():
+        content = json.dumps({"file": name}).encode()
+        path = checkout / member.split("/", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        members[name] = (member, hashlib.sha256(content).hexdigest())
+    assert all(
+        m.startswith(f"{bench_data.PACKAGE}-{bench_data.VERSION}/") for m, _ in members.values()
+    )
+    raw = tmp_path / "raw"
+    said: list[str] = []
+    bench_data.fetch_raw(raw, members, checkout=checkout, say=said.append)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(members)
+    assert json.loads((raw / "object_counting.json").read_text()) == {
+        "file": "object_counting.json"
+    }
+    assert said and str(checkout) in said[0]
+
+    # already there and right: nothing is read again, even from a checkout that has gone
+    said.clear()
+    bench_data.fetch_raw(raw, members, checkout=tmp_path / "gone", say=said.append)
+    assert said == []
+
+    wrong = {"object_counting.json": (members["object_counting.json"][0], "0" * 64)}
+    with pytest.raises(SystemExit, match=r"sha256 .*expected 0{64}"):
+        bench_data.copy_members(checkout, tmp_path / "other", wrong)
+    assert not (tmp_path / "other" / "object_counting.json").exists()
+    with pytest.raises(SystemExit, match=r"no bigbench/benchmark_tasks/\S+\.json"):
+        bench_data.copy_members(tmp_path / "empty", tmp_path / "other", members)
+    assert "--bigbench" in bench_data.OTHER_SOURCES and bench_data.SDIST in bench_data.OTHER_SOURCES
+
+
 def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> None:
     from cotune.spec.job import load_job
     from cotune.tools.registry import get_python_tool

@@ -29,6 +29,7 @@ from cotune.judge import (
     verdict_schema,
 )
 from cotune.judge.prompt import LOOP_UNIT, repetition_unit
+from cotune.judge.schema import CRITIQUE_FIELDS
 from cotune.judge.score import judge_scores
 from cotune.runtime import Span, Trace
 from cotune.spec import SystemSpec, parse_system
@@ -389,6 +390,25 @@ def test_repetition_unit() -> None:
     assert repetition_unit(prose + "that the passage never mentions at all.") is None
     unit = string.ascii_letters[:30]  # a unit longer than LOOP_UNIT: not taken for a loop
     assert len(unit) > LOOP_UNIT and repetition_unit(unit * 5) is None
+    # loops that count on, as SmolLM2-135M wrote them in kb-qa's judge replies (the unit is
+    # given with each number as "#", from where the run starts)
+    counting = ", ".join(f"No.{i}" for i in range(48))
+    assert repetition_unit('"critique":"A: ' + counting) == " No.#,"
+    assert repetition_unit("error{<100>} 1000, " + ", ".join(map(str, range(54)))) == " #,"
+    assert repetition_unit("A: " + "; ".join(map(str, range(13, 60)))) == " #;"
+    # a few numbers in prose, or too short a count, are not a loop
+    assert (
+        repetition_unit("In 1998 the fund paid 62 euros a day, 75 in 2004 and 80 in 2010.") is None
+    )
+    assert repetition_unit(", ".join(map(str, range(20)))) is None  # masked: 57 chars < LOOP_TAIL
+
+
+def test_a_reply_cut_while_counting_on_is_not_repaired(system: SystemSpec) -> None:
+    counting = ", ".join(f"No.{i}" for i in range(48))
+    engine = ScriptedJudgeEngine([cut('{"system_correct": false, "failure_summary": "' + counting)])
+    [outcome] = judge(engine, system, [make_trace()])
+    assert [len(call) for call in engine.calls] == [1] and outcome.verdicts == []
+    assert outcome.failures[0].endswith("not repaired: it loops on 'No.#, '")
 
 
 def test_score_replies_cut_inside_a_loop_are_not_repaired(system: SystemSpec) -> None:
@@ -599,16 +619,28 @@ def test_schema_restricts_span_ids(system: SystemSpec) -> None:
     trace = make_trace()
     schema = verdict_schema(system, trace)
     jsonschema.Draft202012Validator.check_schema(schema)
-    item = schema["properties"]["components"]["items"]
-    assert item["properties"]["span_id"]["enum"] == ["query", "search", "answer"]
-    assert item["properties"]["component"]["enum"] == ["query", "search", "answer"]
+    branches = schema["properties"]["components"]["items"]["anyOf"]
+    # one branch per span, each allowing only that span's component
+    assert [b["properties"]["span_id"]["enum"] for b in branches] == [
+        ["query"],
+        ["search"],
+        ["answer"],
+    ]
+    assert [b["properties"]["component"]["enum"] for b in branches] == [
+        ["query"],
+        ["search"],
+        ["answer"],
+    ]
+    assert all(list(b["properties"]) == list(CRITIQUE_FIELDS) for b in branches)
     assert schema["properties"]["components"]["maxItems"] == 3
-    assert item["properties"]["critique"]["maxLength"] == 300
+    assert branches[0]["properties"]["critique"]["maxLength"] == 300
     validator = jsonschema.Draft202012Validator(schema)
     assert validator.is_valid(json.loads(verdict_json()))
     assert validator.is_valid(json.loads(verdict_json(decisive=None)))
     assert not validator.is_valid(json.loads(verdict_json(components=[critique("rerank")])))
     assert not validator.is_valid(json.loads(verdict_json(decisive="rerank")))
+    swapped = critique("answer", component="query")  # a pairing the old schema let through
+    assert not validator.is_valid(json.loads(verdict_json(components=[swapped])))
     too_many = [critique(s) for s in ("query", "search", "answer", "answer")]
     assert not validator.is_valid(json.loads(verdict_json(components=too_many)))
 
@@ -655,6 +687,8 @@ def test_real_engine_judges_without_raising(system: SystemSpec, vllm_engine: Any
     assert all(r.json_schema is not None for r in engine.requests)
     for outcome in outcomes:
         assert 1 <= outcome.calls <= 2 and len(outcome.raw) == outcome.calls
+        # the schema ties each critique's component to its span: no reply pairs them wrongly
+        assert not any("belongs to component" in f for f in outcome.failures), outcome.failures
         assert len(outcome.verdicts) + len(outcome.failures) == 1
         for verdict in outcome.verdicts:
             JudgeVerdict.model_validate(verdict.model_dump())
