@@ -198,9 +198,10 @@ def download_sdist(cache: Path, say: Any = print) -> Path:
 # What to do when the registry has no bigbench 1.0.0 (PyPI lists only 0.0.1, which holds no data;
 # seen 2026-12-04): the archive or a BIG-bench checkout from elsewhere, checked file by file.
 OTHER_SOURCES = (
-    f"Either put {SDIST} (sha256 {SDIST_SHA256}) in the --cache folder, or pass --bigbench DIR: "
-    "a BIG-bench 1.0.0 checkout or unpacked archive (the folder that holds bigbench/), whose "
-    "files are checked against their sha256 in MEMBERS."
+    f"Either put {SDIST} (sha256 {SDIST_SHA256}) in the cache folder ({default_cache()}, or "
+    "data.py --cache DIR), or run `python benchmarks/data.py --bigbench DIR` with a BIG-bench "
+    "1.0.0 checkout or unpacked archive (the folder that holds bigbench/), whose files are "
+    "checked against their sha256 in data.py's MEMBERS."
 )
 
 

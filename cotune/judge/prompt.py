@@ -234,15 +234,45 @@ def repetition_unit(text: str) -> str | None:
     the first run of ``LOOP_TAIL`` characters that is periodic with a period of at most
     ``LOOP_UNIT`` (the smallest such period; the unit is the run's first period). A loop that
     counts on (``No.0, No.1, ... No.47``, ``13; 14; 15; ...``) is found with every number
-    written ``#``, and its unit is given so (``" No.#,"``)."""
-    return _periodic_run(text) or _periodic_run(_NUMBER.sub("#", text))
+    written ``#`` and each number larger than the one a period before; its unit is given so
+    (``" No.#,"``). A list whose numbers do not rise (``0.00, 0.14, 0.29``, dates, ids in any
+    order) is not taken for one; a sorted list of ids would be."""
+    literal = _periodic_run(text)
+    if literal is not None:
+        return literal
+    masked, values, where = _numbers_masked(text)
+    return _periodic_run(masked, values, where)
 
 
-def _periodic_run(text: str) -> str | None:
+def _numbers_masked(text: str) -> tuple[str, list[int], list[int]]:
+    """``text`` with each number written ``#``, the numbers' values, and for each character of
+    the masked text the index of its number (-1 for other characters)."""
+    parts: list[str] = []
+    values: list[int] = []
+    where: list[int] = []
+    last = 0
+    for match in _NUMBER.finditer(text):
+        parts.append(text[last : match.start()])
+        where.extend([-1] * (match.start() - last))
+        parts.append("#")
+        where.append(len(values))
+        values.append(int(match.group()[-18:]))  # the low digits suffice to see a count rise
+        last = match.end()
+    parts.append(text[last:])
+    where.extend([-1] * (len(text) - last))
+    return "".join(parts), values, where
+
+
+def _periodic_run(text: str, values: Sequence[int] = (), where: Sequence[int] = ()) -> str | None:
+    """The unit of ``text``'s first periodic run of ``LOOP_TAIL`` characters; with ``values``
+    and ``where`` (``_numbers_masked``), a ``#`` repeats only where its number rose."""
     for period in range(1, LOOP_UNIT + 1):
         run = 0  # how many characters in a row equal the one a period before
         for i in range(period, len(text)):
-            run = run + 1 if text[i] == text[i - period] else 0
+            same = text[i] == text[i - period]
+            if same and values and where[i] >= 0:  # a number: it must rise to count on
+                same = values[where[i]] > values[where[i - period]]
+            run = run + 1 if same else 0
             if run == LOOP_TAIL - period:
                 start = i - LOOP_TAIL + 1
                 return text[start : start + period]

@@ -89,7 +89,7 @@ def verdict_schema(system: SystemSpec, trace: Trace) -> dict[str, Any]:
     ``parse_verdict``, which keeps the schema small.
     """
     span_ids = _unique([s.span_id for s in trace.spans])
-    owner = {s.span_id: s.component for s in reversed(trace.spans)}  # a span id's first span
+    owner = {s.span_id: s.component for s in trace.spans}  # the span parse_verdict checks
     text = {"type": "string", "maxLength": MAX_TEXT}
     unit = {"type": "number", "minimum": 0, "maximum": 1}
     output = {
@@ -115,8 +115,7 @@ def verdict_schema(system: SystemSpec, trace: Trace) -> dict[str, Any]:
             "additionalProperties": False,
         }
 
-    branches = [critique(span_id) for span_id in span_ids]
-    items = branches[0] if len(branches) == 1 else {"anyOf": branches}
+    items = {"anyOf": [critique(span_id) for span_id in span_ids]}
     return {
         "type": "object",
         "properties": {

@@ -357,7 +357,7 @@ def test_the_benchmark_systems_validate_and_count_with_the_registered_tool() -> 
     assert count("") == "0"
 
 
-# -- statistics -------------------------------------------------------------------------------
+# -- the machine line -------------------------------------------------------------------------
 
 
 def test_the_machine_line_names_the_cpu_and_the_flags_kernels_choose_by() -> None:
@@ -373,6 +373,9 @@ def test_the_machine_line_names_the_cpu_and_the_flags_kernels_choose_by() -> Non
     assert machine.parse_cpuinfo("") == ("unknown CPU", [])
     name, flags = machine.cpu()
     assert set(flags) <= set(machine.FLAGS) and name in machine.describe()
+
+
+# -- statistics -------------------------------------------------------------------------------
 
 
 def test_paired_statistics() -> None:

@@ -394,8 +394,12 @@ def test_repetition_unit() -> None:
     # given with each number as "#", from where the run starts)
     counting = ", ".join(f"No.{i}" for i in range(48))
     assert repetition_unit('"critique":"A: ' + counting) == " No.#,"
-    assert repetition_unit("error{<100>} 1000, " + ", ".join(map(str, range(54)))) == " #,"
+    assert repetition_unit("error{<100>} 1000, " + ", ".join(map(str, range(54)))) == ", #"
     assert repetition_unit("A: " + "; ".join(map(str, range(13, 60)))) == " #;"
+    # lists whose numbers do not rise are not taken for counting on (repairs still asked)
+    assert repetition_unit(", ".join(f"{i / 7:.2f}" for i in range(40))) is None  # 0.00, 0.14
+    assert repetition_unit(", ".join(f"2021-01-{i:02d}" for i in range(1, 29))) is None
+    assert repetition_unit(", ".join(f"doc_{(i * 37) % 97}" for i in range(40))) is None
     # a few numbers in prose, or too short a count, are not a loop
     assert (
         repetition_unit("In 1998 the fund paid 62 euros a day, 75 in 2004 and 80 in 2010.") is None
@@ -641,6 +645,9 @@ def test_schema_restricts_span_ids(system: SystemSpec) -> None:
     assert not validator.is_valid(json.loads(verdict_json(decisive="rerank")))
     swapped = critique("answer", component="query")  # a pairing the old schema let through
     assert not validator.is_valid(json.loads(verdict_json(components=[swapped])))
+    one = trace.model_copy(update={"spans": trace.spans[-1:]})  # one span: one branch, same shape
+    [branch] = verdict_schema(system, one)["properties"]["components"]["items"]["anyOf"]
+    assert branch["properties"]["component"]["enum"] == ["answer"]
     too_many = [critique(s) for s in ("query", "search", "answer", "answer")]
     assert not validator.is_valid(json.loads(verdict_json(components=too_many)))
 
