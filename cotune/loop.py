@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cotune.data import Example
 from cotune.feedback import fixed_traces
+from cotune.paraphrase import Paraphrased
 from cotune.records import (
     Candidate,
     ComponentTraining,
@@ -350,6 +351,7 @@ def synthesize(
     augmented = corrected = 0
     runtime = None
     scorer = ctx.scorer(capped=True)
+    paraphrases: Paraphrased | None = None
     for round_ in range(loop.augment_rollouts):
         room = {
             c.name: loop.samples_per_component - len(buffer.sft.get(c.name, []))
@@ -359,20 +361,28 @@ def synthesize(
         if not short:
             break
         runtime = runtime or ctx.runtime(current)
+        if paraphrases is None:  # once per epoch, when augmentation first runs
+            paraphrases = paraphrase_train(ctx, epoch, judge_calls_used=scorer.calls)
+            sources |= {e.id for e in paraphrases.examples}
         extra = _run_batched(
             ctx,
             runtime,
-            ctx.split("train") + rated,  # a rated run's inputs, sampled anew, scored as usual
+            # a rated run's inputs, sampled anew, scored as usual; the paraphrases keep the
+            # gold of the train example each rewrites
+            ctx.split("train") + rated + paraphrases.examples,
             Stage.synthesize,
             scorer,
             temperature=loop.candidate_temperature,
             seed=loop.seed * 31 + epoch * 101 + round_,
         )
         check_sources(extra, sources)
+        rewritten = {e.id for e in paraphrases.examples}
         # Rows only for the components still short, up to what each lacks: a component that
         # has its rows would otherwise grow without bound while another stays short.
         with buffer.only(short):
-            augmented += sum(add_bootstrap(buffer, system, extra, source="augment").values())
+            for source, traces_of in (("augment", False), ("augment-paraphrase", True)):
+                of = [t for t in extra if (t.example_id in rewritten) is traces_of]
+                augmented += sum(add_bootstrap(buffer, system, of, source=source).values())
             added = _augment_corrections(
                 ctx, epoch, round_, runtime, scorer, buffer, extra, set(short)
             )
@@ -389,8 +399,41 @@ def synthesize(
         counts=counts,
         augmented=augmented,
         augment_corrections=corrected,
-        judge_calls=scorer.calls,
+        paraphrases=len(paraphrases.examples) if paraphrases else 0,
+        judge_calls=scorer.calls + (paraphrases.calls if paraphrases else 0),
     )
+
+
+def paraphrase_train(ctx: JobContext, epoch: int, judge_calls_used: int = 0) -> Paraphrased:
+    """``loop.paraphrases`` rewrites of each train example's text inputs by the judge, within
+    what the judge budget leaves (``cotune/paraphrase.py``: the kept ones, the gold kept)."""
+    from cotune.paraphrase import paraphrase_examples
+
+    loop, judge = ctx.job.loop, ctx.job.judge
+    if not loop.paraphrases or judge is None:
+        return Paraphrased()
+    train = ctx.split("train")
+    left = judge_calls_left(ctx)
+    out = paraphrase_examples(
+        ctx.judge_engine(),
+        ctx.job.system,
+        train,
+        n=loop.paraphrases,
+        max_tokens=judge.max_tokens,
+        temperature=loop.candidate_temperature,
+        seed=loop.seed * 7 + epoch * 1013,
+        max_calls=None if left is None else left - judge_calls_used,
+    )
+    taken = {e.id for e in train}
+    out.examples = [e for e in out.examples if e.id not in taken]  # an id never reused
+    why = ", ".join(f"{n} {reason}" for reason, n in out.dropped.most_common())
+    ctx.event(
+        f"epoch {epoch}: {len(out.examples)} paraphrases of {len(train)} train examples kept "
+        f"of {out.calls} asked" + (f" (dropped: {why})" if why else ""),
+        paraphrases=len(out.examples),
+        paraphrase_calls=out.calls,
+    )
+    return out
 
 
 def _augment_corrections(

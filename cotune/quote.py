@@ -1,14 +1,15 @@
 """Pricing a job before running it: engine calls, generated tokens and judge calls per stage.
 
-Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged
-and corrected), every LLM output to run to its ``max_tokens``; joint candidates
+Upper bounds where the outcome is unknown: every rollout trace is assumed to fail (so judged and
+corrected), every LLM output to run to its ``max_tokens``; joint candidates
 (``loop.joint_candidates``) are priced with every joint accepted and replayed once per member
-left out, augmentation with every rollout failing and corrected. With ``metric: judge`` every
-scored output also costs K judge samples, each repaired once (no cache hit assumed). Rated
-runs (``data.feedback``) are fixed traces: each is assumed rated bad every epoch, re-run once to
-reconstruct its spans, judged, corrected, and its original output scored once for verify. The
-budget counts every judge call but cuts only learning (rollout, credit, verify, synthesize),
-never measuring (baseline, evaluate, test): the total is at most the budget plus measuring.
+left out, augmentation with every rollout failing and corrected and every paraphrase kept. With
+``metric: judge`` every scored output also costs K judge samples, each repaired once (no cache
+hit assumed). Rated runs (``data.feedback``) are fixed traces: each is assumed rated bad every
+epoch, re-run once to reconstruct its spans, judged, corrected, and its original output scored
+once for verify. The budget counts every judge call but cuts only learning (rollout, credit,
+verify, synthesize), never measuring (baseline, evaluate, test): the total is at most the budget
+plus measuring.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def quote_job(
     # candidates (each sampled, priced as a run, and replayed), its gold candidate and the
     # joints of these (a leave-one-out replay per member)
     fixes = 2 * trainable * loop.resample_candidates + 1
-    augment = (n_train + n_feedback) * loop.augment_rollouts
+    # paraphrases (loop.paraphrases): asked of the judge once per epoch, all assumed kept and
+    # rolled out in every round beside the train split
+    asked = n_train * loop.paraphrases if job.judge and loop.augment_rollouts else 0
+    augment = (n_train + asked + n_feedback) * loop.augment_rollouts
     corrections = run(augment * (fixes + trainable * _joints_on(job)))
     per_replay = loop.replays * (2 if loop.replays > 1 else 1)  # R, and R unmodified with R > 1
     stages: dict[str, dict[str, int]] = {
@@ -86,7 +90,12 @@ def quote_job(
             "judge_calls": judge_calls,
         },
         "verify": {k: v * per_replay + originals[k] for k, v in run(candidates + joints).items()},
-        "synthesize": {k: v + corrections[k] * per_replay for k, v in run(augment).items()},
+        "synthesize": {
+            k: v
+            + corrections[k] * per_replay
+            + asked * (judge_max if k == "generated_tokens" else 1)
+            for k, v in run(augment).items()
+        },
         "train": {"engine_requests": 0, "generated_tokens": 0, "judge_calls": 0},
         "evaluate": run(n_val),
         "test": run(2 * n_test),

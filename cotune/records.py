@@ -350,6 +350,11 @@ class SynthesizeOut(StageOut):
         description="of those, rows from verified corrections of the augmentation rollouts "
         "that failed",
     )
+    paraphrases: int = Field(
+        0,
+        description="paraphrased train examples (loop.paraphrases) kept and rolled out in "
+        "every augmentation round",
+    )
 
     def details(self) -> dict[str, int | float]:
         return {
@@ -357,6 +362,7 @@ class SynthesizeOut(StageOut):
             "pairs": sum(c.pairs for c in self.counts.values()),
             "augmented": self.augmented,
             "augment_corrections": self.augment_corrections,
+            "paraphrases": self.paraphrases,
         }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from cotune.engines.base import EngineStats, GenerationRequest, GenerationResult
 from cotune.judge.score import OUTPUT_LINE
+from cotune.paraphrase import SYSTEM_PROMPT as PARAPHRASE_PROMPT
 from cotune.spec.job import TrainConfig
 from cotune.store import JobStatus
 from cotune.tiny import COLORS
@@ -214,6 +215,8 @@ class ScriptedEngine(StepsAside):
 Proposer = Callable[[str, str, int], list[dict[str, Any]]]
 # (key, final output) -> a score, or a str sent as the reply's text as it is
 ScoreRule = Callable[[str, str], float | str]
+# a paraphrase request's fields -> the rewritten fields (a str: the reply's text as it is)
+ParaphraseRule = Callable[[dict[str, str]], dict[str, str] | str]
 
 
 def critique(
@@ -235,19 +238,28 @@ class ScriptedJudge(StepsAside):
     and the gold answer it reads in the judge prompt, and the sample's index among this
     trace's requests in the batch), returns it as JSON. A scoring prompt (``metric: judge``)
     is answered ``{"reason", "score"}`` with ``score(key, output)`` (a str from it is the
-    reply's text as it is); a repair request is answered from its original prompt. Keeps
-    every request in ``requests``, and the scoring ones also in ``score_requests``.
+    reply's text as it is); a repair request is answered from its original prompt; a
+    paraphrase request (``loop.paraphrases``) with ``paraphrase(fields)``. Keeps every request
+    in ``requests``, the scoring ones also in ``score_requests``, the paraphrase ones in
+    ``paraphrase_requests``.
     """
 
     kind = "vllm"
     model_id = "scripted-judge"
 
-    def __init__(self, propose: Proposer, score: ScoreRule | None = None) -> None:
+    def __init__(
+        self,
+        propose: Proposer,
+        score: ScoreRule | None = None,
+        paraphrase: ParaphraseRule | None = None,
+    ) -> None:
         self.propose = propose
         self.score = score
+        self.paraphrase = paraphrase
         self.stats = EngineStats()
         self.requests: list[GenerationRequest] = []
         self.score_requests: list[GenerationRequest] = []
+        self.paraphrase_requests: list[GenerationRequest] = []
 
     def supports_json_schema(self) -> bool:
         return True
@@ -261,6 +273,15 @@ class ScriptedJudge(StepsAside):
         seen: dict[str, int] = {}
         texts = []
         for request in requests:
+            if request.messages[0]["content"] == PARAPHRASE_PROMPT:
+                assert self.paraphrase is not None, "a paraphrase request needs a rule"
+                self.paraphrase_requests.append(request)
+                shown = request.messages[-1]["content"].split("\nFields:\n", 1)[1]
+                lines = shown.rsplit("\nReturn the JSON object now.", 1)[0].splitlines()
+                fields = dict(line.split(": ", 1) for line in lines)
+                rewrite = self.paraphrase(fields)
+                texts.append(rewrite if isinstance(rewrite, str) else json.dumps(rewrite))
+                continue
             repair = request.messages[-1]["content"].startswith("That reply cannot be used")
             prompt = request.messages[-3 if repair else -1]["content"]
             key = question_key(prompt)

@@ -122,6 +122,16 @@ class LoopConfig(_Strict):
         "has fewer than samples_per_component rows: the spans of those that pass become rows, "
         "and those that fail get gold, re-sampled (and joint) candidates verified by replay",
     )
+    paraphrases: Int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="rewrites of each train example's text inputs by the judge, made once per "
+        "epoch when augmentation runs and rolled out beside the train split in every round, "
+        "the example's gold kept; a rewrite whose numbers differ, that keeps under half the "
+        "original's words or shows a gold answer the original does not is dropped "
+        "(cotune/paraphrase.py). 0: none; needs a judge",
+    )
     val_limit: Int | None = Field(
         default=None, ge=1, description="evaluate on at most this many val rows"
     )
@@ -267,6 +277,12 @@ class JobSpec(_Strict):
             raise ValueError("the system's metric is 'judge', so the job needs a 'judge'")
         if not self.system.trainable_components:
             raise ValueError("the system has no trainable llm component")
+        if self.loop.paraphrases and self.judge is None:
+            raise SpecError(
+                f"loop.paraphrases is {self.loop.paraphrases}: the judge writes the "
+                "paraphrases, and the job has no 'judge'",
+                param="loop.paraphrases",
+            )
         if self.data.format == "openai" and self.system.inputs != ["messages"]:
             raise SpecError(
                 "data.format openai gives each example one input, 'messages'; the system's "

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cotune.errors import ToolError
+from cotune.metrics import NUMBER_WORDS
 
 PythonTool = Callable[..., Any]
 
@@ -61,11 +62,7 @@ def word_count(value: Any) -> str:
     return str(sum(len(item.split()) for item in _items(value)))
 
 
-_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty"
-)
-_NUMBER_WORDS = {word: value for value, word in enumerate(_WORDS.split())} | {"a": 1, "an": 1}
+_NUMBER_WORDS = NUMBER_WORDS | {"a": 1, "an": 1}
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _QUANTITY = re.compile(r"^(\d+|[a-z]+)\b")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -642,6 +643,73 @@ def test_augmentation_adds_rows_only_to_components_short_of_n_and_at_most_what_t
     assert len(fresh) == max(0, n - len(verified))  # n = 12: what it lacked, all found
     assert len(out.buffer.dpo.get("answer", [])) <= len(verified) + len(fresh)
     assert any("rows from augmentation" in m for m in run.messages())
+
+
+LEAK = "so it is"
+
+
+def rewrite_by_key(fields: dict[str, str]) -> dict[str, str]:
+    """The judge's paraphrases, by the key asked about: a reworded question (kept), one that
+    states the gold colour by chance (dropped), one that adds a number (dropped)."""
+    question = fields["question"]
+    key = question_key(question)
+    kind = zlib.crc32(key.encode()) % 3
+    if kind == 1:
+        return {"question": f"{question} {LEAK} {FACTS[key]}"}
+    if kind == 2:
+        return {"question": f"in 2 words, {question}"}
+    return {"question": f"please, {question}"}
+
+
+def test_paraphrased_train_inputs_keep_their_gold_and_never_show_an_unseen_one(
+    example_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """``loop.paraphrases``: the judge rewrites each train question once per epoch; the kept
+    rewrites roll out beside the train split in every augmentation round, scored against their
+    example's gold, and their passing spans become ``augment-paraphrase`` rows. A rewrite that
+    shows the gold colour (the judge never saw it: chance) or adds a number is dropped."""
+    loop = {
+        "rollout_batch": 4,
+        "samples_per_component": 60,
+        "augment_rollouts": 2,
+        "paraphrases": 1,
+    }
+    judge = ScriptedJudge(lambda key, gold, i: [], paraphrase=rewrite_by_key)
+    run = harness(make_job(example_dir, loop=loop), judge=judge)
+    run.run()
+
+    train_keys = split_keys(example_dir, "train")
+    kinds = [zlib.crc32(k.encode()) % 3 for k in train_keys]
+    assert 0 < kinds.count(0) < len(train_keys)  # the split has each kind
+    out = run.output(1, Stage.synthesize, SynthesizeOut)
+    assert out.paraphrases == kinds.count(0) == out.details()["paraphrases"]
+    # asked once per epoch (not per round), one request per train example, gold never shown
+    assert len(judge.paraphrase_requests) == len(train_keys)
+    for request in judge.paraphrase_requests:
+        key = question_key(request.messages[-1]["content"])
+        assert not word_in(FACTS[key], json.dumps(request.messages))
+    assert out.judge_calls == len(train_keys)  # the stage's judge calls count them (budget)
+    message = next(m for m in run.messages() if "paraphrases of" in m)
+    assert f"{kinds.count(0)} paraphrases of {len(train_keys)} train examples kept" in message
+    assert f"{kinds.count(1)} it shows a gold answer the original does not" in message
+    assert f"{kinds.count(2)} its numbers changed" in message
+
+    # the kept rewrites were rolled out with the train split in both rounds, and taught rows
+    batch = len(train_keys) + out.paraphrases
+    rounds = [
+        c for c in run.calls[(1, "synthesize")] if c.component == "query" and len(c.keys) == batch
+    ]
+    assert len(rounds) == 2 and all(c.temperature > 0 for c in rounds)
+    rows = [r for rows in out.buffer.sft.values() for r in rows]
+    taught = [r for r in rows if r.source == "augment-paraphrase"]
+    assert taught and all(
+        "please, what is the color of" in r.messages[-1]["content"] for r in taught
+    )
+    for row in rows:  # no dropped rewrite reached a row, and no query row shows its gold
+        text = row.messages[-1]["content"]
+        assert LEAK not in text and "in 2 words" not in text
+        if row.messages[-1]["content"].startswith("Write a search query"):
+            assert not word_in(FACTS[question_key(text)], text)
 
 
 # -- 4. the best epoch ------------------------------------------------------------------------
@@ -1359,3 +1427,15 @@ def test_quote_prices_joint_candidates_and_augmentation_corrections(example_dir:
     assert (
         single["synthesize"]["engine_requests"] > rollouts_only["synthesize"]["engine_requests"] > 0
     )
+
+    # paraphrases: n per train example asked of the judge once per epoch, each rolled out (and
+    # corrected) in every augmentation round like a train example
+    def synthesize(paraphrases: int, **more: Any) -> dict[str, int]:
+        job = make_job(example_dir, loop={"paraphrases": paraphrases, **more})
+        return dict(quote_job(job)["per_stage"]["synthesize"])
+
+    plain, twice = synthesize(0), synthesize(2)
+    n_train, rounds = SPLITS[0], make_job(example_dir).loop.augment_rollouts
+    assert twice["judge_calls"] - plain["judge_calls"] == 2 * n_train
+    assert twice["engine_requests"] - plain["engine_requests"] > 2 * n_train * rounds
+    assert synthesize(2, augment_rollouts=0) == synthesize(0, augment_rollouts=0)
