@@ -362,7 +362,7 @@ def synthesize(
             break
         runtime = runtime or ctx.runtime(current)
         if paraphrases is None:  # once per epoch, when augmentation first runs
-            paraphrases = paraphrase_train(ctx, epoch, judge_calls_used=scorer.calls)
+            paraphrases = paraphrase_train(ctx, epoch, scorer, rated)
             sources |= {e.id for e in paraphrases.examples}
         extra = _run_batched(
             ctx,
@@ -404,16 +404,29 @@ def synthesize(
     )
 
 
-def paraphrase_train(ctx: JobContext, epoch: int, judge_calls_used: int = 0) -> Paraphrased:
-    """``loop.paraphrases`` rewrites of each train example's text inputs by the judge, within
-    what the judge budget leaves (``cotune/paraphrase.py``: the kept ones, the gold kept)."""
+def paraphrase_train(
+    ctx: JobContext, epoch: int, scorer: Scorer, rated: list[Example]
+) -> Paraphrased:
+    """``loop.paraphrases`` rewrites of each train example's text inputs by the judge
+    (``cotune/paraphrase.py``: the kept ones, each under its example's gold). One judge budget
+    per stage: with ``metric: judge`` the rounds' scoring of the train split and the rated runs
+    is reserved first, and what the paraphrases spend comes off the scorer's cap."""
     from cotune.paraphrase import paraphrase_examples
+    from cotune.scoring import JudgeScorer
 
     loop, judge = ctx.job.loop, ctx.job.judge
     if not loop.paraphrases or judge is None:
         return Paraphrased()
     train = ctx.split("train")
     left = judge_calls_left(ctx)
+    if left is not None:
+        left -= scorer.calls
+        if isinstance(scorer, JudgeScorer):  # worst case: every sample repaired
+            left -= 2 * loop.judge_samples * (len(train) + len(rated)) * loop.augment_rollouts
+    # An id no example of any split or rated run has: a trace's example id is what keeps val
+    # and test out of training (check_sources).
+    taken = {e.id for name in ("train", "val", "test") for e in ctx.split(name)}
+    taken |= {e.id for e in rated}
     out = paraphrase_examples(
         ctx.judge_engine(),
         ctx.job.system,
@@ -422,10 +435,11 @@ def paraphrase_train(ctx: JobContext, epoch: int, judge_calls_used: int = 0) -> 
         max_tokens=judge.max_tokens,
         temperature=loop.candidate_temperature,
         seed=loop.seed * 7 + epoch * 1013,
-        max_calls=None if left is None else left - judge_calls_used,
+        max_calls=None if left is None else max(left, 0),
+        taken=taken,
     )
-    taken = {e.id for e in train}
-    out.examples = [e for e in out.examples if e.id not in taken]  # an id never reused
+    if isinstance(scorer, JudgeScorer) and scorer.max_calls is not None:
+        scorer.max_calls = max(scorer.max_calls - out.calls, 0)
     why = ", ".join(f"{n} {reason}" for reason, n in out.dropped.most_common())
     ctx.event(
         f"epoch {epoch}: {len(out.examples)} paraphrases of {len(train)} train examples kept "

@@ -4,10 +4,11 @@ The judge rewrites the text inputs of each train example in other words; the exa
 gold. A rewrite is kept only where a stated rule finds nothing the answer could rest on lost or
 added, and no gold answer shown that the original did not show:
 
-- every text field came back non-empty, and at least one differs from the original;
-- each field states the same numbers as the original, as many times each, by value (digits
-  and the number words zero to twenty: "3 drums" may become "three drums", "two flutes" may
-  not become "three flutes");
+- every text field came back non-empty, and at least one differs from the original in more
+  than case, punctuation and spacing;
+- each field states the same numbers as the original, as many times each, by value (every
+  run of digits, inside a word too, and the number words: "3 drums" may become "three drums",
+  "3rd" "third"; "two flutes" may not become "three flutes", nor "5kg" "7kg");
 - each field still holds at least half (``KEEP_WORDS``) of the original's distinct words of
   three or more letters: a paraphrase rewords, it keeps the names and things (a reply about
   something else, as a small judge may write, is dropped);
@@ -17,6 +18,10 @@ added, and no gold answer shown that the original did not show:
   gold (its prompt is the inputs alone), so this is a check against chance, kept so that no
   training prompt shows an answer the task's own input hides.
 
+Not asked for: an example whose text is longer than ``LONG`` x the judge's ``max_tokens``
+characters (its rewrite would be cut), and what the judge budget leaves out. Dropped too: a
+rewrite equal to a kept one of the same example, or one whose id another example has.
+
 What a rule cannot see (a colour or a name swapped) is left to the loop: a paraphrased
 example's traces become rows only as any rollout's do, when they pass or by a correction that
 replay verified against the example's gold.
@@ -24,9 +29,10 @@ replay verified against the example's gold.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +45,21 @@ from cotune.spec import SystemSpec
 
 MARK = "~p"  # a paraphrase's id: "<train id>~p<k>"
 KEEP_WORDS = 0.5  # the least share of the original's words a kept rewrite still holds
-_WORD = re.compile(r"[a-z0-9]+")
+_DIGITS = re.compile(r"\d+")
+_LETTERS = re.compile(r"[a-z]+")
+# number words by value: zero to twenty (cotune.metrics), the tens, scales and ordinals
+_TENS = "thirty forty fifty sixty seventy eighty ninety"
+_ORDINALS = "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth"
+_VALUES: dict[str, int] = {
+    **NUMBER_WORDS,
+    **{word: 10 * (i + 3) for i, word in enumerate(_TENS.split())},
+    **{word: i + 1 for i, word in enumerate(_ORDINALS.split())},
+    "hundred": 100,
+    "thousand": 1000,
+    "million": 10**6,
+    "billion": 10**9,
+}
+LONG = 3  # a text longer than LONG x the judge's max_tokens, in characters, is not asked for
 
 SYSTEM_PROMPT = (
     "You rewrite the inputs of a task in other words, to make more training data. Keep every "
@@ -107,17 +127,12 @@ def paraphrase_request(
     )
 
 
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 def _numbers(text: str) -> Counter[int]:
-    """The numbers ``text`` states, by value ("three" and "3" are one number)."""
-    return Counter(
-        int(w[-18:]) if w.isdigit() else NUMBER_WORDS[w]
-        for w in _words(text)
-        if w.isdigit() or w in NUMBER_WORDS
-    )
+    """The numbers ``text`` states, by value: every run of digits, inside a word too ("5kg",
+    "3rd"), and the number words ("three" and "3" are one number, "third" too)."""
+    digits = Counter(int(d[-18:]) for d in _DIGITS.findall(text))
+    words = Counter(_VALUES[w] for w in _LETTERS.findall(text.lower()) if w in _VALUES)
+    return digits + words
 
 
 def _kept_share(original: str, rewrite: str) -> float:
@@ -141,8 +156,8 @@ def drop_reason(system: SystemSpec, example: Example, inputs: dict[str, Any]) ->
     names = text_fields(system, example)
     if any(not isinstance(inputs.get(n), str) or not inputs[n].strip() for n in names):
         return "a field came back empty"
-    if all(" ".join(inputs[n].split()) == " ".join(example.inputs[n].split()) for n in names):
-        return "unchanged"
+    if all(normalize(inputs[n]) == normalize(example.inputs[n]) for n in names):
+        return "unchanged"  # case, punctuation and spacing aside: "...2030?," is a copy
     if any(_numbers(inputs[n]) != _numbers(example.inputs[n]) for n in names):
         return "its numbers changed"
     if any(_kept_share(example.inputs[n], inputs[n]) < KEEP_WORDS for n in names):
@@ -158,9 +173,13 @@ def paraphrased(
     system: SystemSpec,
     requests: Sequence[tuple[Example, int]],
     results: Sequence[GenerationResult],
+    taken: Set[str] = frozenset(),
 ) -> Paraphrased:
-    """The kept rewrites as examples (id ``<id>~p<k>``, the original's gold, no targets)."""
+    """The kept rewrites as examples (id ``<id>~p<k>``, the original's gold, no targets); an id
+    in ``taken`` (another example's) or a rewrite equal to a kept one of the same example is
+    dropped too."""
     out = Paraphrased(calls=len(results))
+    seen: set[tuple[str, str]] = set()
     for (example, k), result in zip(requests, results, strict=True):
         try:
             reply = extract_json(result.text)
@@ -169,14 +188,20 @@ def paraphrased(
             out.dropped["cut at max_tokens" if cut else "unreadable"] += 1
             continue
         reason = drop_reason(system, example, reply)
+        names = text_fields(system, example)
+        same = (example.id, json.dumps([normalize(reply[n]) for n in names]))
+        example_id = f"{example.id}{MARK}{k}"
+        if reason is None and example_id in taken:
+            reason = "its id is another example's"
+        if reason is None and same in seen:
+            reason = "a duplicate"
         if reason is not None:
             out.dropped[reason] += 1
             continue
+        seen.add(same)
         inputs = dict(example.inputs)
-        inputs.update({name: reply[name] for name in text_fields(system, example)})
-        out.examples.append(
-            Example(id=f"{example.id}{MARK}{k}", inputs=inputs, expected=example.expected)
-        )
+        inputs.update({name: reply[name] for name in names})
+        out.examples.append(Example(id=example_id, inputs=inputs, expected=example.expected))
     return out
 
 
@@ -190,15 +215,29 @@ def paraphrase_examples(
     temperature: float,
     seed: int,
     max_calls: int | None = None,
+    taken: Set[str] = frozenset(),
 ) -> Paraphrased:
     """``n`` rewrites of each example with text inputs, by ``engine`` (the judge) in one batch,
-    at most ``max_calls`` requests (the judge budget); the kept ones as examples."""
-    schema = bool(engine.supports_json_schema())
-    wanted = [(e, k) for e in examples if text_fields(system, e) for k in range(n)]
-    if max_calls is not None:
+    at most ``max_calls`` requests (the judge budget); the kept ones as examples. An example
+    whose text is longer than ``LONG`` x ``max_tokens`` characters is not asked for (its rewrite
+    would be cut); what the budget leaves out is not asked for either. Both are counted in
+    ``dropped``, so kept + dropped is every rewrite wanted."""
+    out = Paraphrased()
+    wanted: list[tuple[Example, int]] = []
+    for example in examples:
+        names = text_fields(system, example)
+        if not names:
+            continue
+        if sum(len(example.inputs[name]) for name in names) > LONG * max_tokens:
+            out.dropped["not asked: longer than max_tokens can rewrite"] += n
+            continue
+        wanted.extend((example, k) for k in range(n))
+    if max_calls is not None and len(wanted) > max(max_calls, 0):
+        out.dropped["not asked: over the judge budget"] += len(wanted) - max(max_calls, 0)
         wanted = wanted[: max(max_calls, 0)]
     if not wanted:
-        return Paraphrased()
+        return out
+    schema = bool(engine.supports_json_schema())
     requests = [
         paraphrase_request(
             system,
@@ -212,5 +251,9 @@ def paraphrase_examples(
     ]
     results, error = generate_or_error(engine, requests)
     if error is not None:  # a judge endpoint down: no paraphrases, the stage goes on
-        return Paraphrased(dropped=Counter({error: len(requests)}), calls=len(requests))
-    return paraphrased(system, wanted, results)
+        out.dropped[error] += len(requests)
+        out.calls = len(requests)
+        return out
+    got = paraphrased(system, wanted, results, taken)
+    got.dropped.update(out.dropped)
+    return got

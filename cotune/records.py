@@ -234,8 +234,9 @@ class StageOut(BaseModel):
 
     judge_calls: int = Field(
         0,
-        description="judge requests spent, repairs included: the credit stage's, and with "
-        "metric judge every stage's scoring",
+        description="judge requests spent, repairs included: the credit stage's, the "
+        "synthesize stage's paraphrases (loop.paraphrases), and with metric judge every "
+        "stage's scoring",
     )
 
     def details(self) -> dict[str, int | float]:

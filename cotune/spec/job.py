@@ -277,6 +277,12 @@ class JobSpec(_Strict):
             raise ValueError("the system's metric is 'judge', so the job needs a 'judge'")
         if not self.system.trainable_components:
             raise ValueError("the system has no trainable llm component")
+        if self.loop.paraphrases and self.data.format == "openai":
+            raise SpecError(
+                "loop.paraphrases rewrites text inputs; data.format openai gives each example "
+                "one input, 'messages', a conversation",
+                param="loop.paraphrases",
+            )
         if self.loop.paraphrases and self.judge is None:
             raise SpecError(
                 f"loop.paraphrases is {self.loop.paraphrases}: the judge writes the "

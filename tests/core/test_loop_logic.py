@@ -1137,6 +1137,41 @@ def test_a_judge_scored_job_without_gold_learns_and_keeps_an_epoch(
     assert credit and all("Why it got that score:" in r.messages[-1]["content"] for r in credit)
 
 
+def test_paraphrases_share_the_stages_judge_budget_with_its_scoring(
+    tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
+) -> None:
+    """With ``metric: judge`` the paraphrases get what the budget leaves after the worst case of
+    the augmentation rounds' scoring, and what they spend comes off the scorer's cap: the
+    stages never spend more than ``max_judge_calls`` (before, they could spend it twice)."""
+    folder = write_judged_tiny_example(
+        tmp_path / "judged", model_path=str(model_dir), splits=SPLITS
+    )
+
+    def run_with(budget: int | None) -> tuple[Harness, JobReport]:
+        judge = ScriptedJudge(
+            fix_query, score=right_colour, paraphrase=lambda f: {"question": "so, " + f["question"]}
+        )
+        loop = {"paraphrases": 2, "samples_per_component": 100}
+        job = make_job(folder, loop=loop, budget={"max_judge_calls": budget})
+        run = harness(job, engine=ScriptedEngine(), judge=judge)
+        return run, run.run()
+
+    free, report = run_with(None)
+    earlier = {Stage.baseline, Stage.rollout, Stage.credit, Stage.verify}  # before synthesize
+    before = sum(s.judge_calls for s in report.stages if s.stage in earlier)
+    rounds, n_train = free.job.loop.augment_rollouts, SPLITS[0]
+    reserve = 2 * free.job.loop.judge_samples * n_train * rounds
+    assert free.judge is not None and len(free.judge.paraphrase_requests) == 2 * n_train
+
+    run, report = run_with(before + reserve + 5)  # room for 5 paraphrases
+    assert run.judge is not None and len(run.judge.paraphrase_requests) == 5
+    synthesize = run.output(1, Stage.synthesize, SynthesizeOut)
+    assert before + synthesize.judge_calls <= before + reserve + 5
+    # every judge request of the stage (paraphrases and scoring) is counted in it
+    assert synthesize.judge_calls == run.judge_requests[(1, "synthesize")] > 5
+    assert any(f"{2 * n_train - 5} not asked: over the judge budget" in m for m in run.messages())
+
+
 def test_a_job_run_one_stage_per_call_judges_no_output_twice(
     tmp_path: Path, model_dir: Path, harness: Callable[..., Harness]
 ) -> None:

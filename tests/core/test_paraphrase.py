@@ -53,6 +53,10 @@ EXAMPLE = Example(id="q1", inputs={"question": QUESTION, "meta": {"n": 1}}, expe
         ("I own two flutes, a piano, 3 drums and 6 instruments in all. How many?", "its numbers"),
         ("I have two flutes, a piano and 3 drums.   How many instruments do I have?", "unchanged"),
         ("   ", "a field came back empty"),
+        (QUESTION.replace("3 drums", "3kg of drums"), None),  # 3 is still 3
+        (QUESTION.replace("3 drums", "4kg of drums"), "its numbers changed"),  # in a word too
+        (QUESTION.replace("two flutes", "thirty flutes"), "its numbers changed"),
+        (QUESTION.replace("?", "?,").upper(), "unchanged"),  # a copy, but for case and commas
         ("Two and 3: kapezu tasano lotape black brown pink?", "it keeps too few"),
     ],
 )
@@ -61,6 +65,14 @@ def test_a_rewrite_keeps_its_numbers_and_says_something_new(
 ) -> None:
     got = drop_reason(system, EXAMPLE, {"question": rewrite})
     assert got == reason or (reason is not None and got is not None and got.startswith(reason))
+
+
+def test_ordinals_and_digits_inside_words_are_numbers_by_value(system: SystemSpec) -> None:
+    race = Example(id="r", inputs={"question": "Who came 3rd of the forty runners?"})
+    kept = {"question": "Of the forty runners, who finished third?"}
+    assert drop_reason(system, race, kept) is None
+    moved = {"question": "Of the forty runners, who finished fourth?"}
+    assert drop_reason(system, race, moved) == "its numbers changed"
 
 
 def test_a_rewrite_may_not_show_a_gold_answer_the_original_hides(system: SystemSpec) -> None:
@@ -123,6 +135,7 @@ def test_the_budget_caps_the_requests_and_a_judge_that_is_down_drops_them(
         engine, system, [EXAMPLE], n=4, max_tokens=64, temperature=0.8, seed=0, max_calls=2
     )
     assert len(engine.requests) == 2 and out.calls == 2
+    assert out.dropped["not asked: over the judge budget"] == 2
     assert (
         paraphrase_examples(
             engine, system, [EXAMPLE], n=4, max_tokens=64, temperature=0.8, seed=0, max_calls=0
@@ -151,3 +164,25 @@ def test_the_real_engine_decodes_paraphrases_under_their_schema(
     assert vllm_engine.supports_json_schema() and "unreadable" not in out.dropped, out.dropped
     for example in out.examples:
         assert example.id.split("~p")[0] in {"q1", "q2"} and example.expected in (["6"], ["teal"])
+
+
+def test_copies_taken_ids_and_long_inputs_are_dropped_and_counted(system: SystemSpec) -> None:
+    rewrite = json.dumps({"question": "Two flutes, a piano, 3 drums: how many instruments?"})
+    engine = Scripted([rewrite, rewrite.replace(",", ";"), rewrite])
+    long = Example(id="long", inputs={"question": "word " * 100}, expected=["x"])
+    out = paraphrase_examples(
+        engine,
+        system,
+        [EXAMPLE, long],
+        n=3,
+        max_tokens=64,  # 3 x 64 = 192 characters at most: the long one (500) is not asked
+        temperature=0.8,
+        seed=0,
+        taken={"q1~p2"},
+    )
+    assert len(engine.requests) == 3 and [e.id for e in out.examples] == ["q1~p0"]
+    assert out.dropped == {
+        "a duplicate": 1,  # the same words as q1~p0, but for punctuation
+        "its id is another example's": 1,
+        "not asked: longer than max_tokens can rewrite": 3,
+    }

@@ -387,6 +387,15 @@ def job(**extra: Any) -> dict[str, Any]:
         (lambda j: j.update(loop={"joint_candidates": "maybe"}), "loop.joint_candidates", None),
         (lambda j: j.update(loop={"paraphrases": 9}), "loop.paraphrases", "less than or equal"),
         (lambda j: j.update(loop={"paraphrases": 2}), "loop.paraphrases", "has no 'judge'"),
+        (
+            lambda j: j.update(
+                loop={"paraphrases": 1},
+                judge={"model": "tiny"},
+                data={"train": "t.jsonl", "val": "v.jsonl", "format": "openai"},
+            ),
+            "loop.paraphrases",
+            "'messages'",
+        ),
         (lambda j: j.update(train={"learning_rate": True}), "train.learning_rate", "got true"),
         (lambda j: j.update(budget={"max_judge_calls": False}), "budget.max_judge_calls", None),
         (lambda j: j.update(base_dir="/etc"), "base_dir", "unknown field"),
