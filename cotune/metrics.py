@@ -32,12 +32,6 @@ JUDGE = "judge"
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
-# the number words a count is written in: "two flutes" (count_items, paraphrase checks)
-_NUMBERS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-)
-NUMBER_WORDS: dict[str, int] = {word: value for value, word in enumerate(_NUMBERS.split())}
 
 _METRICS: dict[str, MetricFn] = {}
 _COMPANIONS: dict[str, MetricFn] = {}

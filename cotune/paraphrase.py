@@ -40,14 +40,15 @@ from cotune.data import Example
 from cotune.engines.base import GenerationRequest, GenerationResult, InferenceEngine
 from cotune.judge.batch import generate_or_error
 from cotune.judge.parse import JudgeParseError, extract_json
-from cotune.metrics import NUMBER_WORDS, normalize
+from cotune.metrics import normalize
 from cotune.spec import SystemSpec
+from cotune.tools.registry import NUMBER_WORDS
 
 MARK = "~p"  # a paraphrase's id: "<train id>~p<k>"
 KEEP_WORDS = 0.5  # the least share of the original's words a kept rewrite still holds
 _DIGITS = re.compile(r"\d+")
 _LETTERS = re.compile(r"[a-z]+")
-# number words by value: zero to twenty (cotune.metrics), the tens, scales and ordinals
+# number words by value: zero to twenty (the count tool's), the tens, scales and ordinals
 _TENS = "thirty forty fifty sixty seventy eighty ninety"
 _ORDINALS = "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth"
 _VALUES: dict[str, int] = {

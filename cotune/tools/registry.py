@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from cotune.errors import ToolError
-from cotune.metrics import NUMBER_WORDS
 
 PythonTool = Callable[..., Any]
 
@@ -62,6 +61,12 @@ def word_count(value: Any) -> str:
     return str(sum(len(item.split()) for item in _items(value)))
 
 
+# the number words a count is written in ("two flutes"): count_items, and the paraphrase rule
+_NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+)
+NUMBER_WORDS: dict[str, int] = {word: value for value, word in enumerate(_NUMBERS.split())}
 _NUMBER_WORDS = NUMBER_WORDS | {"a": 1, "an": 1}
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _QUANTITY = re.compile(r"^(\d+|[a-z]+)\b")
