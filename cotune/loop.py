@@ -363,7 +363,8 @@ def synthesize(
         runtime = runtime or ctx.runtime(current)
         if paraphrases is None:  # once per epoch, when augmentation first runs
             paraphrases = paraphrase_train(ctx, epoch, scorer, rated)
-            sources |= {e.id for e in paraphrases.examples}
+            rewritten = {e.id for e in paraphrases.examples}
+            sources |= rewritten
         extra = _run_batched(
             ctx,
             runtime,
@@ -376,7 +377,6 @@ def synthesize(
             seed=loop.seed * 31 + epoch * 101 + round_,
         )
         check_sources(extra, sources)
-        rewritten = {e.id for e in paraphrases.examples}
         # Rows only for the components still short, up to what each lacks: a component that
         # has its rows would otherwise grow without bound while another stays short.
         with buffer.only(short):

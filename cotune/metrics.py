@@ -141,6 +141,14 @@ def normalize(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def shows_tokens(text: str, value: str) -> bool:
+    """Whether every token of ``value`` occurs among ``text``'s (both normalised); a value
+    without tokens is never shown. The rule that admits a gold answer as the final writer's
+    hindsight target (``cotune.verify``) and keeps paraphrases from showing an unseen one."""
+    tokens = normalize(value).split()
+    return bool(tokens) and set(normalize(text).split()).issuperset(tokens)
+
+
 def split_items(text: str) -> list[str]:
     """A list given as a JSON list, as lines, or (on one line) as comma-separated items."""
     stripped = text.strip()

@@ -40,7 +40,7 @@ from cotune.data import Example
 from cotune.engines.base import GenerationRequest, GenerationResult, InferenceEngine
 from cotune.judge.batch import generate_or_error
 from cotune.judge.parse import JudgeParseError, extract_json
-from cotune.metrics import normalize
+from cotune.metrics import normalize, shows_tokens
 from cotune.spec import SystemSpec
 from cotune.tools.registry import NUMBER_WORDS
 
@@ -145,13 +145,6 @@ def _kept_share(original: str, rewrite: str) -> float:
     return len(words & set(normalize(rewrite).split())) / len(words)
 
 
-def _admits(text: str, gold: str) -> bool:
-    """Whether ``text`` shows each token of ``gold`` (SQuAD normalisation): the rule by which
-    ``cotune.verify.hindsight_target`` would take gold as the final writer's target."""
-    tokens = normalize(gold).split()
-    return bool(tokens) and set(normalize(text).split()).issuperset(tokens)
-
-
 def drop_reason(system: SystemSpec, example: Example, inputs: dict[str, Any]) -> str | None:
     """Why a rewrite of ``example``'s inputs is not kept (module docstring), or None."""
     names = text_fields(system, example)
@@ -165,7 +158,7 @@ def drop_reason(system: SystemSpec, example: Example, inputs: dict[str, Any]) ->
         return "it keeps too few of the original's words"
     before = " ".join(example.inputs[n] for n in names)
     after = " ".join(inputs[n] for n in names)
-    if any(_admits(after, g) and not _admits(before, g) for g in example.expected or []):
+    if any(shows_tokens(after, g) and not shows_tokens(before, g) for g in example.expected or []):
         return "it shows a gold answer the original does not"
     return None
 

@@ -73,7 +73,7 @@ def hindsight_target(span: Span, expected: Sequence[str] | None) -> str | None:
     normalisation: lowercase, no punctuation, no articles) occurs among the inputs' tokens is
     the target as the gold writes it. A gold value without tokens is never a target. So the
     target only puts together words the writer was shown: it teaches, it never leaks."""
-    from cotune.metrics import normalize
+    from cotune.metrics import normalize, shows_tokens
     from cotune.prompts import render_value
 
     golds = [g for g in expected or [] if normalize(g).split()]
@@ -83,9 +83,8 @@ def hindsight_target(span: Span, expected: Sequence[str] | None) -> str | None:
         found = re.search(rf"(?<!\w){re.escape(gold.strip())}(?!\w)", seen, re.IGNORECASE)
         if found:
             return found.group(0)
-    shown = set(normalize(seen).split())
     for gold in golds:
-        if shown.issuperset(normalize(gold).split()):
+        if shows_tokens(seen, gold):
             return gold.strip()
     return None
 
